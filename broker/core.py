@@ -1,0 +1,746 @@
+"""The broker's pure state machine: tasks, workers, sessions; (message, now) in, messages out.
+
+It owns no socket and reads no clock. The server loop feeds it decoded messages
+with ``on_client``/``on_worker``/``on_tick`` and then calls ``flush(now)``, which
+runs dispatch and returns everything to send: replies to clients, batches to
+workers and events. Replies go out only after the journal commits, so an
+ACCEPTED means durable.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from broker.protocol import SUBMIT_FIELDS, Command, Message, ProtocolError, split_frames
+from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, missing
+from broker.states import TERMINAL, TaskState, WorkerState, check_task_move, check_worker_move
+
+log = structlog.get_logger(__name__)
+
+#: largest quantity of any one resource a request or an announcement may name
+MAX_RESOURCE_QTY = 1e15
+#: most tasks returned in one RESULTS reply
+MAX_RESULTS_PER_REPLY = 5000
+#: longest a FETCH may wait for results, in seconds
+MAX_FETCH_WAIT_S = 60.0
+#: longest name of a task, worker, session or resource
+MAX_NAME_LEN = 256
+#: highest retries a submission may ask for
+MAX_RETRIES = 100
+#: how many recent completions the stats window keeps
+STATS_WINDOW = 2048
+
+
+@dataclass(eq=False, slots=True)
+class Task:
+    task_id: str
+    session: str
+    name: str
+    args: bytes  #: opaque msgpack blob, never decoded by the broker
+    frames: list  #: payload frames the blob references, forwarded as they are
+    override: dict | None  #: resources given at submission, or None
+    priority: int
+    retries: int
+    timeout_s: float | None
+    key: str | None
+    submitted_at: float
+    state: TaskState = TaskState.QUEUED
+    attempts: int = 0
+    worker: str | None = None  #: worker id holding it while RUNNING
+    worker_name: str | None = None
+    needs: dict | None = None  #: resources held on its worker while RUNNING
+    started_at: float | None = None
+    queued_s: float = 0.0
+    lost_on: list = field(default_factory=list)  #: names of workers that died holding it
+    watchers: set = field(default_factory=set)  #: other sessions submitted with its key
+    result: tuple | None = None  #: (status, value, frames, info) once terminal
+    finished_at: float | None = None
+    cls: Any = None  #: its TaskClass while queued
+
+    def move(self, new: TaskState) -> None:
+        check_task_move(self.task_id, self.state, new)
+        self.state = new
+
+
+@dataclass(eq=False, slots=True)
+class Worker:
+    wid: bytes  #: socket routing id on the backend
+    name: str
+    resources: dict  #: total offered
+    free: dict  #: not held by running tasks
+    slots: int
+    serves: dict  #: task name -> declared resources
+    expires_at: float
+    state: WorkerState = WorkerState.READY
+    running: dict = field(default_factory=dict)  #: task_id -> resources held
+    tiebreak: int = 0
+    served: int = 0
+    last_heard: float = 0.0
+    last_sent: float = 0.0
+
+    def could_serve(self, name: str, needs: dict) -> bool:
+        return name in self.serves and not missing(needs, self.resources)
+
+    def load(self) -> float:
+        return len(self.running) / self.slots
+
+    def has_free_slot(self) -> bool:
+        return self.state is WorkerState.READY and len(self.running) < self.slots
+
+    def move(self, new: WorkerState) -> None:
+        check_worker_move(self.name, self.state, new)
+        self.state = new
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """A client's mailbox: finished task ids to deliver, and a parked FETCH."""
+
+    sid: str
+    outbox: OrderedDict = field(default_factory=OrderedDict)  #: task_id -> None
+    fetch: tuple | None = None  #: (route, rid, max, expires_at)
+    dirty: bool = False
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """What one flush asks the loop to send."""
+
+    clients: list = field(default_factory=list)  #: (route, Message)
+    workers: list = field(default_factory=list)  #: (wid, Message)
+    events: list = field(default_factory=list)  #: (topic, dict)
+
+
+class Core:
+    """All broker decisions. Methods take ``now`` (monotonic seconds) and a
+    wall-clock ``wall`` only where an event needs a timestamp."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat_s: float = 1.0,
+        liveness: int = 3,
+        max_retries: int = 3,
+        no_worker_timeout_s: float = 10.0,
+        result_ttl_s: float = 3600.0,
+        journal=None,
+    ) -> None:
+        self.heartbeat_s = heartbeat_s
+        self.liveness = liveness
+        self.max_retries = max_retries
+        self.no_worker_timeout_s = no_worker_timeout_s
+        self.result_ttl_s = result_ttl_s
+        self.journal = journal
+        self.tasks: dict[str, Task] = {}
+        self.keys: dict[str, str] = {}  #: idempotency key -> task id
+        self.workers: dict[bytes, Worker] = {}
+        self.sessions: dict[str, Session] = {}
+        self.sched = Scheduler()
+        self.seq = 0  #: last event sequence number used
+        self.publish = True  #: build event maps (off while nobody subscribes)
+        self.wall = 0.0  #: unix time of the latest call, for event timestamps
+        self.counts = {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
+        self._out = Outgoing()
+        self._ready: dict[bytes, Worker] = {}  #: workers that may have a free slot
+        self._dirty_dispatch = False
+        self._deadlines: list = []  #: (deadline, task_id, attempt) of running tasks with a timeout
+        self._fetch_expiry: list = []  #: (expires_at, sid, rid)
+        self._tombstones: deque = deque()  #: (expires_at, task_id) of finished tasks
+        self._tiebreak = 0
+        self._recent: deque = deque(maxlen=STATS_WINDOW)  #: (finished_at, queued_s, run_s)
+        self._last_stats_at: float | None = None
+
+    # ================================================================ clients
+
+    def on_client(self, route: bytes, msg: Message, now: float) -> None:
+        """A decoded request from the frontend. Bad requests get an ERROR reply."""
+        rid = msg.header.get("rid")
+        try:
+            handler = _CLIENT_HANDLERS.get(msg.command)
+            if handler is None:
+                raise ProtocolError(f"command {msg.command.name} is not a client request")
+            handler(self, route, rid, msg, now)
+        except (ProtocolError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            self.reply_error(route, rid, str(exc) or type(exc).__name__)
+
+    def reply_error(self, route: bytes, rid, error: str) -> None:
+        log.info("client_request_refused", error=error)
+        self._out.clients.append((route, Message(Command.ERROR, {"rid": rid, "error": error})))
+
+    def _reply(self, route: bytes, command: Command, header: dict, frames: list | None = None) -> None:
+        self._out.clients.append((route, Message(command, header, frames or [])))
+
+    def _on_submit(self, route: bytes, rid, msg: Message, now: float) -> None:
+        session = _name(msg.header.get("session"), "session")
+        records = msg.header.get("tasks")
+        if not isinstance(records, list):
+            raise ProtocolError("SUBMIT needs a list 'tasks'")
+        counts = []
+        for rec in records:
+            if not isinstance(rec, list) or len(rec) != len(SUBMIT_FIELDS):
+                raise ProtocolError(f"each task is a list of {len(SUBMIT_FIELDS)} fields {SUBMIT_FIELDS}")
+            if not isinstance(rec[3], int) or rec[3] < 0:
+                raise ProtocolError("nframes must be a non-negative integer")
+            counts.append(rec[3])
+        per_task = split_frames(msg.frames, counts)
+        sess = self._session(session)
+        rejected, aliases = [], []
+        for rec, frames in zip(records, per_task):
+            task_id, name, args, _n, resources, priority, retries, timeout_s, key = rec
+            try:
+                task_id = _name(task_id, "task_id")
+                name = _name(name, "task name")
+                if not isinstance(args, bytes):
+                    raise ValueError("args must be a msgpack blob (bytes)")
+                override = None if resources is None else _resources(resources)
+                priority = _int(priority, "priority", -(2**31), 2**31)
+                retries = self.max_retries if retries is None else _int(retries, "retries", 0, MAX_RETRIES)
+                if timeout_s is not None:
+                    timeout_s = _positive(timeout_s, "timeout")
+                if key is not None:
+                    key = _name(key, "key")
+            except (ValueError, TypeError) as exc:
+                rejected.append([task_id if isinstance(task_id, str) else None, str(exc)])
+                continue
+            existing = self.tasks.get(task_id)
+            if existing is not None:
+                if existing.session != session:
+                    rejected.append([task_id, "task id already in use by another session"])
+                continue  # a resend: accepted once already
+            if key is not None and key in self.keys and self.keys[key] in self.tasks:
+                first = self.tasks[self.keys[key]]
+                aliases.append([task_id, first.task_id])
+                if first.session != session:
+                    first.watchers.add(session)
+                    if first.result is not None:
+                        self._deliver(first, session)
+                continue
+            task = Task(task_id, session, name, args, frames, override, priority, retries, timeout_s, key, now)
+            self.tasks[task_id] = task
+            if key is not None:
+                self.keys[key] = task_id
+            self._enqueue(task)
+            self.counts["queued"] += 1
+            if self.journal is not None:
+                self.journal.accepted(task)
+            self._event("task.submitted", task_id=task_id, name=name,
+                        resources=override if override is not None else self.sched.declared.get(name, DEFAULT_NEEDS),
+                        priority=priority)
+        self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases})
+
+    def _on_fetch(self, route: bytes, rid, msg: Message, now: float) -> None:
+        sess = self._session(_name(msg.header.get("session"), "session"))
+        for task_id in msg.header.get("ack") or ():
+            if sess.outbox.pop(task_id, 0) is None:
+                self._acked(task_id, sess.sid)
+        wait_s = min(max(float(msg.header.get("wait_ms") or 0) / 1000.0, 0.0), MAX_FETCH_WAIT_S)
+        limit = _int(msg.header.get("max") or MAX_RESULTS_PER_REPLY, "max", 1, MAX_RESULTS_PER_REPLY)
+        if sess.fetch is not None:  # a newer fetch replaces a parked one (client resent)
+            old_route, old_rid, _, _ = sess.fetch
+            self._reply(old_route, Command.RESULTS, {"rid": old_rid, "results": []})
+            sess.fetch = None
+        if sess.outbox or wait_s <= 0:
+            self._send_results(sess, route, rid, limit)
+        else:
+            sess.fetch = (route, rid, limit, now + wait_s)
+            heapq.heappush(self._fetch_expiry, (now + wait_s, sess.sid, rid))
+
+    def _on_cancel(self, route: bytes, rid, msg: Message, now: float) -> None:
+        session = _name(msg.header.get("session"), "session")
+        cancelled, refused = [], []
+        for task_id in msg.header.get("ids") or ():
+            task = self.tasks.get(task_id) if isinstance(task_id, str) else None
+            if task is None or task.session != session or task.state is not TaskState.QUEUED:
+                refused.append(task_id)
+                continue
+            self.sched.discard(task.cls)
+            self.counts["queued"] -= 1
+            self._finish(task, TaskState.CANCELLED, None, [], now)
+            cancelled.append(task_id)
+            self._event("task.cancelled", task_id=task_id, name=task.name)
+        self._reply(route, Command.CANCELLED, {"rid": rid, "cancelled": cancelled, "refused": refused})
+
+    def _on_status(self, route: bytes, rid, msg: Message, now: float) -> None:
+        self._reply(route, Command.SNAPSHOT, {"rid": rid, "snapshot": self.snapshot(now)})
+
+    def snapshot(self, now: float) -> dict:
+        workers = []
+        for w in self.workers.values():
+            workers.append({
+                "name": w.name, "resources": w.resources, "free": w.free, "slots": w.slots,
+                "running": len(w.running), "tasks": w.served, "serves": sorted(w.serves),
+                "state": w.state.value, "heartbeat_age_s": round(max(now - w.last_heard, 0.0), 3),
+            })
+        queues: dict = {}
+        for cls in self.sched.pending():
+            for res in cls.needs(self.sched.declared):
+                queues[res] = queues.get(res, 0) + cls.queued
+        return {"seq": self.seq, "workers": workers, "queues": queues, **self.counts}
+
+    # ================================================================ workers
+
+    def on_worker(self, wid: bytes, msg: Message, now: float) -> None:
+        """A decoded message from the backend. Bad input is dropped and logged."""
+        worker = self.workers.get(wid)
+        if worker is not None:
+            worker.expires_at = now + self.heartbeat_s * self.liveness
+            worker.last_heard = now
+        try:
+            if msg.command is Command.READY:
+                self._on_ready(wid, msg, now)
+            elif worker is None:
+                if msg.command is not Command.DISCONNECT:
+                    # a worker we declared dead, or one from before a restart: make it re-announce
+                    self._out.workers.append((wid, Message(Command.DISCONNECT, {"reason": "unknown worker, announce again"})))
+            elif msg.command is Command.DONE:
+                self._on_done(worker, msg, now)
+            elif msg.command is Command.HEARTBEAT:
+                pass
+            elif msg.command is Command.RETURN:
+                self._on_return(worker, msg, now)
+            elif msg.command is Command.DISCONNECT:
+                self._remove_worker(worker, WorkerState.LEFT, now)
+            else:
+                raise ProtocolError(f"command {msg.command.name} is not a worker message")
+        except (ProtocolError, TypeError, ValueError, KeyError, AttributeError) as exc:
+            log.warning("worker_message_dropped", worker=worker.name if worker else wid.hex(), error=str(exc))
+            if worker is not None and msg.command is Command.READY:
+                self._remove_worker(worker, WorkerState.LOST, now)
+
+    def _on_ready(self, wid: bytes, msg: Message, now: float) -> None:
+        h = msg.header
+        name = _name(h.get("name"), "worker name")
+        slots = _int(h.get("slots"), "slots", 1, 1_000_000)
+        resources = _resources(h.get("resources") or {})
+        resources.setdefault("cpu", slots)
+        serves = h.get("tasks")
+        if not isinstance(serves, dict) or not serves:
+            raise ProtocolError("READY needs a map 'tasks' of task name -> resources")
+        serves = {_name(n, "task name"): _resources(r if r is not None else DEFAULT_NEEDS) for n, r in serves.items()}
+        claims = {t for t in (h.get("running") or ()) if isinstance(t, str)}
+        self._tiebreak += 1
+        worker = Worker(wid, name, resources, dict(resources), slots, serves, now + self.heartbeat_s * self.liveness,
+                        tiebreak=self._tiebreak, last_heard=now, last_sent=now)
+        for old in list(self.workers.values()):
+            if old.wid == wid or old.name == name:  # the same worker again, maybe on a fresh socket
+                self._hand_over(old, worker, claims)
+                self._remove_worker(old, WorkerState.LOST, now)
+        self.workers[wid] = worker
+        self.sched.declare(serves, self.workers.values())
+        self.sched.worker_joined(worker)
+        for task_id in claims:  # tasks it still runs that a restarted broker restored as queued
+            task = self.tasks.get(task_id)
+            if task is not None and task.state is TaskState.QUEUED and task.worker_name == name:
+                self.sched.discard(task.cls)
+                self.counts["queued"] -= 1
+                self._start(task, worker, self._needs_of(task), now, announce=False)
+        self._ready[wid] = worker
+        self._dirty_dispatch = True
+        self._event("worker.joined", worker=name, resources=resources, slots=slots, tasks=sorted(serves))
+        log.info("worker_joined", worker=name, resources=resources, slots=slots)
+
+    def _hand_over(self, old: Worker, new: Worker, claims: set) -> None:
+        """Move the tasks that a rejoining worker says it still runs to its new registration."""
+        for task_id in [t for t in old.running if t in claims]:
+            held = old.running.pop(task_id)
+            self._release(old, held)
+            task = self.tasks.get(task_id)
+            if task is None or task.state is not TaskState.RUNNING or task.worker != old.wid:
+                continue
+            task.worker = new.wid
+            new.running[task_id] = held
+            for res, qty in held.items():
+                new.free[res] = new.free.get(res, 0) - qty
+
+    def _on_done(self, worker: Worker, msg: Message, now: float) -> None:
+        records = msg.header.get("results")
+        if not isinstance(records, list):
+            raise ProtocolError("DONE needs a list 'results'")
+        for rec in records:
+            if not isinstance(rec, list) or len(rec) != 5 or not isinstance(rec[3], int) or rec[3] < 0:
+                raise ProtocolError("each result is [task_id, ok, value, nframes, run_s]")
+        per_task = split_frames(msg.frames, [r[3] for r in records])
+        for (task_id, ok, value, _n, run_s), frames in zip(records, per_task):
+            held = worker.running.pop(task_id, None) if isinstance(task_id, str) else None
+            if held is None:
+                log.warning("result_for_task_not_held", worker=worker.name, task_id=task_id)
+                continue
+            self._release(worker, held)
+            worker.served += 1
+            task = self.tasks.get(task_id)
+            if task is None or task.state is not TaskState.RUNNING or task.worker != worker.wid:
+                continue  # timed out meanwhile: its slot is free again, the result is late
+            run_s = float(run_s) if isinstance(run_s, (int, float)) else 0.0
+            self.counts["running"] -= 1
+            info = self._info(task, run_s)
+            if ok:
+                self._finish(task, TaskState.SUCCEEDED, value, frames, now, info)
+                self._event("task.succeeded", task_id=task_id, name=task.name, worker=worker.name, run_s=run_s)
+            else:
+                error = value if isinstance(value, dict) else {"type": "TaskError", "message": str(value)}
+                self._finish(task, TaskState.FAILED, error, [], now, info)
+                self._event("task.failed", task_id=task_id, name=task.name, worker=worker.name, error=_error_text(error))
+            self._recent.append((now, task.queued_s, run_s))
+
+    def _on_return(self, worker: Worker, msg: Message, now: float) -> None:
+        """Tasks handed back unstarted; with draining, the worker takes nothing new."""
+        if msg.header.get("draining") and worker.state is WorkerState.READY:
+            worker.move(WorkerState.DRAINING)
+            self._ready.pop(worker.wid, None)
+        for task_id in msg.header.get("ids") or ():
+            held = worker.running.pop(task_id, None) if isinstance(task_id, str) else None
+            if held is None:
+                continue
+            self._release(worker, held)
+            task = self.tasks.get(task_id)
+            if task is not None and task.state is TaskState.RUNNING and task.worker == worker.wid:
+                self._requeue(task, f"handed back by {worker.name}", now, lost=False)
+
+    # ================================================================ time
+
+    def on_tick(self, now: float, wall: float | None = None) -> None:
+        """Heartbeats, expiries, timeouts, stats. Call often (every ~100 ms)."""
+        if wall is not None:
+            self.wall = wall
+        for worker in list(self.workers.values()):
+            if now >= worker.expires_at:
+                log.warning("worker_expired", worker=worker.name, requeued=list(worker.running))
+                self._remove_worker(worker, WorkerState.LOST, now)
+            elif now - worker.last_sent >= self.heartbeat_s:
+                self._out.workers.append((worker.wid, Message(Command.HEARTBEAT, {})))
+                worker.last_sent = now
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, task_id, attempt = heapq.heappop(self._deadlines)
+            task = self.tasks.get(task_id)
+            if task is not None and task.state is TaskState.RUNNING and task.attempts == attempt:
+                self._fail_running(task, "TaskTimeout", f"task {task_id} ran past its timeout of {task.timeout_s} s", now)
+        while self._fetch_expiry and self._fetch_expiry[0][0] <= now:
+            _, sid, rid = heapq.heappop(self._fetch_expiry)
+            sess = self.sessions.get(sid)
+            if sess is not None and sess.fetch is not None and sess.fetch[1] == rid:
+                route, _, _, _ = sess.fetch
+                sess.fetch = None
+                self._reply(route, Command.RESULTS, {"rid": rid, "results": []})
+        self._check_unservable(now)
+        while self._tombstones and self._tombstones[0][0] <= now:
+            _, task_id = self._tombstones.popleft()
+            task = self.tasks.get(task_id)
+            if task is not None and task.state in TERMINAL:
+                self._forget(task)
+        if self._last_stats_at is None or now - self._last_stats_at >= 1.0:
+            self._last_stats_at = now
+            self._stats(now)
+
+    def next_tick_in(self) -> float:
+        return min(0.1, self.heartbeat_s / 4)
+
+    def _check_unservable(self, now: float) -> None:
+        for cls in list(self.sched.pending()):
+            if cls.eligible:
+                cls.unservable_since = None
+                continue
+            if cls.unservable_since is None:
+                cls.unservable_since = now
+                continue
+            if now - cls.unservable_since < self.no_worker_timeout_s:
+                continue
+            reason = self._why_unservable(cls)
+            for _, _, task_id in list(cls.heap):
+                task = self.tasks.get(task_id)
+                if task is not None and task.state is TaskState.QUEUED:
+                    self.sched.discard(cls)
+                    self.counts["queued"] -= 1
+                    error = {"type": "NoWorkerAvailable", "message": reason, "traceback": ""}
+                    self._finish(task, TaskState.FAILED, error, [], now, self._info(task, 0.0))
+                    self._event("task.failed", task_id=task_id, name=task.name, worker=None, error=_error_text(error))
+            cls.heap.clear()
+            cls.unservable_since = None
+
+    def _why_unservable(self, cls) -> str:
+        serving = [w for w in self.workers.values() if cls.name in w.serves]
+        if not serving:
+            return f"no connected worker serves task {cls.name!r} (waited {self.no_worker_timeout_s:g} s)"
+        needs = cls.needs(self.sched.declared)
+        gaps = {}
+        for w in serving:
+            for res, qty in missing(needs, w.resources).items():
+                gaps[res] = max(gaps.get(res, 0), w.resources.get(res, 0))
+        wanted = ", ".join(f"{r}={needs[r]:g}" for r in sorted(gaps))
+        offered = ", ".join(f"{r}={gaps[r]:g}" for r in sorted(gaps))
+        return (f"no connected worker serving {cls.name!r} offers {wanted} "
+                f"(the most offered: {offered}; waited {self.no_worker_timeout_s:g} s)")
+
+    # ================================================================ flush
+
+    def flush(self, now: float) -> Outgoing:
+        """Dispatch what fits, deliver finished results, hand over all output."""
+        if self._dirty_dispatch:
+            self._dispatch(now)
+        for sess in self.sessions.values():
+            if sess.dirty:
+                sess.dirty = False
+                if sess.fetch is not None and sess.outbox:
+                    route, rid, limit, _ = sess.fetch
+                    sess.fetch = None
+                    self._send_results(sess, route, rid, limit)
+        out, self._out = self._out, Outgoing()
+        return out
+
+    def _dispatch(self, now: float) -> None:
+        self._dirty_dispatch = False
+        ready = [w for w in self._ready.values() if w.has_free_slot()]
+        self._ready = {w.wid: w for w in ready}
+        batches: dict[bytes, list] = {}
+        for worker, task_id, needs in self.sched.dispatch(ready, self._is_queued):
+            task = self.tasks[task_id]
+            self.counts["queued"] -= 1
+            self._start(task, worker, needs, now)
+            batches.setdefault(worker.wid, []).append(task)
+            if not worker.has_free_slot():
+                self._ready.pop(worker.wid, None)
+        for wid, tasks in batches.items():
+            records, frames = [], []
+            for t in tasks:
+                records.append([t.task_id, t.name, t.args, len(t.frames), t.attempts])
+                frames.extend(t.frames)
+            self._out.workers.append((wid, Message(Command.TASKS, {"tasks": records}, frames)))
+            self.workers[wid].last_sent = now
+
+    def _is_queued(self, task_id: str) -> bool:
+        task = self.tasks.get(task_id)
+        return task is not None and task.state is TaskState.QUEUED
+
+    # ================================================================ moves
+
+    def _start(self, task: Task, worker: Worker, needs: dict, now: float, announce: bool = True) -> None:
+        task.move(TaskState.RUNNING)
+        task.cls = None
+        task.worker = worker.wid
+        task.worker_name = worker.name
+        task.needs = needs
+        if announce:
+            task.attempts += 1
+        task.started_at = now
+        task.queued_s = now - task.submitted_at
+        worker.running[task.task_id] = needs
+        for res, qty in needs.items():
+            worker.free[res] = worker.free.get(res, 0) - qty
+        self.counts["running"] += 1
+        if task.timeout_s is not None:
+            heapq.heappush(self._deadlines, (now + task.timeout_s, task.task_id, task.attempts))
+        if self.journal is not None:
+            self.journal.state(task)
+        if announce:
+            self._event("task.started", task_id=task.task_id, name=task.name, worker=worker.name, attempt=task.attempts)
+
+    def _release(self, worker: Worker, held: dict) -> None:
+        for res, qty in held.items():
+            worker.free[res] = worker.free.get(res, 0) + qty
+        if worker.state is WorkerState.READY:
+            self._ready[worker.wid] = worker
+            self._dirty_dispatch = True
+
+    def _enqueue(self, task: Task) -> None:
+        task.cls = self.sched.push(class_key(task.name, task.override), task.name, task.override,
+                                   task.priority, task.task_id, self.workers.values())
+        self._dirty_dispatch = True
+
+    def _needs_of(self, task: Task) -> dict:
+        return task.override if task.override is not None else self.sched.declared.get(task.name, DEFAULT_NEEDS)
+
+    def _requeue(self, task: Task, reason: str, now: float, lost: bool) -> None:
+        """A RUNNING task whose worker is gone or handed it back: queue again, or fail as lost."""
+        self.counts["running"] -= 1
+        if lost:
+            task.lost_on.append(task.worker_name)
+        if lost and len(task.lost_on) > task.retries:
+            error = {"type": "TaskLost", "traceback": "",
+                     "message": f"task {task.task_id} lost its worker {len(task.lost_on)} times "
+                                f"(retries={task.retries}); workers: {', '.join(task.lost_on)}"}
+            self._finish(task, TaskState.FAILED, error, [], now, self._info(task, 0.0))
+            self._event("task.failed", task_id=task.task_id, name=task.name, worker=task.worker_name, error=_error_text(error))
+            return
+        task.move(TaskState.QUEUED)
+        task.worker = None
+        task.submitted_at = now  # queued_s counts from the latest queueing
+        self.counts["queued"] += 1
+        self._enqueue(task)
+        if self.journal is not None:
+            self.journal.state(task)
+        self._event("task.retried", task_id=task.task_id, name=task.name, reason=reason)
+
+    def _fail_running(self, task: Task, kind: str, message: str, now: float) -> None:
+        self.counts["running"] -= 1
+        error = {"type": kind, "message": message, "traceback": ""}
+        self._finish(task, TaskState.FAILED, error, [], now, self._info(task, now - (task.started_at or now)))
+        self._event("task.failed", task_id=task.task_id, name=task.name, worker=task.worker_name, error=_error_text(error))
+
+    def _finish(self, task: Task, state: TaskState, value, frames: list, now: float, info: dict | None = None) -> None:
+        task.move(state)
+        task.cls = None
+        task.args = b""
+        task.frames = []  # the argument arrays are no longer needed
+        task.finished_at = now
+        task.result = (state.value, value, frames, info or self._info(task, 0.0))
+        self.counts["done" if state is TaskState.SUCCEEDED else "failed" if state is TaskState.FAILED else "cancelled"] += 1
+        if self.journal is not None:
+            self.journal.finished(task)
+        self._deliver(task, task.session)
+        for sid in task.watchers:
+            self._deliver(task, sid)
+        self._tombstones.append((now + self.result_ttl_s, task.task_id))
+
+    def _info(self, task: Task, run_s: float) -> dict:
+        return {"worker": task.worker_name, "attempts": task.attempts, "queued_s": round(task.queued_s, 6),
+                "run_s": round(run_s, 6)}
+
+    def _deliver(self, task: Task, sid: str) -> None:
+        sess = self._session(sid)
+        sess.outbox[task.task_id] = None
+        sess.dirty = True
+
+    def _send_results(self, sess: Session, route: bytes, rid, limit: int) -> None:
+        records, frames = [], []
+        for task_id in sess.outbox:
+            task = self.tasks.get(task_id)
+            if task is None or task.result is None:
+                continue
+            status, value, vframes, info = task.result
+            records.append([task_id, status, value, len(vframes), info])
+            frames.extend(vframes)
+            if len(records) >= limit:
+                break
+        self._reply(route, Command.RESULTS, {"rid": rid, "results": records}, frames)
+
+    def _acked(self, task_id: str, sid: str) -> None:
+        """A session confirmed it holds the result: drop the payload unless a key may ask again."""
+        task = self.tasks.get(task_id)
+        if task is None or task.result is None or task.key is not None:
+            return
+        if task.session == sid and not task.watchers:
+            status, _value, _frames, info = task.result
+            task.result = (status, None, [], info)
+            if self.journal is not None:
+                self.journal.fetched(task)
+
+    def _forget(self, task: Task) -> None:
+        del self.tasks[task.task_id]
+        if task.key is not None and self.keys.get(task.key) == task.task_id:
+            del self.keys[task.key]
+        for sid in (task.session, *task.watchers):
+            sess = self.sessions.get(sid)
+            if sess is not None:
+                sess.outbox.pop(task.task_id, None)
+        if self.journal is not None:
+            self.journal.forgotten(task)
+
+    def _remove_worker(self, worker: Worker, state: WorkerState, now: float) -> None:
+        worker.move(state)
+        self.workers.pop(worker.wid, None)
+        self._ready.pop(worker.wid, None)
+        self.sched.worker_gone(worker)
+        requeued = []
+        lost = state is WorkerState.LOST
+        for task_id in list(worker.running):
+            task = self.tasks.get(task_id)
+            if task is None or task.state is not TaskState.RUNNING or task.worker != worker.wid:
+                continue
+            requeued.append(task_id)
+            self._requeue(task, f"worker {worker.name} {'lost' if lost else 'left'}", now, lost=lost)
+        worker.running.clear()
+        if lost:
+            self._event("worker.lost", worker=worker.name, requeued=requeued)
+        else:
+            self._event("worker.left", worker=worker.name)
+        self._dirty_dispatch = True
+
+    def _session(self, sid: str) -> Session:
+        sess = self.sessions.get(sid)
+        if sess is None:
+            sess = self.sessions[sid] = Session(sid)
+        return sess
+
+    # ================================================================ events
+
+    def _event(self, topic: str, **fields) -> None:
+        self.seq += 1
+        if self.publish:
+            fields["seq"] = self.seq
+            fields["ts"] = self.wall
+            self._out.events.append((topic, fields))
+
+    def _stats(self, now: float) -> None:
+        window = [r for r in self._recent if now - r[0] <= 10.0]
+        span = (now - window[0][0]) if len(window) > 1 else 0.0
+        rate = (len(window) - 1) / span if span > 0 else 0.0
+        queue_waits = sorted(r[1] for r in window)
+        run_times = sorted(r[2] for r in window)
+        self._event("broker.stats", queued=self.counts["queued"], running=self.counts["running"],
+                    workers=len(self.workers), done=self.counts["done"], failed=self.counts["failed"],
+                    rate=round(rate, 1), queued_p50_s=_pct(queue_waits, 50), queued_p99_s=_pct(queue_waits, 99),
+                    run_p50_s=_pct(run_times, 50), run_p99_s=_pct(run_times, 99))
+
+    # ================================================================ shutdown
+
+    def shutdown(self) -> None:
+        """Tell every worker the broker is going away."""
+        for worker in self.workers.values():
+            self._out.workers.append((worker.wid, Message(Command.DISCONNECT, {"reason": "broker stopping"})))
+
+
+_CLIENT_HANDLERS = {
+    Command.SUBMIT: Core._on_submit,
+    Command.FETCH: Core._on_fetch,
+    Command.CANCEL: Core._on_cancel,
+    Command.STATUS: Core._on_status,
+}
+
+
+# ==================================================================== validation
+
+
+def _name(value, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN:
+        raise ValueError(f"{what} must be a non-empty string of at most {MAX_NAME_LEN} characters")
+    return value
+
+
+def _int(value, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _positive(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+    return float(value)
+
+
+def _resources(value) -> dict:
+    if not isinstance(value, dict) or len(value) > 64:
+        raise ValueError("resources must be a map of at most 64 name -> quantity")
+    out = {}
+    for name, qty in value.items():
+        _name(name, "resource name")
+        if isinstance(qty, bool) or not isinstance(qty, (int, float)) or not (0 <= qty <= MAX_RESOURCE_QTY):
+            raise ValueError(f"resource {name!r} must be a number in [0, {MAX_RESOURCE_QTY:g}], got {qty!r}")
+        out[name] = qty
+    return out
+
+
+def _error_text(error: dict) -> str:
+    return f"{error.get('type', 'Error')}: {error.get('message', '')}"
+
+
+def _pct(sorted_values: list, pct: int) -> float | None:
+    if not sorted_values:
+        return None
+    idx = min(len(sorted_values) - 1, int(len(sorted_values) * pct / 100))
+    return round(sorted_values[idx], 6)

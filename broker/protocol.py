@@ -1,0 +1,223 @@
+"""The wire contract of gridq: commands, headers, array frames, encode() and decode().
+
+Every gridq message is a list of ZeroMQ frames:
+
+    [protocol tag, command, header, *payload]
+
+- protocol tag: ``CLIENT_TAG`` (frontend) or ``WORKER_TAG`` (backend), so that
+  Majordomo traffic (``MDPC01``/``MDPW01``) on the same sockets is told apart;
+- command: one byte, a ``Command``;
+- header: one msgpack map;
+- payload: zero or more raw frames holding numpy array bytes, referenced from
+  msgpack blobs by index. The broker never decodes them: it forwards the frames.
+
+Values (task arguments, results) are packed into an opaque msgpack *blob* plus
+their own array frames (``pack_value``/``unpack_value``). The broker carries the
+blob and frames of a task as they are. Nothing is pickled.
+
+This module imports nothing else of gridq: clients and workers import it too.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import numpy as np
+
+#: First frame of a gridq client message (after the REQ/DEALER empty delimiter).
+CLIENT_TAG = b"GQC1"
+#: First frame of a gridq worker message.
+WORKER_TAG = b"GQW1"
+#: Majordomo 0.1 client and worker tags (RFC 7/MDP), served beside gridq's own.
+MDP_CLIENT_TAG = b"MDPC01"
+MDP_WORKER_TAG = b"MDPW01"
+
+#: Largest header we accept; headers carry task records, never array bytes.
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+#: Most payload frames one message may carry.
+MAX_FRAMES = 100_000
+#: msgpack extension code of an array reference inside a value blob.
+ARRAY_EXT = 1
+
+
+class ProtocolError(ValueError):
+    """A peer sent frames that do not form a valid gridq message."""
+
+
+class EncodeError(TypeError):
+    """A value cannot travel: it is not msgpack-encodable nor a numeric array."""
+
+
+class Command(enum.IntEnum):
+    """Commands, one byte on the wire. C: client, B: broker, W: worker."""
+
+    # client <-> broker (frontend)
+    SUBMIT = 1  #: C->B tasks to accept; answered by ACCEPTED
+    ACCEPTED = 2  #: B->C which submitted tasks are durable, and under which id
+    FETCH = 3  #: C->B acknowledge delivered results, wait for new ones
+    RESULTS = 4  #: B->C finished tasks of the session (B->W never)
+    CANCEL = 5  #: C->B cancel queued tasks of the session; answered by CANCELLED
+    CANCELLED = 6  #: B->C which ids were cancelled
+    STATUS = 7  #: C->B ask for a snapshot; answered by SNAPSHOT
+    SNAPSHOT = 8  #: B->C cluster snapshot with the event seq it includes
+    ERROR = 9  #: B->C the request was refused; header["error"] says why
+    # worker <-> broker (backend)
+    READY = 20  #: W->B announce capabilities (join or rejoin)
+    TASKS = 21  #: B->W tasks to run, a batch
+    DONE = 22  #: W->B finished tasks, a batch of results
+    HEARTBEAT = 23  #: both ways, proof of life
+    DISCONNECT = 24  #: W->B leaving (hands back held tasks); B->W stop or re-announce
+    RETURN = 25  #: W->B tasks handed back unstarted (graceful stop)
+
+
+_COMMAND_BYTES = {c: bytes([c]) for c in Command}
+_BYTES_COMMAND = {bytes([c]): c for c in Command}
+
+# Field order of the records that travel in lists inside headers. Lists, not
+# maps, because a batch of thousands of tasks is decoded on the hot path.
+
+#: SUBMIT header["tasks"] item
+SUBMIT_FIELDS = ("task_id", "name", "args", "nframes", "resources", "priority", "retries", "timeout_s", "key")
+#: TASKS header["tasks"] item
+DISPATCH_FIELDS = ("task_id", "name", "args", "nframes", "attempt")
+#: DONE header["results"] item: ok is True/False; value is a blob or an error map
+DONE_FIELDS = ("task_id", "ok", "value", "nframes", "run_s")
+#: RESULTS header["results"] item: status is a TaskState value
+RESULT_FIELDS = ("task_id", "status", "value", "nframes", "info")
+
+
+@dataclass(slots=True)
+class Message:
+    """One decoded gridq message: a command, its header map and payload frames."""
+
+    command: Command
+    header: dict = field(default_factory=dict)
+    frames: list = field(default_factory=list)
+
+
+def encode(tag: bytes, message: Message) -> list:
+    """Frames for ``message`` (without any routing envelope)."""
+    return [tag, _COMMAND_BYTES[message.command], msgpack.packb(message.header), *message.frames]
+
+
+def decode(frames: Sequence, tag: bytes) -> Message:
+    """Parse frames that start at the protocol tag; any bad input -> ProtocolError.
+
+    Frames may be ``bytes`` or ``zmq.Frame``; payload frames are kept as given,
+    so array bytes are never copied here.
+    """
+    if len(frames) < 3:
+        raise ProtocolError(f"expected at least 3 frames (tag, command, header), got {len(frames)}")
+    if len(frames) - 3 > MAX_FRAMES:
+        raise ProtocolError(f"too many payload frames: {len(frames) - 3} > {MAX_FRAMES}")
+    if _as_bytes(frames[0]) != tag:
+        raise ProtocolError(f"unknown protocol tag {_as_bytes(frames[0])[:16]!r}, expected {tag!r}")
+    command = _BYTES_COMMAND.get(_as_bytes(frames[1]))
+    if command is None:
+        raise ProtocolError(f"unknown command {_as_bytes(frames[1])[:8]!r}")
+    raw = _as_bytes(frames[2])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(raw, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a map, got {type(header).__name__}")
+    return Message(command, header, list(frames[3:]))
+
+
+def _as_bytes(frame) -> bytes:
+    if isinstance(frame, bytes):
+        return frame
+    return frame.bytes  # zmq.Frame
+
+
+# --------------------------------------------------------------------- values
+
+
+def pack_value(value: Any) -> tuple[bytes, list]:
+    """Pack a value into a msgpack blob and the array frames it references.
+
+    numpy arrays become separate frames (zero-copy for contiguous arrays); numpy
+    scalars become Python numbers; tuples become lists. Raises EncodeError.
+    """
+    frames: list = []
+
+    def default(obj):
+        if isinstance(obj, np.ndarray):
+            return _array_ext(obj, frames)
+        if isinstance(obj, np.generic):
+            if obj.dtype.kind in "biuf":
+                return obj.item()
+            if obj.dtype.kind == "c":
+                return _array_ext(np.asarray(obj), frames)
+        if _is_cupy_array(obj):
+            return _array_ext(obj.get(), frames)
+        raise EncodeError(f"cannot encode value of type {type(obj).__name__}: use msgpack types or numeric numpy arrays")
+
+    try:
+        blob = msgpack.packb(value, default=default)
+    except EncodeError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot encode value: {exc}") from None
+    return blob, frames
+
+
+def _array_ext(array: np.ndarray, frames: list) -> msgpack.ExtType:
+    if array.dtype.kind not in "biufc":
+        raise EncodeError(f"cannot encode array of dtype {array.dtype}: only numeric dtypes travel")
+    fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
+    if not (array.flags.c_contiguous or fortran):
+        array = np.ascontiguousarray(array)
+    raw = array.T if fortran else array
+    frames.append(memoryview(raw.reshape(-1).view(np.uint8)) if raw.size else b"")
+    ref = msgpack.packb((len(frames) - 1, array.dtype.str, array.shape, fortran))
+    return msgpack.ExtType(ARRAY_EXT, ref)
+
+
+def _is_cupy_array(obj) -> bool:
+    return type(obj).__module__.startswith("cupy") and hasattr(obj, "get")
+
+
+def unpack_value(blob, frames: Sequence = ()) -> Any:
+    """Inverse of pack_value. Arrays are read-only views on the received frames."""
+
+    def ext_hook(code, data):
+        if code != ARRAY_EXT:
+            raise ProtocolError(f"unknown msgpack extension {code}")
+        index, dtype_str, shape, fortran = msgpack.unpackb(data)
+        if not 0 <= index < len(frames):
+            raise ProtocolError(f"array frame {index} missing: message has {len(frames)}")
+        dtype = np.dtype(dtype_str)
+        if dtype.kind not in "biufc":
+            raise ProtocolError(f"array dtype {dtype} not allowed")
+        frame = frames[index]
+        buffer = frame if isinstance(frame, (bytes, bytearray, memoryview)) else frame.buffer
+        flat = np.frombuffer(buffer, dtype=dtype)
+        shape = tuple(shape)
+        if flat.size != int(np.prod(shape, dtype=np.int64)):
+            raise ProtocolError(f"array frame of {flat.size} items does not fit shape {shape}")
+        return flat.reshape(shape, order="F" if fortran else "C")
+
+    try:
+        return msgpack.unpackb(blob, ext_hook=ext_hook, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"bad value blob: {exc}") from None
+
+
+def split_frames(frames: list, counts: Sequence[int]) -> list[list]:
+    """Cut a message's payload into consecutive per-record slices of ``counts``."""
+    if sum(counts) != len(frames):
+        raise ProtocolError(f"records reference {sum(counts)} frames, message has {len(frames)}")
+    out, start = [], 0
+    for n in counts:
+        out.append(frames[start : start + n])
+        start += n
+    return out

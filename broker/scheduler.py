@@ -1,0 +1,147 @@
+"""Queues by priority and resource shape, and which worker takes what: least loaded first.
+
+Queued tasks are grouped into *classes*: tasks of one name asking for the same
+resources. Each class is a heap ordered by (higher priority, earlier submission).
+Dispatch pops the least-loaded worker with a free slot from a heap and gives it
+the best class head it serves and has room for, so one dispatch costs
+O(log workers + classes), never a scan of every worker per task.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+#: what a task needs when nobody declared anything
+DEFAULT_NEEDS = {"cpu": 1}
+
+
+def fits(needs: dict, free: dict) -> bool:
+    for name, qty in needs.items():
+        if free.get(name, 0) < qty:
+            return False
+    return True
+
+
+def missing(needs: dict, offered: dict) -> dict:
+    """The part of ``needs`` that ``offered`` cannot cover, by resource."""
+    return {k: v for k, v in needs.items() if offered.get(k, 0) < v}
+
+
+@dataclass(eq=False)
+class TaskClass:
+    """Queued tasks that share a name and a resource request."""
+
+    name: str
+    override: dict | None  #: resources given at submission; None: as workers declare
+    heap: list = field(default_factory=list)  #: (-priority, seq, task_id)
+    queued: int = 0  #: how many heap entries are still queued (others are stale)
+    eligible: set = field(default_factory=set)  #: worker ids that could ever serve it
+    unservable_since: float | None = None  #: when it last became unservable
+
+    def needs(self, declared: dict) -> dict:
+        if self.override is not None:
+            return self.override
+        return declared.get(self.name, DEFAULT_NEEDS)
+
+
+def class_key(name: str, override: dict | None) -> tuple:
+    return (name, None if override is None else tuple(sorted(override.items())))
+
+
+class Scheduler:
+    """Holds the queues; knows nothing of sockets, time or task states."""
+
+    def __init__(self) -> None:
+        self.classes: dict[tuple, TaskClass] = {}
+        #: task name -> resources its @task declares, as announced by workers
+        self.declared: dict[str, dict] = {}
+        self._seq = itertools.count()
+
+    # ----------------------------------------------------------- queues
+
+    def push(self, key: tuple, name: str, override: dict | None, priority: int, task_id: str, workers: Iterable) -> TaskClass:
+        cls = self.classes.get(key)
+        if cls is None:
+            cls = self.classes[key] = TaskClass(name, override)
+            needs = cls.needs(self.declared)
+            cls.eligible = {w.wid for w in workers if w.could_serve(name, needs)}
+        heapq.heappush(cls.heap, (-priority, next(self._seq), task_id))
+        cls.queued += 1
+        return cls
+
+    def discard(self, cls: TaskClass) -> None:
+        """One queued task of ``cls`` left the queue other than by dispatch (cancel, failure)."""
+        cls.queued -= 1
+
+    def pending(self) -> Iterator[TaskClass]:
+        return (c for c in self.classes.values() if c.queued > 0)
+
+    # ----------------------------------------------------------- workers
+
+    def worker_joined(self, worker) -> None:
+        for cls in self.classes.values():
+            if worker.could_serve(cls.name, cls.needs(self.declared)):
+                cls.eligible.add(worker.wid)
+                cls.unservable_since = None
+
+    def worker_gone(self, worker) -> None:
+        for cls in self.classes.values():
+            cls.eligible.discard(worker.wid)
+
+    def declare(self, tasks: dict, workers: Iterable) -> None:
+        """Record the resources workers declare per task name; refresh eligibility."""
+        changed = [n for n, r in tasks.items() if self.declared.get(n) != r]
+        if not changed:
+            return
+        for n in changed:
+            self.declared[n] = tasks[n]
+        workers = list(workers)
+        for cls in self.classes.values():
+            if cls.override is None and cls.name in changed:
+                needs = cls.needs(self.declared)
+                cls.eligible = {w.wid for w in workers if w.could_serve(cls.name, needs)}
+
+    # ----------------------------------------------------------- dispatch
+
+    def dispatch(self, ready: list, is_queued: Callable[[str], bool]) -> Iterator[tuple]:
+        """Yield (worker, task_id, needs) assignments until nothing more fits.
+
+        ``ready`` lists workers with a free slot. The caller applies each
+        assignment (holding resources, taking a slot) before the next is chosen.
+        """
+        if not any(c.queued for c in self.classes.values()):
+            return
+        heap = [(w.load(), w.tiebreak, w) for w in ready]
+        heapq.heapify(heap)
+        while heap:
+            _, _, worker = heapq.heappop(heap)
+            best = None
+            for cls in self.classes.values():
+                if cls.queued <= 0 or worker.wid not in cls.eligible:
+                    continue
+                head = self._head(cls, is_queued)
+                if head is None:
+                    continue
+                if best is not None and head >= best[0]:
+                    continue
+                needs = cls.needs(self.declared)
+                if fits(needs, worker.free):
+                    best = (head, cls, needs)
+            if best is None:
+                continue  # nothing queued fits this worker now
+            (_, _, task_id), cls, needs = best
+            heapq.heappop(cls.heap)
+            cls.queued -= 1
+            yield worker, task_id, needs
+            if worker.has_free_slot():
+                heapq.heappush(heap, (worker.load(), worker.tiebreak, worker))
+
+    @staticmethod
+    def _head(cls: TaskClass, is_queued: Callable[[str], bool]):
+        heap = cls.heap
+        while heap and not is_queued(heap[0][2]):
+            heapq.heappop(heap)  # cancelled or failed while queued: drop lazily
+        return heap[0] if heap else None

@@ -1,0 +1,202 @@
+"""The broker's socket loop: one zmq.Poller around the pure core.
+
+Each iteration drains the readable sockets into the core, lets the core
+dispatch, commits the journal, and only then sends replies, task batches and
+events, so nothing is acknowledged before it is durable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import msgpack
+import structlog
+import zmq
+
+from broker.core import Core
+from broker.protocol import CLIENT_TAG, WORKER_TAG, Command, Message, ProtocolError, decode, encode
+
+log = structlog.get_logger(__name__)
+
+#: most messages taken from one socket per loop iteration, so no socket starves the others
+DRAIN_BATCH = 2000
+#: linger on close for the backend, so a stopping broker's DISCONNECTs reach workers
+STOP_LINGER_MS = 300
+
+
+@dataclass
+class BrokerConfig:
+    frontend: str = "tcp://127.0.0.1:5555"
+    backend: str = "tcp://127.0.0.1:5556"
+    events: str = "tcp://127.0.0.1:5557"
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    max_retries: int = 3
+    journal: str | None = None
+    result_ttl_s: float = 3600.0
+    no_worker_timeout_s: float = 10.0
+    max_message_bytes: int = 1 << 30
+
+
+class Broker:
+    """Binds the three sockets and runs the loop until ``stop()``."""
+
+    def __init__(self, config: BrokerConfig, context: zmq.Context | None = None, security=None) -> None:
+        self.config = config
+        self.ctx = context or zmq.Context.instance()
+        self.journal = None
+        if config.journal:
+            from broker.journal import Journal
+
+            self.journal = Journal(config.journal)
+        self.core = Core(heartbeat_s=config.heartbeat_s, liveness=config.liveness, max_retries=config.max_retries,
+                         no_worker_timeout_s=config.no_worker_timeout_s, result_ttl_s=config.result_ttl_s,
+                         journal=self.journal)
+        self.frontend = self._socket(zmq.ROUTER, security, "client")
+        self.backend = self._socket(zmq.ROUTER, security, "worker")
+        self.events = self._socket(zmq.XPUB, security, "client")
+        self.frontend.bind(config.frontend)
+        self.backend.bind(config.backend)
+        self.events.bind(config.events)
+        self.endpoints = {name: s.getsockopt_string(zmq.LAST_ENDPOINT)
+                          for name, s in (("frontend", self.frontend), ("backend", self.backend), ("events", self.events))}
+        self._topics: set[bytes] = set()
+        self.core.publish = False
+        if self.journal is not None:
+            self.journal.restore(self.core, time.monotonic())
+        self._running = False
+
+    def _socket(self, kind: int, security, role: str) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        if kind == zmq.ROUTER:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            sock.sndhwm = 0  # replies and batches are bounded by the protocol, never drop them
+            sock.rcvhwm = 0
+        else:
+            sock.sndhwm = 1_000_000
+        if security is not None:
+            security.apply_server(sock, role)
+        return sock
+
+    def stop(self) -> None:
+        self._running = False
+
+    def run(self) -> None:
+        core = self.core
+        poller = zmq.Poller()
+        for sock in (self.frontend, self.backend, self.events):
+            poller.register(sock, zmq.POLLIN)
+        self._running = True
+        log.info("broker_started", **self.endpoints, journal=self.config.journal)
+        next_tick = 0.0
+        try:
+            while self._running:
+                now = time.monotonic()
+                ready = dict(poller.poll(max(0.0, next_tick - now) * 1000 if next_tick > now else 0))
+                now = time.monotonic()
+                core.wall = time.time()
+                if self.frontend in ready:
+                    self._drain_frontend(now)
+                if self.backend in ready:
+                    self._drain_backend(now)
+                if self.events in ready:
+                    self._drain_subscriptions()
+                if now >= next_tick:
+                    core.on_tick(now)
+                    next_tick = now + core.next_tick_in()
+                self._send(core.flush(now))
+        finally:
+            core.shutdown()
+            self._send(core.flush(time.monotonic()))
+            if self.journal is not None:
+                self.journal.close()
+            self.backend.setsockopt(zmq.LINGER, STOP_LINGER_MS)
+            for sock in (self.frontend, self.backend, self.events):
+                sock.close()
+            log.info("broker_stopped")
+
+    # ------------------------------------------------------------- input
+
+    def _drain_frontend(self, now: float) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            route = frames[0].bytes
+            # REQ clients (and DEALERs that imitate them) put an empty frame before the body
+            if len(frames) < 3 or frames[1].bytes != b"":
+                self._client_error(route, "expected an empty delimiter frame after the routing id")
+                continue
+            tag = frames[2].bytes
+            if tag == CLIENT_TAG:
+                try:
+                    msg = decode(frames[2:], CLIENT_TAG)
+                except ProtocolError as exc:
+                    self._client_error(route, str(exc))
+                    continue
+                self.core.on_client(route, msg, now)
+            else:
+                self._client_error(route, f"unknown protocol {tag[:16]!r}: expected {CLIENT_TAG!r}")
+
+    def _client_error(self, route: bytes, error: str) -> None:
+        log.info("client_message_refused", error=error)
+        self._send_client(route, Message(Command.ERROR, {"rid": None, "error": error}))
+
+    def _drain_backend(self, now: float) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            wid = frames[0].bytes
+            tag = frames[1].bytes if len(frames) > 1 else b""
+            if tag == WORKER_TAG:
+                try:
+                    msg = decode(frames[1:], WORKER_TAG)
+                except ProtocolError as exc:
+                    log.warning("worker_message_dropped", worker=wid.hex(), error=str(exc))
+                    continue
+                self.core.on_worker(wid, msg, now)
+            else:
+                log.warning("worker_message_dropped", worker=wid.hex(), error=f"unknown protocol {tag[:16]!r}")
+
+    def _drain_subscriptions(self) -> None:
+        while True:
+            try:
+                sub = self.events.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if sub[:1] == b"\x01":
+                self._topics.add(sub[1:])
+            elif sub[:1] == b"\x00":
+                self._topics.discard(sub[1:])
+        self.core.publish = bool(self._topics)
+
+    # ------------------------------------------------------------- output
+
+    def _send(self, out) -> None:
+        if self.journal is not None:
+            self.journal.commit()  # durable before anyone hears of it
+        for wid, msg in out.workers:
+            self._send_worker(wid, msg)
+        for route, msg in out.clients:
+            self._send_client(route, msg)
+        events = self.events
+        for topic, fields in out.events:
+            events.send_multipart([topic.encode(), msgpack.packb(fields)])
+
+    def _send_worker(self, wid: bytes, msg) -> None:
+        try:
+            self.backend.send_multipart([wid, *encode(WORKER_TAG, msg)], copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("worker_send_failed", worker=wid.hex(), error=str(exc))
+
+    def _send_client(self, route: bytes, msg) -> None:
+        try:
+            self.frontend.send_multipart([route, b"", *encode(CLIENT_TAG, msg)], copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("client_send_failed", error=str(exc))
