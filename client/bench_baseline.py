@@ -1,0 +1,394 @@
+"""The yardstick for scripts/bench: a plain pyzmq load-balancing broker, its workers and a pipelined client.
+
+This is the ZeroMQ guide's load-balancing pattern (ROUTER frontend, ROUTER
+backend, workers as DEALERs that tell the broker when they can take work) with
+credit-based flow control: a worker announces N credits, each dispatched task
+spends one, each reply gives it back. The broker reads the frontend only while
+some worker has a credit, so queued work waits in ZeroMQ's pipes, not in the
+broker. No scheduling by resource, no events, no retries, no journal: the
+fastest thing a Python broker on pyzmq can be, to tell what gridq's features
+cost. Payload arrays travel as zero-copy frames, as in gridq.
+
+Wire format (all frames, no serialization beyond raw bytes):
+
+    client DEALER  -> broker:  ["", rid, op, *payload]
+    broker -> worker DEALER:   [client route, "", rid, op, *payload]
+    worker -> broker:          [READY, credits]  or  [REPLY, client route, "", rid, result]
+    broker -> client:          ["", rid, result]
+
+``op`` is ``noop`` (result empty) or ``sum`` (result: the float64 sum of the
+payload frame, 8 bytes little-endian).
+
+Processes are started with multiprocessing (spawn), report their endpoints
+through a pipe, and stop on SIGTERM; callers end them by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import multiprocessing
+import os
+import signal
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import zmq
+
+#: first frame of a worker's announcement of credits
+READY = b"\x01"
+#: first frame of a worker's reply to one task
+REPLY = b"\x02"
+#: credits each real worker announces: tasks the broker may hand it before it answers
+WORKER_CREDITS = 16
+#: how often the broker and workers wake to check for a stop signal, in milliseconds
+POLL_MS = 100
+#: how long to wait for a spawned process to report or to stop, in seconds
+START_TIMEOUT_S = 20.0
+STOP_TIMEOUT_S = 5.0
+#: how long a client waits for any reply before it gives up, in seconds
+REPLY_TIMEOUT_S = 30.0
+#: ops a worker understands
+NOOP = b"noop"
+SUM = b"sum"
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT in a child process; loops check it between polls."""
+
+    def __init__(self) -> None:
+        self.stopped = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+
+    def _stop(self, *_args) -> None:
+        self.stopped = True
+
+
+def _socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    return sock
+
+
+# ------------------------------------------------------------------ broker
+
+
+def broker_main(conn, host: str = "127.0.0.1") -> None:
+    """Bind both ROUTERs on free ports, send their endpoints on ``conn``, then route until SIGTERM."""
+    flag = _StopFlag()
+    ctx = zmq.Context()
+    frontend = _socket(ctx, zmq.ROUTER)
+    backend = _socket(ctx, zmq.ROUTER)
+    try:
+        frontend.bind(f"tcp://{host}:*")
+        backend.bind(f"tcp://{host}:*")
+        conn.send({"frontend": frontend.last_endpoint.decode(), "backend": backend.last_endpoint.decode()})
+        conn.close()
+        _route(frontend, backend, flag)
+    finally:
+        frontend.close()
+        backend.close()
+        ctx.term()
+
+
+def _route(frontend: zmq.Socket, backend: zmq.Socket, flag: _StopFlag) -> None:
+    # One token per free credit; taking from the left and returning on the right
+    # is the guide's least-recently-used queue, generalised to several credits.
+    credits: collections.deque = collections.deque()
+    backend_only = zmq.Poller()
+    backend_only.register(backend, zmq.POLLIN)
+    both = zmq.Poller()
+    both.register(backend, zmq.POLLIN)
+    both.register(frontend, zmq.POLLIN)
+    while not flag.stopped:
+        ready = dict((both if credits else backend_only).poll(POLL_MS))
+        if backend in ready:
+            while True:
+                try:
+                    frames = backend.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                wid = frames[0].bytes
+                kind = frames[1].bytes
+                if kind == REPLY:
+                    credits.append(wid)
+                    frontend.send_multipart(frames[2:], copy=False)
+                elif kind == READY:
+                    credits.extend([wid] * int(frames[2].bytes))
+        if frontend in ready:
+            while credits:
+                try:
+                    frames = frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                backend.send_multipart([credits.popleft(), *frames], copy=False)
+
+
+# ------------------------------------------------------------------ workers
+
+
+def worker_main(backend: str, credits: int = WORKER_CREDITS) -> None:
+    """Announce ``credits``, then answer tasks one at a time until SIGTERM."""
+    flag = _StopFlag()
+    ctx = zmq.Context()
+    sock = _socket(ctx, zmq.DEALER)
+    try:
+        sock.connect(backend)
+        sock.send_multipart([READY, str(credits).encode()])
+        while not flag.stopped:
+            if not sock.poll(POLL_MS):
+                continue
+            frames = sock.recv_multipart(copy=False)
+            route, empty, rid, op = frames[:4]
+            sock.send_multipart([REPLY, route, empty, rid, _run(op.bytes, frames[4:])], copy=False)
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def _run(op: bytes, payload: list) -> bytes:
+    if op == SUM:
+        return struct.pack("<d", float(np.frombuffer(payload[0].buffer, dtype=np.float64).sum()))
+    return b""
+
+
+def sim_workers_main(backend: str, count: int) -> None:
+    """``count`` workers with one credit each, in one process, answering at once: broker cost at scale."""
+    flag = _StopFlag()
+    ctx = zmq.Context()
+    socks = [_socket(ctx, zmq.DEALER) for _ in range(count)]
+    poller = zmq.Poller()
+    try:
+        for sock in socks:
+            sock.connect(backend)
+            sock.send_multipart([READY, b"1"])
+            poller.register(sock, zmq.POLLIN)
+        while not flag.stopped:
+            for sock, _ in poller.poll(POLL_MS):
+                while True:
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    route, empty, rid, op = frames[:4]
+                    sock.send_multipart([REPLY, route, empty, rid, _run(op.bytes, frames[4:])], copy=False)
+    finally:
+        for sock in socks:
+            sock.close()
+        ctx.term()
+
+
+# ------------------------------------------------------------------ processes
+
+
+def _context():
+    return multiprocessing.get_context("spawn")
+
+
+def stop_process(proc) -> None:
+    """SIGTERM by PID, wait, then SIGKILL: a benchmark must never leave a process behind."""
+    if proc.pid is None:
+        return
+    if proc.exitcode is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.join(STOP_TIMEOUT_S)
+    if proc.exitcode is None:
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.join(STOP_TIMEOUT_S)
+
+
+@dataclass
+class BaselineCluster:
+    """A running baseline broker and its workers; ``close()`` ends every process it started."""
+
+    frontend: str
+    backend: str
+    broker: object
+    workers: list = field(default_factory=list)
+
+    @property
+    def broker_pid(self) -> int:
+        return self.broker.pid
+
+    def add_sim_workers(self, count: int) -> None:
+        """Attach ``count`` simulated one-credit workers, all in one extra process."""
+        proc = _context().Process(target=sim_workers_main, args=(self.backend, count), daemon=True)
+        proc.start()
+        self.workers.append(proc)
+
+    def close(self) -> None:
+        for proc in [*self.workers, self.broker]:
+            stop_process(proc)
+
+    def __enter__(self) -> "BaselineCluster":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def start_cluster(workers: int = 2, credits: int = WORKER_CREDITS, host: str = "127.0.0.1") -> BaselineCluster:
+    """Start the broker and ``workers`` worker processes; raises if the broker does not report in time."""
+    mp = _context()
+    parent, child = mp.Pipe(duplex=False)
+    broker = mp.Process(target=broker_main, args=(child, host), daemon=True)
+    broker.start()
+    child.close()
+    cluster = BaselineCluster("", "", broker)
+    try:
+        if not parent.poll(START_TIMEOUT_S):
+            raise RuntimeError(f"baseline broker did not report its endpoints within {START_TIMEOUT_S} s")
+        endpoints = parent.recv()
+        cluster.frontend, cluster.backend = endpoints["frontend"], endpoints["backend"]
+        for _ in range(workers):
+            proc = mp.Process(target=worker_main, args=(cluster.backend, credits), daemon=True)
+            proc.start()
+            cluster.workers.append(proc)
+    except BaseException:
+        cluster.close()
+        raise
+    finally:
+        parent.close()
+    return cluster
+
+
+# ------------------------------------------------------------------ client
+
+
+class BaselineClient:
+    """A DEALER client that keeps up to ``window`` requests in flight."""
+
+    def __init__(self, frontend: str, reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
+        self.ctx = zmq.Context()
+        self.sock = _socket(self.ctx, zmq.DEALER)
+        self.sock.connect(frontend)
+        self.reply_timeout_s = reply_timeout_s
+        self._next_rid = 0
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+    def __enter__(self) -> "BaselineClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, n: int, window: int, op: bytes = NOOP, payload: tuple = ()) -> tuple[collections.Counter, list]:
+        """Send ``n`` tasks, at most ``window`` unanswered; return replies per request id and the results."""
+        sock = self.sock
+        replies: collections.Counter = collections.Counter()
+        results: list = []
+        first = self._next_rid
+        self._next_rid += n
+        sent = received = 0
+        while received < n:
+            while sent < n and sent - received < window:
+                sock.send_multipart([b"", (first + sent).to_bytes(8, "little"), op, *payload], copy=False)
+                sent += 1
+            if not sock.poll(self.reply_timeout_s * 1000):
+                raise TimeoutError(f"no reply within {self.reply_timeout_s} s: {received} of {n} answered")
+            while True:
+                try:
+                    _empty, rid, result = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                replies[int.from_bytes(rid, "little") - first] += 1
+                results.append(result)
+                received += 1
+        return replies, results
+
+    def roundtrip(self, op: bytes = NOOP, payload: tuple = ()) -> bytes:
+        _replies, results = self.run(1, 1, op, payload)
+        return results[0]
+
+
+# ------------------------------------------------------------------ measurements
+
+
+def measure_throughput(frontend: str, n: int, window: int = 256) -> float:
+    """Tasks per second for ``n`` no-op tasks with ``window`` in flight."""
+    with BaselineClient(frontend) as client:
+        start = time.perf_counter()
+        replies, _ = client.run(n, window)
+        elapsed = time.perf_counter() - start
+    _check_exactly_once(replies, n)
+    return n / elapsed
+
+
+def measure_latency(frontend: str, n: int) -> dict:
+    """Round-trip latency of one no-op task at a time: p50 and p99 in milliseconds."""
+    samples = []
+    with BaselineClient(frontend) as client:
+        for _ in range(n):
+            start = time.perf_counter()
+            client.roundtrip()
+            samples.append(time.perf_counter() - start)
+    return latency_summary(samples)
+
+
+def latency_summary(samples_s: list) -> dict:
+    ms = np.asarray(samples_s) * 1000.0
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": len(samples_s)}
+
+
+def measure_payload(frontend: str, nbytes: int, count: int, window: int = 1) -> float:
+    """MB/s moving ``count`` float64 arrays of ``nbytes`` to a worker that sums them (10^6 bytes per MB)."""
+    array = payload_array(nbytes)
+    expected = float(array.sum())
+    with BaselineClient(frontend) as client:
+        start = time.perf_counter()
+        replies, results = client.run(count, window, SUM, (memoryview(array),))
+        elapsed = time.perf_counter() - start
+    _check_exactly_once(replies, count)
+    for result in results:
+        if struct.unpack("<d", result)[0] != expected:
+            raise RuntimeError(f"baseline sum returned {struct.unpack('<d', result)[0]}, expected {expected}")
+    return nbytes * count / elapsed / 1e6
+
+
+def payload_array(nbytes: int) -> np.ndarray:
+    """A float64 array of ``nbytes`` whose sum is exact (small integers), so any bench can check it."""
+    return (np.arange(nbytes // 8, dtype=np.int64) % 7).astype(np.float64)
+
+
+def _check_exactly_once(replies: collections.Counter, n: int) -> None:
+    if len(replies) != n or any(count != 1 for count in replies.values()) or set(replies) != set(range(n)):
+        raise RuntimeError(f"baseline lost or duplicated replies: {len(replies)} distinct of {n}")
+
+
+# ------------------------------------------------------------------ command line
+
+
+def main(argv=None) -> int:
+    """Run the baseline's three measurements once and print them as JSON (the full report is scripts/bench)."""
+    p = argparse.ArgumentParser(prog="python -m client.bench_baseline", description=__doc__.splitlines()[0])
+    p.add_argument("-n", type=int, default=10_000, help="no-op tasks for the throughput run")
+    p.add_argument("--latency-n", type=int, default=500, help="round trips for the latency run")
+    args = p.parse_args(argv)
+    with start_cluster() as cluster:
+        measure_throughput(cluster.frontend, 200)  # warm-up: both workers joined
+        out = {
+            "throughput_tps": measure_throughput(cluster.frontend, args.n),
+            "latency": measure_latency(cluster.frontend, args.latency_n),
+            "payload_64MiB_MBps": measure_payload(cluster.frontend, 64 << 20, 2),
+            "payload_1MiB_MBps": measure_payload(cluster.frontend, 1 << 20, 64, window=8),
+        }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
