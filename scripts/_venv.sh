@@ -9,7 +9,7 @@ fi
 # Reinstall only when the packaging metadata changed since the last install.
 if [ ! -f "$stamp" ] || [ "$root/setup.cfg" -nt "$stamp" ]; then
     "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$venv/bin/python" -m pip install -q -e "$root[test]"
+    "$venv/bin/python" -m pip install -q -e "$root[test]" --config-settings editable_mode=compat
     touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -1,0 +1,10 @@
+"""gridq's Python client: submit tasks to a broker and get futures back."""
+
+from concurrent.futures import CancelledError
+
+from broker.protocol import EncodeError
+from client.client import Client, GridFuture
+from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, TaskTimeout
+
+__all__ = ["Client", "GridFuture", "TaskError", "TaskLost", "TaskTimeout", "BrokerUnavailable", "GridqError",
+           "EncodeError", "CancelledError"]

@@ -1,0 +1,82 @@
+"""gridq-worker: run a worker process (python -m worker)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+import structlog
+
+from broker.logs import add_logging_flags, configure_logging
+from worker.registry import REGISTRY, load_modules
+from worker.worker import DEFAULT_DRAIN_S, Worker, WorkerConfig
+
+log = structlog.get_logger("worker")
+
+
+def parse_resources(text: str) -> dict:
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, qty = item.partition("=")
+        try:
+            value = float(qty)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value < 0:
+            raise argparse.ArgumentTypeError(f"bad resource {item!r}: expected NAME=QTY with QTY >= 0")
+        out[name] = int(value) if value.is_integer() else value
+    return out
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="gridq-worker", description="Run a gridq worker.")
+    p.add_argument("--broker", default="tcp://127.0.0.1:5556", help="broker backend endpoint")
+    p.add_argument("--tasks", default="", metavar="MODULE[,MODULE...]", help="modules whose @task functions to serve")
+    p.add_argument("--slots", type=int, default=1, metavar="N", help="tasks run at once")
+    p.add_argument("--gpu", nargs="*", type=int, default=None, metavar="DEVICE", help="serve GPU tasks on these CUDA devices")
+    p.add_argument("--resources", type=parse_resources, default={}, metavar="NAME=QTY[,...]", help="extra named resources")
+    p.add_argument("--name", default=None, help="worker name (default HOST-PID)")
+    p.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS")
+    p.add_argument("--liveness", type=int, default=3, metavar="N")
+    p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S, metavar="SECONDS",
+                   help="on SIGTERM, wait this long for running tasks before handing them back")
+    add_logging_flags(p)
+    args = p.parse_args(argv)
+    if args.slots < 1 or args.heartbeat <= 0 or args.liveness < 1:
+        p.error("--slots and --liveness must be >= 1 and --heartbeat > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_logging(args.log_format, args.log_level)
+    import worker.builtins  # noqa: F401  (registers the built-in tasks)
+
+    try:
+        load_modules([m for m in args.tasks.split(",") if m])
+    except Exception as exc:
+        log.error("task_module_import_failed", modules=args.tasks, error=f"{type(exc).__name__}: {exc}")
+        return 2
+    gpu = None
+    if args.gpu is not None:
+        try:
+            from worker.gpu import GpuPool, register_gpu_builtins
+
+            gpu = GpuPool(args.gpu or [0])
+            register_gpu_builtins()
+        except Exception as exc:
+            log.error("gpu_unavailable", devices=args.gpu, error=f"{type(exc).__name__}: {exc}")
+            print(f"gridq-worker: --gpu {' '.join(map(str, args.gpu))}: {exc}", file=sys.stderr)
+            return 2
+    config = WorkerConfig(broker=args.broker, slots=args.slots, resources=args.resources, name=args.name,
+                          heartbeat_s=args.heartbeat, liveness=args.liveness, drain_s=args.drain_timeout)
+    worker = Worker(config, REGISTRY, gpu=gpu)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The worker's DEALER loop: announce, heartbeat, reconnect, hand tasks to slots, send results.
+
+One thread owns the socket. Tasks run on the Runner's slot threads; the loop
+wakes on the broker socket, on the Runner's pipe, and on heartbeat deadlines.
+A broker silent for heartbeat x liveness means a fresh socket, exponential
+backoff, and a new READY that claims the tasks still running here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+
+import structlog
+import zmq
+
+from broker.protocol import WORKER_TAG, Command, Message, ProtocolError, decode, encode, split_frames
+from worker.executors import Runner
+from worker.registry import TaskSpec
+
+log = structlog.get_logger(__name__)
+
+#: longest pause between two reconnect attempts, in heartbeats
+MAX_BACKOFF_HEARTBEATS = 8
+#: how long a stopping worker waits for its running tasks before handing them back
+DEFAULT_DRAIN_S = 30.0
+
+
+@dataclass
+class WorkerConfig:
+    broker: str = "tcp://127.0.0.1:5556"
+    slots: int = 1
+    resources: dict = field(default_factory=dict)
+    name: str | None = None
+    heartbeat_s: float = 1.0
+    liveness: int = 3
+    drain_s: float = DEFAULT_DRAIN_S
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, registry: dict[str, TaskSpec], gpu=None,
+                 context: zmq.Context | None = None, security=None) -> None:
+        self.config = config
+        self.name = config.name or f"{socket.gethostname()}-{os.getpid()}"
+        self.registry = dict(registry)
+        self.resources = {"cpu": config.slots, **config.resources}
+        if gpu is not None:
+            self.resources.update(gpu.resources())
+        self.ctx = context or zmq.Context.instance()
+        self.security = security
+        self.runner = Runner(self.registry, config.slots, gpu)
+        self.log = log.bind(worker=self.name)
+        self.sock: zmq.Socket | None = None
+        self._stopping = False
+        self._stop_deadline = 0.0
+
+    # -------------------------------------------------------------- control
+
+    def stop(self) -> None:
+        """Finish or hand back what this worker holds, say goodbye, return from run()."""
+        self._stopping = True
+
+    def announcement(self) -> Message:
+        tasks = {name: spec.resources for name, spec in self.registry.items()}
+        return Message(Command.READY, {"name": self.name, "slots": self.config.slots, "resources": self.resources,
+                                       "tasks": tasks, "running": self.runner.held(), "pid": os.getpid()})
+
+    # -------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        cfg = self.config
+        silence_s = cfg.heartbeat_s * cfg.liveness
+        backoff_s = cfg.heartbeat_s
+        self._connect()
+        heard_at = sent_at = time.monotonic()
+        drain_sent = False
+        try:
+            while True:
+                now = time.monotonic()
+                if self._stopping:
+                    if not drain_sent:
+                        self._stop_deadline = now + cfg.drain_s
+                        self._send(Message(Command.RETURN, {"draining": True, "ids": self.runner.take_unstarted()}))
+                        drain_sent = True
+                    if not self.runner.busy() and not self.runner.done:
+                        self._send(Message(Command.DISCONNECT, {}))
+                        self.log.info("worker_left")
+                        return
+                    if now >= self._stop_deadline:
+                        self._send(Message(Command.RETURN, {"ids": self.runner.held()}))
+                        self._send(Message(Command.DISCONNECT, {}))
+                        self.log.warning("worker_drain_timeout", handed_back=self.runner.held())
+                        return
+                wait_s = max(0.0, min(sent_at + cfg.heartbeat_s, heard_at + silence_s) - now)
+                events = dict(self._poller.poll(min(wait_s, 0.25) * 1000))
+                now = time.monotonic()
+                if self.sock in events:
+                    heard_at = now
+                    backoff_s = cfg.heartbeat_s
+                    self._drain_socket()
+                if self.runner.waker.fd in events:
+                    self.runner.waker.clear()
+                if self.runner.done:
+                    self._send_done()
+                    sent_at = now
+                if now - sent_at >= cfg.heartbeat_s:
+                    self._send(Message(Command.HEARTBEAT, {}))
+                    sent_at = now
+                if now - heard_at >= silence_s:
+                    self.log.warning("broker_silent", silent_s=round(now - heard_at, 2), retry_in_s=backoff_s)
+                    self._sleep_interruptibly(backoff_s)
+                    backoff_s = min(backoff_s * 2, cfg.heartbeat_s * MAX_BACKOFF_HEARTBEATS)
+                    self._connect()
+                    heard_at = sent_at = time.monotonic()
+        finally:
+            self._close()
+            self.runner.close()
+
+    def _sleep_interruptibly(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    def _connect(self) -> None:
+        self._close()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.linger = 0
+        self.sock.rcvhwm = 0
+        self.sock.sndhwm = 0
+        if self.security is not None:
+            self.security.apply_client(self.sock)
+        self.sock.connect(self.config.broker)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self.runner.waker.fd, zmq.POLLIN)
+        self._send(self.announcement())
+        self.log.info("worker_announced", broker=self.config.broker, resources=self.resources, slots=self.config.slots)
+
+    def _close(self) -> None:
+        if self.sock is not None:
+            self.sock.close(linger=200 if self._stopping else 0)
+            self.sock = None
+
+    def _send(self, msg: Message) -> None:
+        self.sock.send_multipart(encode(WORKER_TAG, msg), copy=False)
+
+    def _send_done(self) -> None:
+        records, frames = [], []
+        done = self.runner.done
+        while done:
+            record, out_frames = done.popleft()
+            records.append(record)
+            frames.extend(out_frames)
+        self._send(Message(Command.DONE, {"results": records}, frames))
+
+    def _drain_socket(self) -> None:
+        while True:
+            try:
+                raw = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(raw, WORKER_TAG)
+            except ProtocolError as exc:
+                self.log.warning("broker_message_dropped", error=str(exc))
+                continue
+            if msg.command is Command.TASKS:
+                self._on_tasks(msg)
+            elif msg.command is Command.DISCONNECT:
+                self.log.info("broker_disconnect", reason=msg.header.get("reason"))
+                if msg.header.get("reason") == "broker stopping":
+                    self._sleep_interruptibly(self.config.heartbeat_s)
+                    self._connect()
+                else:
+                    self._send(self.announcement())
+            # HEARTBEAT: hearing anything is all it says
+
+    def _on_tasks(self, msg: Message) -> None:
+        records = msg.header.get("tasks")
+        try:
+            per_task = split_frames(msg.frames, [r[3] for r in records])
+        except (ProtocolError, TypeError, IndexError) as exc:
+            self.log.warning("broker_message_dropped", error=f"bad TASKS batch: {exc}")
+            return
+        if self._stopping:
+            self._send(Message(Command.RETURN, {"ids": [r[0] for r in records]}))
+            return
+        for record, frames in zip(records, per_task):
+            self.runner.submit(record, frames)
