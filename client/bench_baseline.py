@@ -249,7 +249,10 @@ def start_cluster(workers: int = 2, credits: int = WORKER_CREDITS, host: str = "
     try:
         if not parent.poll(START_TIMEOUT_S):
             raise RuntimeError(f"baseline broker did not report its endpoints within {START_TIMEOUT_S} s")
-        endpoints = parent.recv()
+        try:
+            endpoints = parent.recv()
+        except EOFError:
+            raise RuntimeError(f"baseline broker exited before reporting its endpoints (exit code {broker.exitcode})") from None
         cluster.frontend, cluster.backend = endpoints["frontend"], endpoints["backend"]
         for _ in range(workers):
             proc = mp.Process(target=worker_main, args=(cluster.backend, credits), daemon=True)
@@ -318,24 +321,22 @@ class BaselineClient:
 # ------------------------------------------------------------------ measurements
 
 
-def measure_throughput(frontend: str, n: int, window: int = 256) -> float:
+def measure_throughput(client: BaselineClient, n: int, window: int = 256) -> float:
     """Tasks per second for ``n`` no-op tasks with ``window`` in flight."""
-    with BaselineClient(frontend) as client:
-        start = time.perf_counter()
-        replies, _ = client.run(n, window)
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    replies, _ = client.run(n, window)
+    elapsed = time.perf_counter() - start
     _check_exactly_once(replies, n)
     return n / elapsed
 
 
-def measure_latency(frontend: str, n: int) -> dict:
+def measure_latency(client: BaselineClient, n: int) -> dict:
     """Round-trip latency of one no-op task at a time: p50 and p99 in milliseconds."""
     samples = []
-    with BaselineClient(frontend) as client:
-        for _ in range(n):
-            start = time.perf_counter()
-            client.roundtrip()
-            samples.append(time.perf_counter() - start)
+    for _ in range(n):
+        start = time.perf_counter()
+        client.roundtrip()
+        samples.append(time.perf_counter() - start)
     return latency_summary(samples)
 
 
@@ -344,19 +345,17 @@ def latency_summary(samples_s: list) -> dict:
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": len(samples_s)}
 
 
-def measure_payload(frontend: str, nbytes: int, count: int, window: int = 1) -> float:
-    """MB/s moving ``count`` float64 arrays of ``nbytes`` to a worker that sums them (10^6 bytes per MB)."""
-    array = payload_array(nbytes)
+def measure_payload(client: BaselineClient, array: np.ndarray, count: int, window: int = 1) -> float:
+    """MB/s moving ``array`` ``count`` times to a worker that sums it (10^6 bytes per MB)."""
     expected = float(array.sum())
-    with BaselineClient(frontend) as client:
-        start = time.perf_counter()
-        replies, results = client.run(count, window, SUM, (memoryview(array),))
-        elapsed = time.perf_counter() - start
+    start = time.perf_counter()
+    replies, results = client.run(count, window, SUM, (memoryview(array),))
+    elapsed = time.perf_counter() - start
     _check_exactly_once(replies, count)
     for result in results:
         if struct.unpack("<d", result)[0] != expected:
             raise RuntimeError(f"baseline sum returned {struct.unpack('<d', result)[0]}, expected {expected}")
-    return nbytes * count / elapsed / 1e6
+    return array.nbytes * count / elapsed / 1e6
 
 
 def payload_array(nbytes: int) -> np.ndarray:
@@ -378,13 +377,13 @@ def main(argv=None) -> int:
     p.add_argument("-n", type=int, default=10_000, help="no-op tasks for the throughput run")
     p.add_argument("--latency-n", type=int, default=500, help="round trips for the latency run")
     args = p.parse_args(argv)
-    with start_cluster() as cluster:
-        measure_throughput(cluster.frontend, 200)  # warm-up: both workers joined
+    with start_cluster() as cluster, BaselineClient(cluster.frontend) as client:
+        measure_throughput(client, 200)  # warm-up: both workers joined, the connection is up
         out = {
-            "throughput_tps": measure_throughput(cluster.frontend, args.n),
-            "latency": measure_latency(cluster.frontend, args.latency_n),
-            "payload_64MiB_MBps": measure_payload(cluster.frontend, 64 << 20, 2),
-            "payload_1MiB_MBps": measure_payload(cluster.frontend, 1 << 20, 64, window=8),
+            "throughput_tps": measure_throughput(client, args.n),
+            "latency": measure_latency(client, args.latency_n),
+            "payload_64MiB_MBps": measure_payload(client, payload_array(64 << 20), 2),
+            "payload_1MiB_MBps": measure_payload(client, payload_array(1 << 20), 64, window=8),
         }
     print(json.dumps(out, indent=2))
     return 0

@@ -271,7 +271,18 @@ class Client:
                 self._to_submit.append((future, record, frames))
             else:
                 _, command, header, waiter = item
+                if command is Command.CANCEL and self._cancel_unsent(header["ids"], waiter):
+                    continue
                 self._request(command, header, waiter=waiter)
+
+    def _cancel_unsent(self, ids: list, waiter: Future) -> bool:
+        """Cancel tasks still waiting here to be sent: the broker never hears of them."""
+        unsent = {f.task_id: (f, r, fr) for f, r, fr in self._to_submit if f.task_id in ids}
+        if len(unsent) != len(ids):
+            return False
+        self._to_submit = deque(item for item in self._to_submit if item[0].task_id not in unsent)
+        waiter.set_result({"cancelled": list(unsent), "refused": []})
+        return True
 
     def _request(self, command: Command, header: dict, frames: list = (), waiter=None, task_ids=(), wait_s=0.0) -> _Request:
         rid = next(self._rid)

@@ -1,0 +1,172 @@
+"""End to end: real broker and worker processes, the Python client, loopback TCP."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import CancelledError
+
+import numpy as np
+import pytest
+
+from client import BrokerUnavailable, Client, EncodeError, TaskError, TaskTimeout
+from tests.conftest import free_port, wait_until
+
+
+@pytest.fixture
+def running(cluster):
+    cluster.start_broker("--no-worker-timeout", "1.5")
+    cluster.start_worker("--slots", "2")
+    cluster.start_worker("--slots", "2")
+    cluster.wait_workers(2)
+    return cluster
+
+
+def test_square_returns_its_result_with_info(running):
+    with running.client() as c:
+        f = c.submit("square", 7)
+        assert f.result(timeout=10) == 49
+        assert f.info["attempts"] == 1
+        assert f.info["worker"] in {w["name"] for w in c.status()["workers"]}
+        assert f.info["run_s"] >= 0 and f.info["queued_s"] >= 0
+
+
+def test_map_of_thousands_returns_every_result_in_order(running):
+    with running.client() as c:
+        assert c.map("square", range(5000)) == [i * i for i in range(5000)]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "int8", "uint16", "int64", "complex128", "bool"])
+def test_arrays_of_every_dtype_round_trip(running, dtype):
+    rng = np.random.default_rng(1)
+    a = (rng.random((3, 5, 7)) * 100).astype(dtype)
+    with running.client() as c:
+        out = c.submit("echo", a).result(timeout=10)
+    assert out.dtype == a.dtype and out.shape == a.shape
+    np.testing.assert_array_equal(out, a)
+
+
+def test_fortran_ordered_zero_d_and_empty_arrays_round_trip(running):
+    values = [np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.array(3.5), np.zeros((0, 4)),
+              np.arange(10)[::2], {"nested": [np.arange(3), {"deep": np.ones((2, 2), np.float32)}]}]
+    with running.client() as c:
+        outs = c.gather([c.submit("echo", v) for v in values], timeout=20)
+    np.testing.assert_array_equal(outs[0], values[0])
+    assert outs[1].shape == () and outs[1] == 3.5
+    assert outs[2].shape == (0, 4)
+    np.testing.assert_array_equal(outs[3], np.arange(0, 10, 2))
+    np.testing.assert_array_equal(outs[4]["nested"][1]["deep"], np.ones((2, 2)))
+
+
+def test_a_64_mib_array_goes_through_and_is_summed(running):
+    a = np.ones(8 * 1024 * 1024)  # 64 MiB of float64
+    with running.client(timeout=10) as c:
+        assert c.submit("sum", a).result(timeout=60) == float(a.size)
+        np.testing.assert_array_equal(c.submit("matmul", np.eye(3), np.arange(9.0).reshape(3, 3)).result(10),
+                                      np.arange(9.0).reshape(3, 3))
+
+
+def test_remote_exception_carries_type_message_and_traceback(running):
+    with running.client() as c:
+        f = c.submit("sleep", "not a number")
+        with pytest.raises(TaskError) as info:
+            f.result(timeout=10)
+    err = info.value
+    assert err.type == "ValueError"
+    assert "could not convert string to float" in err.message
+    assert str(err) == f"ValueError: {err.message}"
+    assert "Traceback" in err.traceback and "sleep" in err.traceback
+
+
+def test_unknown_task_name_fails_after_no_worker_timeout_naming_the_task(running):
+    with running.client() as c:
+        f = c.submit("no_such_task", 1)
+        with pytest.raises(TaskError) as info:
+            f.result(timeout=15)
+    assert "no_such_task" in str(info.value)
+    assert info.value.type == "NoWorkerAvailable"
+
+
+def test_unencodable_argument_fails_immediately(running):
+    with running.client() as c:
+        with pytest.raises(EncodeError, match="object"):
+            c.submit("echo", object())
+        with pytest.raises(EncodeError, match="dtype"):
+            c.submit("echo", np.array(["a", "b"], dtype=object))
+        assert c.submit("echo", 1).result(timeout=10) == 1  # the client still works
+
+
+def test_cancel_of_a_queued_task_means_it_never_runs(running, events):
+    log = events("task.")
+    with running.client() as c:
+        blockers = [c.submit("sleep", 1.0) for _ in range(4)]  # fill all four slots
+        wait_until(lambda: len(log.of("task.started")) == 4, what="four blockers running")
+        queued = c.submit("square", 3)
+        log.wait_for("task.submitted", lambda f: f["task_id"] == queued.task_id)
+        assert c.cancel(queued) is True
+        with pytest.raises(CancelledError):
+            queued.result(timeout=5)
+        assert c.cancel(blockers[0]) is False  # running: not interrupted
+        assert c.gather(blockers, timeout=20) == [1.0] * 4
+    log.wait_for("task.cancelled", lambda f: f["task_id"] == queued.task_id)
+    assert not [e for e in log.of("task.started") if e["task_id"] == queued.task_id]
+
+
+def test_running_task_is_not_cancelled(running):
+    with running.client() as c:
+        f = c.submit("sleep", 0.5)
+        time.sleep(0.2)  # let it start (the broker dispatches at once to an idle worker)
+        assert c.cancel(f) is False
+        assert f.result(timeout=10) == 0.5
+
+
+def test_task_past_its_timeout_raises_task_timeout(running):
+    with running.client() as c:
+        f = c.submit("sleep", 3, timeout=0.3)
+        with pytest.raises(TaskTimeout):
+            f.result(timeout=10)
+        assert c.submit("square", 2).result(timeout=10) == 4
+
+
+def test_priority_runs_higher_first(cluster):
+    cluster.start_broker()
+    with cluster.client() as c:
+        low = [c.submit("noop", i) for i in range(20)]
+        high = [c.submit("noop", i, priority=5) for i in range(5)]
+        time.sleep(0.2)  # all queued before the only worker joins
+        cluster.start_worker()
+        c.gather(low + high, timeout=30)
+    starts = sorted((f.info["queued_s"], i) for i, f in enumerate(low + high))
+    assert {i for _, i in starts[:5]} == set(range(20, 25))
+
+
+def test_idempotency_key_runs_once_and_returns_the_same_result(running, events):
+    log = events("task.")
+    with running.client() as c:
+        a = c.submit("square", 9, key="k-1")
+        b = c.submit("square", 9, key="k-1")
+        assert a.result(10) == b.result(10) == 81
+    with running.client() as other:
+        assert other.submit("square", 9, key="k-1").result(10) == 81
+    time.sleep(0.3)
+    assert len(log.of("task.submitted")) == 1
+    assert len(log.of("task.succeeded")) == 1
+
+
+def test_client_used_from_many_threads(running):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running.client() as c, ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: c.submit("square", i).result(timeout=20), range(400)))
+    assert results == [i * i for i in range(400)]
+
+
+def test_broker_down_raises_broker_unavailable_without_hanging():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with Client(address, timeout=0.3, retries=2) as c:
+        f = c.submit("square", 2)
+        with pytest.raises(BrokerUnavailable):
+            f.result(timeout=10)
+        with pytest.raises(BrokerUnavailable):
+            c.status()
+    assert time.monotonic() - started < 8
