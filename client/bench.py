@@ -293,7 +293,7 @@ class RssSampler:
             self._stop.wait(RSS_SAMPLE_S)
 
     def __enter__(self) -> "RssSampler":
-        self.peak = self.proc.memory_info().rss
+        self.peak = self.start = self.proc.memory_info().rss
         self._thread.start()
         return self
 
@@ -304,6 +304,10 @@ class RssSampler:
     @property
     def peak_mib(self) -> float:
         return self.peak / MIB
+
+    @property
+    def growth_mib(self) -> float:
+        return (self.peak - self.start) / MIB
 
 
 class EventSubscriber:
@@ -455,22 +459,30 @@ def dask_run(cfg: BenchConfig) -> dict:
 # ======================================================================== the run
 
 
-#: (key, label, unit, better) of the report rows; better is "higher" or "lower"
+#: (key, label, unit, better) of the report rows; better is "higher" or "lower". A row's samples are
+#: runs[system][key], except where GRIDQ_SAME_AS says gridq's come from another row.
 ROWS = [
     ("throughput_tps", "no-op throughput, 2 workers", "tasks/s", "higher"),
+    ("throughput_1credit_tps", "  baseline with 1 credit per worker", "tasks/s", "higher"),
     ("latency_p50_ms", "round trip p50", "ms", "lower"),
     ("latency_p99_ms", "round trip p99", "ms", "lower"),
     ("payload_big_MBps", "payload 64 MiB -> sum", "MB/s", "higher"),
     ("payload_small_MBps", "payload 1 MiB -> sum, window 8", "MB/s", "higher"),
     ("broker_peak_rss_MiB", "broker peak RSS during payload", "MiB", "lower"),
+    ("broker_rss_growth_MiB", "  of which growth during payload", "MiB", "lower"),
     ("throughput_events_tps", "throughput, 1 event subscriber", "tasks/s", "higher"),
     ("throughput_journal_tps", "throughput, journal on", "tasks/s", "higher"),
     ("scale_throughput_tps", "throughput, {scale} sim workers", "tasks/s", "higher"),
 ]
 
+#: rows whose gridq samples are another row's: gridq workers take one task per slot, always
+GRIDQ_SAME_AS = {"throughput_1credit_tps": "throughput_tps"}
 
-def _baseline_rep(cluster, client: BaselineClient, cfg: BenchConfig, arrays: dict, out: dict) -> None:
+
+def _baseline_rep(cluster, client: BaselineClient, client1: BaselineClient, cfg: BenchConfig, arrays: dict,
+                  out: dict) -> None:
     out["throughput_tps"].append(bench_baseline.measure_throughput(client, cfg.n, THROUGHPUT_WINDOW))
+    out["throughput_1credit_tps"].append(bench_baseline.measure_throughput(client1, cfg.n, THROUGHPUT_WINDOW))
     lat = bench_baseline.measure_latency(client, cfg.latency_n)
     out["latency_p50_ms"].append(lat["p50_ms"])
     out["latency_p99_ms"].append(lat["p99_ms"])
@@ -480,6 +492,7 @@ def _baseline_rep(cluster, client: BaselineClient, cfg: BenchConfig, arrays: dic
         out["payload_small_MBps"].append(bench_baseline.measure_payload(
             client, arrays["small"], cfg.small_payload_count, window=SMALL_PAYLOAD_WINDOW))
     out["broker_peak_rss_MiB"].append(rss.peak_mib)
+    out["broker_rss_growth_MiB"].append(rss.growth_mib)
 
 
 def _gridq_rep(cluster: GridqCluster, journal: GridqCluster | None, cfg: BenchConfig, arrays: dict, out: dict) -> None:
@@ -493,6 +506,7 @@ def _gridq_rep(cluster: GridqCluster, journal: GridqCluster | None, cfg: BenchCo
         out["payload_small_MBps"].append(gridq_payload(c, arrays["small"], cfg.small_payload_count,
                                                        window=SMALL_PAYLOAD_WINDOW))
     out["broker_peak_rss_MiB"].append(rss.peak_mib)
+    out["broker_rss_growth_MiB"].append(rss.growth_mib)
     ev = gridq_events_throughput(cluster, cfg.n)
     out["throughput_events_tps"].append(ev["tps"])
     out["events_during_run"].append(ev["events_during_run"])
@@ -513,6 +527,9 @@ def run(cfg: BenchConfig) -> dict:
         with contextlib.ExitStack() as stack:
             base = stack.enter_context(bench_baseline.start_cluster(workers=2))
             base_client = stack.enter_context(BaselineClient(base.frontend))
+            # gridq's contract gives a worker no more tasks than slots; this shows what that alone costs
+            base1 = stack.enter_context(bench_baseline.start_cluster(workers=2, credits=1))
+            base1_client = stack.enter_context(BaselineClient(base1.frontend))
             gridq = stack.enter_context(GridqCluster(_mkdir(tmpdir / "plain")).start())
             journal = None
             try:
@@ -521,11 +538,12 @@ def run(cfg: BenchConfig) -> dict:
             except RuntimeError as exc:  # report the rest even where the journal cannot start
                 errors["journal"] = str(exc)
             bench_baseline.measure_throughput(base_client, 200)  # warm-up: connections up, code paths hot
+            bench_baseline.measure_throughput(base1_client, 200)
             gridq_throughput(gridq.client, 200)
             if journal is not None:
                 gridq_throughput(journal.client, 200)
             for rep in range(cfg.reps):
-                order = [lambda: _baseline_rep(base, base_client, cfg, arrays, runs["baseline"]),
+                order = [lambda: _baseline_rep(base, base_client, base1_client, cfg, arrays, runs["baseline"]),
                          lambda: _gridq_rep(gridq, journal, cfg, arrays, runs["gridq"])]
                 for fn in order if rep % 2 == 0 else reversed(order):
                     fn()
@@ -556,7 +574,8 @@ def run(cfg: BenchConfig) -> dict:
 def summarize(runs: dict) -> dict:
     summary = {}
     for key, _label, _unit, _better in ROWS:
-        row = {system: _median(samples.get(key, [])) for system, samples in runs.items() if isinstance(samples, dict)}
+        row = {system: _median(samples.get(GRIDQ_SAME_AS.get(key, key) if system == "gridq" else key, []))
+               for system, samples in runs.items() if isinstance(samples, dict)}
         g, b = row.get("gridq"), row.get("baseline")
         row["ratio"] = g / b if g is not None and b else None
         summary[key] = row
