@@ -225,7 +225,7 @@ class Core:
             self.tasks[task_id] = task
             if key is not None:
                 self.keys[key] = task_id
-            self._enqueue(task)
+            self._enqueue(task, now)
             self.counts["queued"] += 1
             if self.journal is not None:
                 self.journal.accepted(task)
@@ -546,9 +546,11 @@ class Core:
             self._ready[worker.wid] = worker
             self._dirty_dispatch = True
 
-    def _enqueue(self, task: Task) -> None:
-        task.cls = self.sched.push(class_key(task.name, task.override), task.name, task.override,
-                                   task.priority, task.task_id, self.workers.values())
+    def _enqueue(self, task: Task, now: float) -> None:
+        task.cls = cls = self.sched.push(class_key(task.name, task.override), task.name, task.override,
+                                         task.priority, task.task_id, self.workers.values())
+        if not cls.eligible and cls.unservable_since is None:
+            cls.unservable_since = now  # --no-worker-timeout counts from here
         self._dirty_dispatch = True
 
     def _needs_of(self, task: Task) -> dict:
@@ -570,7 +572,7 @@ class Core:
         task.worker = None
         task.submitted_at = now  # queued_s counts from the latest queueing
         self.counts["queued"] += 1
-        self._enqueue(task)
+        self._enqueue(task, now)
         if self.journal is not None:
             self.journal.state(task)
         self._event("task.retried", task_id=task.task_id, name=task.name, reason=reason)

@@ -1,0 +1,383 @@
+"""The pure broker core with a fake clock: scheduling, priorities, slots, cancel, timeouts, liveness."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+
+from broker.core import Core
+from broker.protocol import Command, Message, pack_value, unpack_value
+from broker.states import IllegalTransition, TaskState, WorkerState, check_task_move, check_worker_move
+
+ALL_TASKS = {"noop": {"cpu": 1}, "square": {"cpu": 1}, "sleep": {"cpu": 1}}
+
+
+class Harness:
+    """Drives a Core like the socket loop does, with a fake clock."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("heartbeat_s", 1.0)
+        kwargs.setdefault("liveness", 3)
+        kwargs.setdefault("no_worker_timeout_s", 5.0)
+        self.core = Core(**kwargs)
+        self.now = 100.0
+        self.n = 0
+        self.to_workers: dict[bytes, list] = {}
+        self.to_clients: list = []
+        self.events: list = []
+
+    def flush(self):
+        out = self.core.flush(self.now)
+        for wid, msg in out.workers:
+            self.to_workers.setdefault(wid, []).append(msg)
+        self.to_clients.extend(out.clients)
+        self.events.extend(out.events)
+        return out
+
+    def join(self, wid: bytes, slots: int = 1, tasks=None, resources=None, name=None, running=()):
+        header = {"name": name or wid.decode(), "slots": slots, "resources": resources or {},
+                  "tasks": tasks or ALL_TASKS, "running": list(running)}
+        self.core.on_worker(wid, Message(Command.READY, header), self.now)
+        return self.flush()
+
+    def submit(self, name="noop", *args, session="s1", task_id=None, resources=None, priority=0, retries=None,
+               timeout_s=None, key=None, route=b"c1"):
+        self.n += 1
+        task_id = task_id or f"t{self.n}"
+        blob, frames = pack_value([list(args), {}])
+        rec = [task_id, name, blob, len(frames), resources, priority, retries, timeout_s, key]
+        self.core.on_client(route, Message(Command.SUBMIT, {"rid": self.n, "session": session, "tasks": [rec]}, frames),
+                            self.now)
+        self.flush()
+        return task_id
+
+    def dispatched(self, wid: bytes) -> list:
+        """Task ids sent to ``wid`` so far (and forget them)."""
+        ids = [r[0] for m in self.to_workers.pop(wid, []) if m.command is Command.TASKS for r in m.header["tasks"]]
+        return ids
+
+    def done(self, wid: bytes, task_id: str, value=None, ok=True):
+        blob, frames = pack_value(value)
+        rec = [task_id, ok, blob if ok else {"type": "ValueError", "message": "boom", "traceback": ""}, len(frames) if ok else 0, 0.01]
+        self.core.on_worker(wid, Message(Command.DONE, {"results": [rec]}, frames if ok else []), self.now)
+        return self.flush()
+
+    def fetch(self, session="s1", ack=(), wait_ms=0, route=b"c1"):
+        self.to_clients.clear()
+        self.core.on_client(route, Message(Command.FETCH, {"rid": 0, "session": session, "ack": list(ack),
+                                                            "wait_ms": wait_ms}), self.now)
+        self.flush()
+        results = [m for r, m in self.to_clients if m.command is Command.RESULTS]
+        return {rec[0]: rec for m in results for rec in m.header["results"]}
+
+    def tick(self, dt: float):
+        self.now += dt
+        self.core.on_tick(self.now)
+        return self.flush()
+
+    def state(self, task_id):
+        return self.core.tasks[task_id].state
+
+    def topics(self, topic):
+        return [e for t, e in self.events if t == topic]
+
+
+@pytest.fixture
+def h():
+    return Harness()
+
+
+def test_task_goes_to_the_only_worker_and_its_result_to_the_session(h):
+    h.join(b"w1")
+    t = h.submit("square", 7)
+    assert h.dispatched(b"w1") == [t]
+    h.done(b"w1", t, 49)
+    results = h.fetch()
+    status, value, nframes, info = results[t][1], results[t][2], results[t][3], results[t][4]
+    assert status == "succeeded" and unpack_value(value) == 49 and nframes == 0
+    assert info["worker"] == "w1" and info["attempts"] == 1
+
+
+def test_accepted_reply_for_every_submit(h):
+    h.submit()
+    assert [m.command for _, m in h.to_clients] == [Command.ACCEPTED]
+
+
+def test_a_worker_never_holds_more_tasks_than_its_slots(h):
+    h.join(b"w1", slots=2)
+    ids = [h.submit() for _ in range(5)]
+    assert h.dispatched(b"w1") == ids[:2]
+    h.done(b"w1", ids[0])
+    assert h.dispatched(b"w1") == [ids[2]]
+    assert len(h.core.workers[b"w1"].running) == 2
+
+
+def test_higher_priority_runs_first_and_fifo_within_a_priority(h):
+    ids = [h.submit(priority=p) for p in (0, 5, 0, 5, 9)]
+    h.join(b"w1", slots=5)
+    assert h.dispatched(b"w1") == [ids[4], ids[1], ids[3], ids[0], ids[2]]
+
+
+def test_least_loaded_worker_gets_the_next_task(h):
+    h.join(b"a", slots=4)
+    h.join(b"b", slots=4)
+    ids = [h.submit() for _ in range(4)]
+    a, b = h.dispatched(b"a"), h.dispatched(b"b")
+    assert len(a) == 2 and len(b) == 2  # spread, not piled on one worker
+    h.done(b"a", a[0])
+    h.done(b"a", a[1])
+    nxt = h.submit()
+    assert h.dispatched(b"a") == [nxt]  # a is idle, b is half full
+    assert set(a + b) == set(ids)
+
+
+def test_tasks_only_go_to_workers_that_serve_their_name(h):
+    h.join(b"cpu", tasks={"noop": {"cpu": 1}})
+    h.join(b"sq", tasks={"square": {"cpu": 1}})
+    t = h.submit("square", 2)
+    assert h.dispatched(b"cpu") == [] and h.dispatched(b"sq") == [t]
+
+
+def test_cancel_of_queued_task_removes_it_and_reports(h):
+    t = h.submit()
+    h.core.on_client(b"c1", Message(Command.CANCEL, {"rid": 9, "session": "s1", "ids": [t]}), h.now)
+    h.flush()
+    reply = [m for _, m in h.to_clients if m.command is Command.CANCELLED][-1]
+    assert reply.header["cancelled"] == [t]
+    assert h.state(t) is TaskState.CANCELLED
+    h.join(b"w1")
+    assert h.dispatched(b"w1") == []
+    assert h.topics("task.cancelled")[0]["task_id"] == t
+
+
+def test_cancel_of_running_or_foreign_task_is_refused(h):
+    h.join(b"w1")
+    t = h.submit()
+    h.core.on_client(b"c2", Message(Command.CANCEL, {"rid": 1, "session": "other", "ids": [t]}), h.now)
+    h.core.on_client(b"c1", Message(Command.CANCEL, {"rid": 2, "session": "s1", "ids": [t]}), h.now)
+    h.flush()
+    replies = [m for _, m in h.to_clients if m.command is Command.CANCELLED]
+    assert all(r.header["cancelled"] == [] and r.header["refused"] == [t] for r in replies)
+    assert h.state(t) is TaskState.RUNNING
+
+
+def test_task_past_its_timeout_fails_and_its_slot_stays_held_until_the_worker_answers(h):
+    h.join(b"w1")
+    t = h.submit("sleep", 10, timeout_s=1.0)
+    h.dispatched(b"w1")
+    h.core.on_worker(b"w1", Message(Command.HEARTBEAT, {}), h.now + 0.9)
+    h.tick(1.1)
+    assert h.state(t) is TaskState.FAILED
+    assert h.core.tasks[t].result[1]["type"] == "TaskTimeout"
+    t2 = h.submit()
+    assert h.dispatched(b"w1") == []  # the worker still runs the timed-out task
+    h.done(b"w1", t)  # late result: ignored, slot freed
+    assert h.state(t) is TaskState.FAILED
+    assert h.dispatched(b"w1") == [t2]
+
+
+def test_silent_worker_is_declared_dead_and_its_task_requeued(h):
+    h.join(b"w1")
+    h.join(b"w2")
+    t = h.submit()
+    holder = b"w1" if h.dispatched(b"w1") else b"w2"
+    other = b"w2" if holder == b"w1" else b"w1"
+    h.dispatched(other)
+    for _ in range(4):  # the other worker keeps heartbeating, the holder is silent (busy or dead)
+        h.core.on_worker(other, Message(Command.HEARTBEAT, {}), h.now)
+        h.tick(1.0)
+    assert holder not in h.core.workers
+    lost = h.topics("worker.lost")[0]
+    assert lost["requeued"] == [t] and lost["worker"] == holder.decode()
+    assert h.dispatched(other) == [t]
+    assert h.topics("task.retried")[0]["task_id"] == t
+    h.done(holder, t)  # a late result from the dead worker is ignored
+    assert h.state(t) is TaskState.RUNNING
+    h.done(other, t, 5)
+    assert h.state(t) is TaskState.SUCCEEDED
+    assert len(h.topics("task.succeeded")) == 1
+
+
+def test_task_lost_more_than_its_retries_fails_with_task_lost_naming_workers(h):
+    t = h.submit(retries=1)
+    for name in (b"x1", b"x2"):
+        h.join(name)
+        assert h.dispatched(name) == [t]
+        h.tick(3.5)  # silent past heartbeat x liveness
+    assert h.state(t) is TaskState.FAILED
+    error = h.core.tasks[t].result[1]
+    assert error["type"] == "TaskLost" and "x1" in error["message"] and "x2" in error["message"]
+
+
+def test_task_nobody_serves_fails_after_no_worker_timeout_with_its_name(h):
+    h.join(b"w1")
+    t = h.submit("mystery")
+    h.core.on_worker(b"w1", Message(Command.HEARTBEAT, {}), h.now + 2.0)
+    h.tick(4.0)
+    assert h.state(t) is TaskState.QUEUED
+    h.core.on_worker(b"w1", Message(Command.HEARTBEAT, {}), h.now)
+    h.tick(1.5)
+    assert h.state(t) is TaskState.FAILED
+    assert "mystery" in h.core.tasks[t].result[1]["message"]
+
+
+def test_task_whose_resources_nobody_offers_fails_naming_the_resource(h):
+    h.join(b"w1", tasks={"noop": {"cpu": 1}})
+    t = h.submit(resources={"gpu": 1})
+    for _ in range(7):
+        h.core.on_worker(b"w1", Message(Command.HEARTBEAT, {}), h.now)
+        h.tick(1.0)
+    assert h.state(t) is TaskState.FAILED
+    assert "gpu=1" in h.core.tasks[t].result[1]["message"]
+
+
+def test_busy_capacity_is_waited_for_without_failing(h):
+    h.join(b"w1")
+    t1, t2 = h.submit("sleep", 1), h.submit("sleep", 1)
+    for _ in range(20):
+        h.core.on_worker(b"w1", Message(Command.HEARTBEAT, {}), h.now)
+        h.tick(1.0)
+    assert h.state(t2) is TaskState.QUEUED
+    h.done(b"w1", t1)
+    assert h.state(t2) is TaskState.RUNNING
+
+
+def test_resubmitting_the_same_task_id_never_duplicates(h):
+    h.join(b"w1")
+    t = h.submit(task_id="same")
+    h.submit(task_id="same")
+    assert h.dispatched(b"w1") == ["same"]
+    assert len(h.topics("task.submitted")) == 1
+
+
+def test_idempotency_key_returns_the_first_task(h):
+    h.join(b"w1")
+    a = h.submit(key="k")
+    h.to_clients.clear()
+    b = h.submit(key="k")
+    reply = [m for _, m in h.to_clients if m.command is Command.ACCEPTED][0]
+    assert reply.header["aliases"] == [[b, a]]
+    assert h.dispatched(b"w1") == [a]
+
+
+def test_results_stay_until_acknowledged_then_payload_is_dropped(h):
+    h.join(b"w1")
+    t = h.submit()
+    h.dispatched(b"w1")
+    h.done(b"w1", t, 1)
+    assert t in h.fetch()
+    assert t in h.fetch()  # not acknowledged yet: delivered again
+    assert h.fetch(ack=[t]) == {}
+    assert h.core.tasks[t].result[1] is None
+
+
+def test_parked_fetch_is_answered_when_a_result_arrives(h):
+    h.join(b"w1")
+    t = h.submit()
+    h.dispatched(b"w1")
+    assert h.fetch(wait_ms=1000) == {}  # parked, nothing sent yet
+    h.to_clients.clear()
+    h.done(b"w1", t)
+    assert [m.header["results"][0][0] for _, m in h.to_clients if m.command is Command.RESULTS] == [t]
+
+
+def test_parked_fetch_expires_with_an_empty_reply(h):
+    h.fetch(wait_ms=500)
+    h.tick(0.6)
+    assert [m.header["results"] for _, m in h.to_clients if m.command is Command.RESULTS] == [[]]
+
+
+def test_heartbeats_go_to_idle_workers(h):
+    h.join(b"w1")
+    h.to_workers.clear()
+    h.tick(1.1)
+    assert [m.command for m in h.to_workers[b"w1"]] == [Command.HEARTBEAT]
+
+
+def test_worker_that_hands_back_tasks_gets_them_requeued_without_counting_a_loss(h):
+    h.join(b"w1")
+    t = h.submit()
+    h.dispatched(b"w1")
+    h.core.on_worker(b"w1", Message(Command.RETURN, {"draining": True, "ids": [t]}), h.now)
+    h.flush()
+    assert h.state(t) is TaskState.QUEUED and h.core.tasks[t].lost_on == []
+    assert h.core.workers[b"w1"].state is WorkerState.DRAINING
+    h.join(b"w2")
+    assert h.dispatched(b"w2") == [t] and h.dispatched(b"w1") == []
+    h.core.on_worker(b"w1", Message(Command.DISCONNECT, {}), h.now)
+    h.flush()
+    assert h.topics("worker.left")[0]["worker"] == "w1"
+
+
+def test_rejoining_worker_keeps_the_tasks_it_still_runs(h):
+    h.join(b"old", name="w")
+    t = h.submit()
+    h.dispatched(b"old")
+    h.join(b"new", name="w", running=[t])  # same worker, fresh socket after a broker silence
+    assert h.state(t) is TaskState.RUNNING and h.core.tasks[t].worker == b"new"
+    assert h.topics("task.retried") == []
+    h.done(b"new", t)
+    assert h.state(t) is TaskState.SUCCEEDED
+
+
+def test_every_event_has_contiguous_seq_and_a_timestamp(h):
+    h.join(b"w1")
+    for _ in range(10):
+        t = h.submit()
+        h.dispatched(b"w1")
+        h.done(b"w1", t)
+    seqs = [e["seq"] for _, e in h.events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert all("ts" in e for _, e in h.events)
+    assert h.core.snapshot(h.now)["seq"] == seqs[-1]
+
+
+def test_bad_client_requests_get_an_error_reply(h):
+    bad = [
+        Message(Command.SUBMIT, {"rid": 1, "session": "s", "tasks": "nope"}),
+        Message(Command.SUBMIT, {"rid": 1, "session": "s", "tasks": [[1, 2]]}),
+        Message(Command.SUBMIT, {"rid": 1, "session": 5, "tasks": []}),
+        Message(Command.TASKS, {"rid": 1}),
+        Message(Command.SUBMIT, {"rid": 1, "session": "s", "tasks": [["t", "n", b"", 2, None, 0, None, None, None]]}),
+    ]
+    for msg in bad:
+        h.core.on_client(b"c", msg, h.now)
+    h.flush()
+    assert [m.command for _, m in h.to_clients] == [Command.ERROR] * len(bad)
+
+
+def test_invalid_task_fields_are_rejected_per_task(h):
+    h.to_clients.clear()
+    blob = msgpack.packb([[], {}])
+    recs = [["a", "noop", blob, 0, {"cpu": -1}, 0, None, None, None],
+            ["b", "noop", blob, 0, None, 0, None, -5, None],
+            ["c", "noop", blob, 0, {"gpu": 1e300}, 0, None, None, None],
+            ["d", "noop", blob, 0, None, 0, None, None, None]]
+    h.core.on_client(b"c", Message(Command.SUBMIT, {"rid": 1, "session": "s", "tasks": recs}), h.now)
+    h.flush()
+    reply = h.to_clients[-1][1]
+    assert [r[0] for r in reply.header["rejected"]] == ["a", "b", "c"]
+    assert "d" in h.core.tasks and "a" not in h.core.tasks
+
+
+def test_bad_worker_messages_are_dropped(h):
+    h.join(b"w1")
+    h.core.on_worker(b"w1", Message(Command.DONE, {"results": "garbage"}), h.now)
+    h.core.on_worker(b"w1", Message(Command.DONE, {"results": [["never-given", True, b"\xc0", 0, 0.1]]}), h.now)
+    h.core.on_worker(b"zz", Message(Command.READY, {"name": "zz", "slots": -3, "tasks": {}}), h.now)
+    h.flush()
+    assert list(h.core.workers) == [b"w1"]
+
+
+@pytest.mark.parametrize("old,new", [(TaskState.SUCCEEDED, TaskState.QUEUED), (TaskState.CANCELLED, TaskState.RUNNING),
+                                     (TaskState.QUEUED, TaskState.SUCCEEDED), (TaskState.FAILED, TaskState.FAILED)])
+def test_illegal_task_moves_raise(old, new):
+    with pytest.raises(IllegalTransition):
+        check_task_move("t", old, new)
+
+
+@pytest.mark.parametrize("old,new", [(WorkerState.LOST, WorkerState.READY), (WorkerState.LEFT, WorkerState.DRAINING),
+                                     (WorkerState.DRAINING, WorkerState.READY)])
+def test_illegal_worker_moves_raise(old, new):
+    with pytest.raises(IllegalTransition):
+        check_worker_move("w", old, new)
