@@ -637,6 +637,34 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+class Watchdog:
+    """Ends the bench, and every process it started, should a run outlast ``limit_s``: a bench never hangs."""
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-watchdog", daemon=True)
+
+    def _run(self) -> None:
+        if self._done.wait(self.limit_s):
+            return
+        for child in psutil.Process().children(recursive=True):  # ours alone: we started each of them
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        sys.stderr.write(f"scripts/bench: gave up after {self.limit_s:.0f} s (see --timeout); stopped its processes\n")
+        sys.stderr.flush()
+        os._exit(3)
+
+    def __enter__(self) -> "Watchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 repetition, smaller runs (about 30 s)")
@@ -645,6 +673,8 @@ def main(argv=None) -> int:
     p.add_argument("--latency-n", type=int, help="round trips per latency run (default 500, quick 100)")
     p.add_argument("--scale-workers", type=int, help="simulated workers for the scale run (default 200)")
     p.add_argument("--json", default="bench-results.json", metavar="PATH", help="where to write all samples")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="give up, stopping every process started, after this long (default 120 quick, 900 otherwise)")
     args = p.parse_args(argv)
     configure_logging("console", "warning")  # the client's info lines would drown the report
     cfg = BenchConfig.quick_config() if args.quick else BenchConfig()
@@ -654,7 +684,8 @@ def main(argv=None) -> int:
             if value < 1:
                 p.error(f"--{name.replace('_', '-')} must be >= 1")
             setattr(cfg, name, value)
-    result = run(cfg)
+    with Watchdog(args.timeout or (120.0 if cfg.quick else 900.0)):
+        result = run(cfg)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(report(result))
     print(f"samples written to {args.json}")
