@@ -62,6 +62,7 @@ class Task:
     result: tuple | None = None  #: (status, value, frames, info) once terminal
     finished_at: float | None = None
     cls: Any = None  #: its TaskClass while queued
+    wall_submitted: float = 0.0  #: unix time of acceptance (journal)
 
     def move(self, new: TaskState) -> None:
         check_task_move(self.task_id, self.state, new)
@@ -151,10 +152,13 @@ class Core:
         self._dirty_dispatch = False
         self._deadlines: list = []  #: (deadline, task_id, attempt) of running tasks with a timeout
         self._fetch_expiry: list = []  #: (expires_at, sid, rid)
-        self._tombstones: deque = deque()  #: (expires_at, task_id) of finished tasks
+        self._tombstones: list = []  #: heap of (expires_at, task_id) of finished tasks
         self._tiebreak = 0
         self._recent: deque = deque(maxlen=STATS_WINDOW)  #: (finished_at, queued_s, run_s)
         self._last_stats_at: float | None = None
+        #: task_id -> (worker name, until): tasks a restarted broker found running; their
+        #: worker may claim them back when it rejoins, else they count as lost
+        self._held: dict[str, tuple[str, float]] = {}
 
     # ================================================================ clients
 
@@ -221,7 +225,8 @@ class Core:
                     if first.result is not None:
                         self._deliver(first, session)
                 continue
-            task = Task(task_id, session, name, args, frames, override, priority, retries, timeout_s, key, now)
+            task = Task(task_id, session, name, args, frames, override, priority, retries, timeout_s, key, now,
+                        wall_submitted=self.wall)
             self.tasks[task_id] = task
             if key is not None:
                 self.keys[key] = task_id
@@ -334,10 +339,11 @@ class Core:
         self.workers[wid] = worker
         self.sched.declare(serves, self.workers.values())
         self.sched.worker_joined(worker)
-        for task_id in claims:  # tasks it still runs that a restarted broker restored as queued
-            task = self.tasks.get(task_id)
-            if task is not None and task.state is TaskState.QUEUED and task.worker_name == name:
-                self.sched.discard(task.cls)
+        for task_id in claims:  # tasks it still runs that a restarted broker restored
+            held = self._held.get(task_id)
+            if held is not None and held[0] == name:
+                del self._held[task_id]
+                task = self.tasks[task_id]
                 self.counts["queued"] -= 1
                 self._start(task, worker, self._needs_of(task), now, announce=False)
         self._ready[wid] = worker
@@ -427,15 +433,56 @@ class Core:
                 route, _, _, _ = sess.fetch
                 sess.fetch = None
                 self._reply(route, Command.RESULTS, {"rid": rid, "results": []})
+        if self._held:
+            self._expire_holds(now)
         self._check_unservable(now)
         while self._tombstones and self._tombstones[0][0] <= now:
-            _, task_id = self._tombstones.popleft()
+            _, task_id = heapq.heappop(self._tombstones)
             task = self.tasks.get(task_id)
             if task is not None and task.state in TERMINAL:
                 self._forget(task)
         if self._last_stats_at is None or now - self._last_stats_at >= 1.0:
             self._last_stats_at = now
             self._stats(now)
+
+    def _expire_holds(self, now: float) -> None:
+        for task_id, (name, until) in list(self._held.items()):
+            if now < until:
+                continue
+            del self._held[task_id]
+            task = self.tasks[task_id]
+            task.move(TaskState.RUNNING)  # as it was before the restart, so the loss counts
+            self.counts["queued"] -= 1
+            self.counts["running"] += 1
+            task.worker_name = name
+            self._requeue(task, f"worker {name} did not come back after the broker restarted", now, lost=True)
+
+    def restore_task(self, rec: dict, now: float) -> None:
+        """Take one journaled task back (broker restart). Running ones wait for their worker."""
+        task = Task(rec["task_id"], rec["session"], rec["name"], rec["args"], rec["frames"], rec["override"],
+                    rec["priority"], rec["retries"], rec["timeout_s"], rec["key"], now,
+                    attempts=rec["attempts"], worker_name=rec["worker_name"], lost_on=rec["lost_on"],
+                    watchers=rec["watchers"], wall_submitted=rec["submitted_wall"])
+        self.tasks[task.task_id] = task
+        if task.key is not None:
+            self.keys[task.key] = task.task_id
+        state = rec["state"]
+        if state in TERMINAL:
+            task.state = state
+            task.result = rec["result"]
+            task.args, task.frames = b"", []
+            task.finished_at = now
+            self.counts["done" if state is TaskState.SUCCEEDED else "failed" if state is TaskState.FAILED else "cancelled"] += 1
+            if not rec["acked"]:
+                for sid in (task.session, *task.watchers):
+                    self._deliver(task, sid)
+            heapq.heappush(self._tombstones, (now + max(0.0, rec["ttl_left_s"] or 0.0), task.task_id))
+            return
+        self.counts["queued"] += 1
+        if state is TaskState.RUNNING and task.worker_name:
+            self._held[task.task_id] = (task.worker_name, now + 2 * self.heartbeat_s * self.liveness)
+        else:
+            self._enqueue(task, now)
 
     def next_tick_in(self) -> float:
         return min(0.1, self.heartbeat_s / 4)
@@ -596,7 +643,7 @@ class Core:
         self._deliver(task, task.session)
         for sid in task.watchers:
             self._deliver(task, sid)
-        self._tombstones.append((now + self.result_ttl_s, task.task_id))
+        heapq.heappush(self._tombstones, (now + self.result_ttl_s, task.task_id))
 
     def _info(self, task: Task, run_s: float) -> dict:
         return {"worker": task.worker_name, "attempts": task.attempts, "queued_s": round(task.queued_s, 6),

@@ -1,0 +1,155 @@
+"""SQLite (WAL) journal of accepted tasks, their state, results and keys; replayed on start.
+
+The core marks tasks as new, changed or forgotten while it handles messages;
+``commit()`` writes all of them in one transaction per loop iteration (group
+commit), before the loop sends any reply. A row is written once per iteration
+whatever happened to the task in it, so a task accepted, run and finished
+between two commits costs one INSERT.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import msgpack
+import structlog
+
+from broker.states import TERMINAL, TaskState
+
+log = structlog.get_logger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    session TEXT NOT NULL,
+    name TEXT NOT NULL,
+    args BLOB,                 -- opaque msgpack blob of (args, kwargs); NULL once finished
+    frames BLOB,               -- msgpack list of the argument array frames; NULL once finished
+    override BLOB,             -- msgpack resources given at submission, or NULL
+    priority INTEGER NOT NULL,
+    retries INTEGER NOT NULL,
+    timeout_s REAL,
+    key TEXT,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    worker_name TEXT,          -- who held it last (a restarted broker lets it claim the task back)
+    lost_on BLOB NOT NULL,     -- msgpack list of worker names that died holding it
+    watchers BLOB NOT NULL,    -- msgpack list of other sessions that submitted its key
+    result BLOB,               -- msgpack [status, value, info] once terminal
+    result_frames BLOB,        -- msgpack list of result array frames
+    acked INTEGER NOT NULL DEFAULT 0,
+    submitted_wall REAL NOT NULL,
+    finished_wall REAL
+);
+CREATE INDEX IF NOT EXISTS tasks_key ON tasks(key) WHERE key IS NOT NULL;
+"""
+
+_UPSERT = """INSERT OR REPLACE INTO tasks VALUES
+    (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+
+
+def _frames_blob(frames: list) -> bytes:
+    return msgpack.packb([f if isinstance(f, bytes) else bytes(f.buffer if hasattr(f, "buffer") else f) for f in frames])
+
+
+class Journal:
+    """Group-committed task journal. The core calls the marking methods; the loop calls commit()."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: a commit survives a crash of the broker process (the WAL is in the OS's
+        # hands); a power cut may lose the last few commits. See docs/RELIABILITY.md.
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self._dirty: dict = {}  #: task_id -> Task to write as it is at commit time
+        self._gone: set = set()  #: task ids to delete
+        self.commits = 0
+
+    # ------------------------------------------------------------ marking (called by the core)
+
+    def accepted(self, task) -> None:
+        self._dirty[task.task_id] = task
+        self._gone.discard(task.task_id)
+
+    state = finished = fetched = accepted
+
+    def forgotten(self, task) -> None:
+        self._dirty.pop(task.task_id, None)
+        self._gone.add(task.task_id)
+
+    # ------------------------------------------------------------ writing
+
+    def commit(self) -> None:
+        if not self._dirty and not self._gone:
+            return
+        wall = time.time()
+        rows = [self._row(t, wall) for t in self._dirty.values()]
+        gone = [(t,) for t in self._gone]
+        self._dirty = {}
+        self._gone = set()
+        db = self.db
+        db.execute("BEGIN")
+        try:
+            if rows:
+                db.executemany(_UPSERT, rows)
+            if gone:
+                db.executemany("DELETE FROM tasks WHERE task_id = ?", gone)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+
+    @staticmethod
+    def _row(task, wall: float) -> tuple:
+        result = result_frames = None
+        acked = 0
+        if task.result is not None:
+            status, value, frames, info = task.result
+            result = msgpack.packb([status, value, info])
+            result_frames = _frames_blob(frames)
+            acked = int(value is None)  # fetched, or nothing to deliver (cancelled)
+        finished = task.state in TERMINAL
+        return (task.task_id, task.session, task.name,
+                None if finished else task.args, None if finished else _frames_blob(task.frames),
+                None if task.override is None else msgpack.packb(task.override),
+                task.priority, task.retries, task.timeout_s, task.key, task.state.value, task.attempts,
+                task.worker_name, msgpack.packb(task.lost_on), msgpack.packb(sorted(task.watchers)),
+                result, result_frames, acked, task.wall_submitted or wall, wall if finished else None)
+
+    # ------------------------------------------------------------ replay
+
+    def restore(self, core, now: float) -> None:
+        """Load every journaled task into ``core`` as a restarted broker must see it."""
+        wall = time.time()
+        counts = {s.value: 0 for s in TaskState}
+        rows = self.db.execute("SELECT * FROM tasks ORDER BY rowid").fetchall()
+        for row in rows:
+            (task_id, session, name, args, frames, override, priority, retries, timeout_s, key, state, attempts,
+             worker_name, lost_on, watchers, result, result_frames, acked, submitted_wall, finished_wall) = row
+            record = {
+                "task_id": task_id, "session": session, "name": name, "args": args or b"",
+                "frames": msgpack.unpackb(frames) if frames else [],
+                "override": msgpack.unpackb(override) if override else None,
+                "priority": priority, "retries": retries, "timeout_s": timeout_s, "key": key,
+                "state": TaskState(state), "attempts": attempts, "worker_name": worker_name,
+                "lost_on": msgpack.unpackb(lost_on), "watchers": set(msgpack.unpackb(watchers)),
+                "result": None, "acked": bool(acked), "submitted_wall": submitted_wall,
+                "ttl_left_s": None,
+            }
+            if result is not None:
+                status, value, info = msgpack.unpackb(result, strict_map_key=False)
+                record["result"] = (status, value, msgpack.unpackb(result_frames) if result_frames else [], info)
+                record["ttl_left_s"] = core.result_ttl_s - (wall - (finished_wall or wall))
+            core.restore_task(record, now)
+            counts[state] += 1
+        log.info("journal_replayed", path=self.path, tasks=len(rows), **{k: v for k, v in counts.items() if v})
+
+    def close(self) -> None:
+        try:
+            self.commit()
+        finally:
+            self.db.close()
