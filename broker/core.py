@@ -361,8 +361,7 @@ class Core:
                 continue
             task.worker = new.wid
             new.running[task_id] = held
-            for res, qty in held.items():
-                new.free[res] = new.free.get(res, 0) - qty
+            _hold(new.free, held, -1)
 
     def _on_done(self, worker: Worker, msg: Message, now: float) -> None:
         records = msg.header.get("results")
@@ -576,8 +575,7 @@ class Core:
         task.started_at = now
         task.queued_s = now - task.submitted_at
         worker.running[task.task_id] = needs
-        for res, qty in needs.items():
-            worker.free[res] = worker.free.get(res, 0) - qty
+        _hold(worker.free, needs, -1)
         self.counts["running"] += 1
         if task.timeout_s is not None:
             heapq.heappush(self._deadlines, (now + task.timeout_s, task.task_id, task.attempts))
@@ -587,8 +585,11 @@ class Core:
             self._event("task.started", task_id=task.task_id, name=task.name, worker=worker.name, attempt=task.attempts)
 
     def _release(self, worker: Worker, held: dict) -> None:
-        for res, qty in held.items():
-            worker.free[res] = worker.free.get(res, 0) + qty
+        if worker.running:
+            _hold(worker.free, held, +1)
+        else:  # idle: exactly what it offers, whatever float rounding the holds left behind
+            worker.free.clear()
+            worker.free.update(worker.resources)
         if worker.state is WorkerState.READY:
             self._ready[worker.wid] = worker
             self._dirty_dispatch = True
@@ -786,6 +787,17 @@ def _resources(value) -> dict:
 
 def _error_text(error: dict) -> str:
     return f"{error.get('type', 'Error')}: {error.get('message', '')}"
+
+
+def _hold(free: dict, needs: dict, sign: int) -> None:
+    """Take (sign -1) or give back (+1) ``needs`` from ``free``.
+
+    Rounded to 9 decimals because fractional quantities (0.1 + 0.2 ...) would
+    otherwise drift with every hold, until a task needing the whole resource
+    never fits again.
+    """
+    for res, qty in needs.items():
+        free[res] = round(free.get(res, 0) + sign * qty, 9)
 
 
 def _pct(sorted_values: list, pct: int) -> float | None:
