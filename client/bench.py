@@ -473,6 +473,19 @@ ROWS = [
     ("throughput_events_tps", "throughput, 1 event subscriber", "tasks/s", "higher"),
     ("throughput_journal_tps", "throughput, journal on", "tasks/s", "higher"),
     ("scale_throughput_tps", "throughput, {scale} sim workers", "tasks/s", "higher"),
+    ("scale_throughput_events_tps", "  with 1 event subscriber", "tasks/s", "higher"),
+    ("scale_throughput_journal_tps", "  with journal on", "tasks/s", "higher"),
+]
+
+#: (key, numerator, denominator, label) of gridq's throughput against itself
+COSTS = [
+    ("journal_on_over_off", "throughput_journal_tps", "throughput_tps", "journal on / off, 2 workers"),
+    ("events_sub_over_none", "throughput_events_tps", "throughput_tps", "1 event subscriber / none, 2 workers"),
+    ("scale_journal_on_over_off", "scale_throughput_journal_tps", "scale_throughput_tps",
+     "journal on / off, {scale} sim workers"),
+    ("scale_events_sub_over_none", "scale_throughput_events_tps", "scale_throughput_tps",
+     "1 event subscriber / none, {scale} sim workers"),
+    ("scale_over_2_workers", "scale_throughput_tps", "throughput_tps", "{scale} sim workers / 2 real workers"),
 ]
 
 #: rows whose gridq samples are another row's: gridq workers take one task per slot, always
@@ -515,6 +528,13 @@ def _gridq_rep(cluster: GridqCluster, journal: GridqCluster | None, cfg: BenchCo
         out["throughput_journal_tps"].append(gridq_throughput(journal.client, cfg.n))
 
 
+def _gridq_scale_rep(cluster: GridqCluster, journal: GridqCluster | None, cfg: BenchConfig, out: dict) -> None:
+    out["scale_throughput_tps"].append(gridq_throughput(cluster.client, cfg.n))
+    out["scale_throughput_events_tps"].append(gridq_events_throughput(cluster, cfg.n)["tps"])
+    if journal is not None:
+        out["scale_throughput_journal_tps"].append(gridq_throughput(journal.client, cfg.n))
+
+
 def run(cfg: BenchConfig) -> dict:
     runs = {"baseline": collections.defaultdict(list), "gridq": collections.defaultdict(list)}
     arrays = {"big": bench_baseline.payload_array(cfg.big_payload_bytes),
@@ -547,19 +567,29 @@ def run(cfg: BenchConfig) -> dict:
                          lambda: _gridq_rep(gridq, journal, cfg, arrays, runs["gridq"])]
                 for fn in order if rep % 2 == 0 else reversed(order):
                     fn()
-        # Phase 2: scale, both brokers with many simulated one-slot workers in one extra process each.
+        # Phase 2: scale, both brokers with many simulated one-slot workers that answer at once, so
+        # the broker is the bottleneck and gridq's journal and events costs show undiluted.
         with contextlib.ExitStack() as stack:
             base = stack.enter_context(bench_baseline.start_cluster(workers=0))
             base.add_sim_workers(cfg.scale_workers)
             base_client = stack.enter_context(BaselineClient(base.frontend))
             gridq = stack.enter_context(GridqCluster(_mkdir(tmpdir / "scale"), workers=0,
                                                      sim_workers=cfg.scale_workers).start())
+            journal = None
+            try:
+                journal = stack.enter_context(GridqCluster(
+                    _mkdir(tmpdir / "scale-journal"), workers=0, sim_workers=cfg.scale_workers,
+                    journal=str(tmpdir / "scale-journal" / "journal.sqlite")).start())
+            except RuntimeError as exc:
+                errors["scale_journal"] = str(exc)
             bench_baseline.measure_throughput(base_client, 500)
             gridq_throughput(gridq.client, 500)
+            if journal is not None:
+                gridq_throughput(journal.client, 500)
             for rep in range(cfg.reps):
                 order = [lambda: runs["baseline"]["scale_throughput_tps"].append(
                              bench_baseline.measure_throughput(base_client, cfg.n, THROUGHPUT_WINDOW)),
-                         lambda: runs["gridq"]["scale_throughput_tps"].append(gridq_throughput(gridq.client, cfg.n))]
+                         lambda: _gridq_scale_rep(gridq, journal, cfg, runs["gridq"])]
                 for fn in order if rep % 2 == 0 else reversed(order):
                     fn()
     if _dask_available():
@@ -579,14 +609,11 @@ def summarize(runs: dict) -> dict:
         g, b = row.get("gridq"), row.get("baseline")
         row["ratio"] = g / b if g is not None and b else None
         summary[key] = row
-    g = {key: _median(runs["gridq"].get(key, [])) for key in
-         ("throughput_tps", "throughput_events_tps", "throughput_journal_tps", "scale_throughput_tps")}
-    plain = g["throughput_tps"]
-    summary["gridq_costs"] = {
-        "journal_on_over_off": g["throughput_journal_tps"] / plain if plain and g["throughput_journal_tps"] else None,
-        "events_sub_over_none": g["throughput_events_tps"] / plain if plain and g["throughput_events_tps"] else None,
-        "scale_over_2_workers": g["scale_throughput_tps"] / plain if plain and g["scale_throughput_tps"] else None,
-    }
+    def ratio(num: str, den: str):
+        n, d = _median(runs["gridq"].get(num, [])), _median(runs["gridq"].get(den, []))
+        return n / d if n and d else None
+
+    summary["gridq_costs"] = {key: ratio(num, den) for key, num, den, _label in COSTS}
     return summary
 
 
@@ -622,9 +649,8 @@ def report(result: dict) -> str:
         lines.append(line)
     costs = summary["gridq_costs"]
     lines += ["", "gridq against itself (throughput ratios):"]
-    for key, label in (("journal_on_over_off", "journal on / off"), ("events_sub_over_none", "1 event subscriber / none"),
-                       ("scale_over_2_workers", f"{cfg['scale_workers']} sim workers / 2 real workers")):
-        lines.append(f"  {label:<38} {(f'{costs[key]:.2f}' if costs[key] else '-')}")
+    for key, _num, _den, label in COSTS:
+        lines.append(f"  {label.format(scale=cfg['scale_workers']):<46} {(f'{costs[key]:.2f}' if costs[key] else '-')}")
     gaps = result["runs"]["gridq"].get("events_seq_gaps", [])
     if any(gaps):
         lines.append(f"  WARNING: event seq gaps seen by the subscriber: {gaps}")
