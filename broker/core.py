@@ -268,25 +268,31 @@ class Core:
             self.counts["queued"] -= 1
             self._finish(task, TaskState.CANCELLED, None, [], now)
             cancelled.append(task_id)
-            self._event("task.cancelled", task_id=task_id, name=task.name)
+            self._event("task.cancelled", task_id=task_id, name=task.name, resources=self._needs_of(task))
         self._reply(route, Command.CANCELLED, {"rid": rid, "cancelled": cancelled, "refused": refused})
 
     def _on_status(self, route: bytes, rid, msg: Message, now: float) -> None:
         self._reply(route, Command.SNAPSHOT, {"rid": rid, "snapshot": self.snapshot(now)})
 
     def snapshot(self, now: float) -> dict:
-        workers = []
+        # copies, not the live dicts: the reply is encoded after later messages of this loop turn
+        workers, running = [], []
         for w in self.workers.values():
             workers.append({
-                "name": w.name, "resources": w.resources, "free": w.free, "slots": w.slots,
+                "name": w.name, "resources": dict(w.resources), "free": dict(w.free), "slots": w.slots,
                 "running": len(w.running), "tasks": w.served, "serves": sorted(w.serves),
                 "state": w.state.value, "heartbeat_age_s": round(max(now - w.last_heard, 0.0), 3),
             })
+            for task_id, held in w.running.items():
+                task = self.tasks.get(task_id)
+                if task is not None and task.state is TaskState.RUNNING and task.worker == w.wid:
+                    running.append({"task_id": task_id, "name": task.name, "worker": w.name, "attempt": task.attempts,
+                                    "resources": dict(held), "running_s": round(max(now - (task.started_at or now), 0.0), 3)})
         queues: dict = {}
         for cls in self.sched.pending():
             for res in cls.needs(self.sched.declared):
                 queues[res] = queues.get(res, 0) + cls.queued
-        return {"seq": self.seq, "workers": workers, "queues": queues, **self.counts}
+        return {"seq": self.seq, "workers": workers, "queues": queues, **self.counts, "running_tasks": running}
 
     # ================================================================ workers
 
@@ -390,7 +396,7 @@ class Core:
             else:
                 error = value if isinstance(value, dict) else {"type": "TaskError", "message": str(value)}
                 self._finish(task, TaskState.FAILED, error, [], now, info)
-                self._event("task.failed", task_id=task_id, name=task.name, worker=worker.name, error=_error_text(error))
+                self._failed_event(task, worker.name, error)
             self._recent.append((now, task.queued_s, run_s))
 
     def _on_return(self, worker: Worker, msg: Message, now: float) -> None:
@@ -504,7 +510,7 @@ class Core:
                     self.counts["queued"] -= 1
                     error = {"type": "NoWorkerAvailable", "message": reason, "traceback": ""}
                     self._finish(task, TaskState.FAILED, error, [], now, self._info(task, 0.0))
-                    self._event("task.failed", task_id=task_id, name=task.name, worker=None, error=_error_text(error))
+                    self._failed_event(task, None, error)
             cls.heap.clear()
             cls.unservable_since = None
 
@@ -582,7 +588,8 @@ class Core:
         if self.journal is not None:
             self.journal.state(task)
         if announce:
-            self._event("task.started", task_id=task.task_id, name=task.name, worker=worker.name, attempt=task.attempts)
+            self._event("task.started", task_id=task.task_id, name=task.name, worker=worker.name, attempt=task.attempts,
+                        resources=needs)
 
     def _release(self, worker: Worker, held: dict) -> None:
         if worker.running:
@@ -614,7 +621,7 @@ class Core:
                      "message": f"task {task.task_id} lost its worker {len(task.lost_on)} times "
                                 f"(retries={task.retries}); workers: {', '.join(task.lost_on)}"}
             self._finish(task, TaskState.FAILED, error, [], now, self._info(task, 0.0))
-            self._event("task.failed", task_id=task.task_id, name=task.name, worker=task.worker_name, error=_error_text(error))
+            self._failed_event(task, task.worker_name, error)
             return
         task.move(TaskState.QUEUED)
         task.worker = None
@@ -629,7 +636,7 @@ class Core:
         self.counts["running"] -= 1
         error = {"type": kind, "message": message, "traceback": ""}
         self._finish(task, TaskState.FAILED, error, [], now, self._info(task, now - (task.started_at or now)))
-        self._event("task.failed", task_id=task.task_id, name=task.name, worker=task.worker_name, error=_error_text(error))
+        self._failed_event(task, task.worker_name, error)
 
     def _finish(self, task: Task, state: TaskState, value, frames: list, now: float, info: dict | None = None) -> None:
         task.move(state)
@@ -701,8 +708,9 @@ class Core:
             task = self.tasks.get(task_id)
             if task is None or task.state is not TaskState.RUNNING or task.worker != worker.wid:
                 continue
-            requeued.append(task_id)
             self._requeue(task, f"worker {worker.name} {'lost' if lost else 'left'}", now, lost=lost)
+            if task.state is TaskState.QUEUED:  # not the ones that just failed for good as lost
+                requeued.append(task_id)
         worker.running.clear()
         if lost:
             self._event("worker.lost", worker=worker.name, requeued=requeued)
@@ -725,6 +733,11 @@ class Core:
             fields["ts"] = self.wall
             self._out.events.append((topic, fields))
 
+    def _failed_event(self, task: Task, worker: str | None, error: dict) -> None:
+        # error_type and resources let a subscriber keep per-resource queues and slots exact
+        self._event("task.failed", task_id=task.task_id, name=task.name, worker=worker, error=_error_text(error),
+                    error_type=error.get("type", "Error"), resources=self._needs_of(task))
+
     def _stats(self, now: float) -> None:
         window = [r for r in self._recent if now - r[0] <= 10.0]
         span = (now - window[0][0]) if len(window) > 1 else 0.0
@@ -734,7 +747,11 @@ class Core:
         self._event("broker.stats", queued=self.counts["queued"], running=self.counts["running"],
                     workers=len(self.workers), done=self.counts["done"], failed=self.counts["failed"],
                     rate=round(rate, 1), queued_p50_s=_pct(queue_waits, 50), queued_p99_s=_pct(queue_waits, 99),
-                    run_p50_s=_pct(run_times, 50), run_p99_s=_pct(run_times, 99))
+                    run_p50_s=_pct(run_times, 50), run_p99_s=_pct(run_times, 99),
+                    # per worker: what no event reports (heartbeats, draining, a timed-out task's late result)
+                    per_worker={w.name: {"running": len(w.running), "tasks": w.served, "state": w.state.value,
+                                         "heartbeat_age_s": round(max(now - w.last_heard, 0.0), 3)}
+                                for w in self.workers.values()} if self.publish else {})
 
     # ================================================================ shutdown
 
