@@ -35,6 +35,11 @@ MAX_NAME_LEN = 256
 MAX_RETRIES = 100
 #: how many recent completions the stats window keeps
 STATS_WINDOW = 2048
+#: tasks a busy worker may hold ahead of its slots, per slot (sent ahead, started when a slot frees)
+AHEAD_PER_SLOT = 16
+#: only tasks whose name runs shorter than this on average are sent ahead, so a
+#: task never waits long behind another on a busy worker while one is idle
+AHEAD_MAX_RUN_S = 0.005
 
 
 @dataclass(eq=False, slots=True)
@@ -80,6 +85,7 @@ class Worker:
     expires_at: float
     state: WorkerState = WorkerState.READY
     running: dict = field(default_factory=dict)  #: task_id -> resources held
+    ahead: dict = field(default_factory=dict)  #: task_id -> needs: sent ahead, not started, holds nothing
     tiebreak: int = 0
     served: int = 0
     last_heard: float = 0.0
@@ -92,7 +98,14 @@ class Worker:
         return len(self.running) / self.slots
 
     def has_free_slot(self) -> bool:
-        return self.state is WorkerState.READY and len(self.running) < self.slots
+        # tasks sent ahead start first on the worker (FIFO): nothing may overtake them
+        return self.state is WorkerState.READY and len(self.running) < self.slots and not self.ahead
+
+    def load_ahead(self) -> float:
+        return (len(self.running) + len(self.ahead)) / self.slots
+
+    def has_room_ahead(self) -> bool:
+        return self.state is WorkerState.READY and len(self.ahead) < AHEAD_PER_SLOT * self.slots
 
     def move(self, new: WorkerState) -> None:
         check_worker_move(self.name, self.state, new)
@@ -159,6 +172,8 @@ class Core:
         #: task_id -> (worker name, until): tasks a restarted broker found running; their
         #: worker may claim them back when it rejoins, else they count as lost
         self._held: dict[str, tuple[str, float]] = {}
+        self._ahead_count = 0  #: tasks in DISPATCHED state
+        self._run_s: dict[str, float] = {}  #: task name -> moving average of its run time
 
     # ================================================================ clients
 
@@ -166,6 +181,9 @@ class Core:
         """A decoded request from the frontend. Bad requests get an ERROR reply."""
         rid = msg.header.get("rid")
         try:
+            if rid is not None and (isinstance(rid, bool) or not isinstance(rid, int)):
+                rid = None  # echoed back and ordered in the fetch-expiry heap: only integers
+                raise ProtocolError("rid must be an integer")
             handler = _CLIENT_HANDLERS.get(msg.command)
             if handler is None:
                 raise ProtocolError(f"command {msg.command.name} is not a client request")
@@ -244,7 +262,10 @@ class Core:
         for task_id in msg.header.get("ack") or ():
             if sess.outbox.pop(task_id, 0) is None:
                 self._acked(task_id, sess.sid)
-        wait_s = min(max(float(msg.header.get("wait_ms") or 0) / 1000.0, 0.0), MAX_FETCH_WAIT_S)
+        wait_ms = msg.header.get("wait_ms") or 0
+        if isinstance(wait_ms, bool) or not isinstance(wait_ms, (int, float)) or not math.isfinite(wait_ms):
+            raise ValueError(f"wait_ms must be a finite number, got {wait_ms!r}")  # NaN would stall fetch expiry
+        wait_s = min(max(wait_ms / 1000.0, 0.0), MAX_FETCH_WAIT_S)
         limit = _int(msg.header.get("max") or MAX_RESULTS_PER_REPLY, "max", 1, MAX_RESULTS_PER_REPLY)
         if sess.fetch is not None:  # a newer fetch replaces a parked one (client resent)
             old_route, old_rid, _, _ = sess.fetch
@@ -321,8 +342,16 @@ class Core:
                 raise ProtocolError(f"command {msg.command.name} is not a worker message")
         except (ProtocolError, TypeError, ValueError, KeyError, AttributeError) as exc:
             log.warning("worker_message_dropped", worker=worker.name if worker else wid.hex(), error=str(exc))
-            if worker is not None and msg.command is Command.READY:
-                self._remove_worker(worker, WorkerState.LOST, now)
+            current = self.workers.get(wid)  # not ``worker``: a failed READY may have replaced it already
+            if current is not None and msg.command is Command.READY:
+                self._remove_worker(current, WorkerState.LOST, now)
+
+    def drop_worker_input(self, wid: bytes, error: str, now: float) -> None:
+        """Frames from a worker that are not a gridq message at all: drop them, forget the worker."""
+        worker = self.workers.get(wid)
+        log.warning("worker_message_dropped", worker=worker.name if worker else wid.hex(), error=error)
+        if worker is not None:
+            self._remove_worker(worker, WorkerState.LOST, now)
 
     def _on_ready(self, wid: bytes, msg: Message, now: float) -> None:
         h = msg.header
@@ -350,7 +379,6 @@ class Core:
             if held is not None and held[0] == name:
                 del self._held[task_id]
                 task = self.tasks[task_id]
-                self.counts["queued"] -= 1
                 self._start(task, worker, self._needs_of(task), now, announce=False)
         self._ready[wid] = worker
         self._dirty_dispatch = True
@@ -368,36 +396,66 @@ class Core:
             task.worker = new.wid
             new.running[task_id] = held
             _hold(new.free, held, -1)
+        for task_id in [t for t in old.ahead if t in claims]:
+            task = self.tasks.get(task_id)
+            new.ahead[task_id] = old.ahead.pop(task_id)
+            if task is not None:
+                task.worker = new.wid
 
     def _on_done(self, worker: Worker, msg: Message, now: float) -> None:
-        records = msg.header.get("results")
-        if not isinstance(records, list):
-            raise ProtocolError("DONE needs a list 'results'")
-        for rec in records:
+        """The worker's log since its last message, in order: ids of tasks sent ahead that
+        started, and results ``[task_id, ok, value, nframes, run_s]``."""
+        entries = msg.header.get("log", msg.header.get("results"))
+        if not isinstance(entries, list):
+            raise ProtocolError("DONE needs a list 'log'")
+        counts = []
+        for rec in entries:
+            if isinstance(rec, str):
+                continue
             if not isinstance(rec, list) or len(rec) != 5 or not isinstance(rec[3], int) or rec[3] < 0:
                 raise ProtocolError("each result is [task_id, ok, value, nframes, run_s]")
-        per_task = split_frames(msg.frames, [r[3] for r in records])
-        for (task_id, ok, value, _n, run_s), frames in zip(records, per_task):
-            held = worker.running.pop(task_id, None) if isinstance(task_id, str) else None
-            if held is None:
-                log.warning("result_for_task_not_held", worker=worker.name, task_id=task_id)
-                continue
-            self._release(worker, held)
-            worker.served += 1
-            task = self.tasks.get(task_id)
-            if task is None or task.state is not TaskState.RUNNING or task.worker != worker.wid:
-                continue  # timed out meanwhile: its slot is free again, the result is late
-            run_s = float(run_s) if isinstance(run_s, (int, float)) else 0.0
-            self.counts["running"] -= 1
-            info = self._info(task, run_s)
-            if ok:
-                self._finish(task, TaskState.SUCCEEDED, value, frames, now, info)
-                self._event("task.succeeded", task_id=task_id, name=task.name, worker=worker.name, run_s=run_s)
+            counts.append(rec[3])
+        per_task = iter(split_frames(msg.frames, counts))
+        for rec in entries:
+            if isinstance(rec, str):
+                self._started_ahead(worker, rec, now)
             else:
-                error = value if isinstance(value, dict) else {"type": "TaskError", "message": str(value)}
-                self._finish(task, TaskState.FAILED, error, [], now, info)
-                self._failed_event(task, worker.name, error)
-            self._recent.append((now, task.queued_s, run_s))
+                self._result(worker, rec, next(per_task), now)
+
+    def _started_ahead(self, worker: Worker, task_id: str, now: float) -> None:
+        if worker.ahead.pop(task_id, None) is None:
+            return  # started at once (no report needed) or not ours
+        self._ahead_count -= 1
+        task = self.tasks.get(task_id)
+        if task is not None and task.state is TaskState.DISPATCHED and task.worker == worker.wid:
+            self._begin(task, worker, now, announce=True)
+
+    def _result(self, worker: Worker, rec: list, frames: list, now: float) -> None:
+        task_id, ok, value, _n, run_s = rec
+        if isinstance(task_id, str) and task_id in worker.ahead:
+            self._started_ahead(worker, task_id, now)  # a worker that does not report starts
+        held = worker.running.pop(task_id, None) if isinstance(task_id, str) else None
+        if held is None:
+            log.warning("result_for_task_not_held", worker=worker.name, task_id=task_id)
+            return
+        self._release(worker, held)
+        worker.served += 1
+        task = self.tasks.get(task_id)
+        if task is None or task.state is not TaskState.RUNNING or task.worker != worker.wid:
+            return  # timed out meanwhile: its slot is free again, the result is late
+        run_s = float(run_s) if isinstance(run_s, (int, float)) and 0 <= run_s < math.inf else 0.0
+        average = self._run_s.get(task.name)
+        self._run_s[task.name] = run_s if average is None else 0.8 * average + 0.2 * run_s
+        self.counts["running"] -= 1
+        info = self._info(task, run_s)
+        if ok:
+            self._finish(task, TaskState.SUCCEEDED, value, frames, now, info)
+            self._event("task.succeeded", task_id=task_id, name=task.name, worker=worker.name, run_s=run_s)
+        else:
+            error = value if isinstance(value, dict) else {"type": "TaskError", "message": str(value)}
+            self._finish(task, TaskState.FAILED, error, [], now, info)
+            self._failed_event(task, worker.name, error)
+        self._recent.append((now, task.queued_s, run_s))
 
     def _on_return(self, worker: Worker, msg: Message, now: float) -> None:
         """Tasks handed back unstarted; with draining, the worker takes nothing new."""
@@ -405,7 +463,12 @@ class Core:
             worker.move(WorkerState.DRAINING)
             self._ready.pop(worker.wid, None)
         for task_id in msg.header.get("ids") or ():
-            held = worker.running.pop(task_id, None) if isinstance(task_id, str) else None
+            if not isinstance(task_id, str):
+                continue
+            if task_id in worker.ahead:
+                self._unsend(worker, task_id, now)
+                continue
+            held = worker.running.pop(task_id, None)
             if held is None:
                 continue
             self._release(worker, held)
@@ -449,6 +512,13 @@ class Core:
         if self._last_stats_at is None or now - self._last_stats_at >= 1.0:
             self._last_stats_at = now
             self._stats(now)
+            self._forget_idle_sessions()
+
+    def _forget_idle_sessions(self) -> None:
+        """Drop sessions with nothing to deliver and no parked FETCH; ``_deliver`` makes them again."""
+        idle = [sid for sid, sess in self.sessions.items() if not sess.outbox and sess.fetch is None]
+        for sid in idle:
+            del self.sessions[sid]
 
     def _expire_holds(self, now: float) -> None:
         for task_id, (name, until) in list(self._held.items()):
@@ -484,7 +554,7 @@ class Core:
             heapq.heappush(self._tombstones, (now + max(0.0, rec["ttl_left_s"] or 0.0), task.task_id))
             return
         self.counts["queued"] += 1
-        if state is TaskState.RUNNING and task.worker_name:
+        if state in (TaskState.RUNNING, TaskState.DISPATCHED) and task.worker_name:
             self._held[task.task_id] = (task.worker_name, now + 2 * self.heartbeat_s * self.liveness)
         else:
             self._enqueue(task, now)
@@ -551,18 +621,27 @@ class Core:
         batches: dict[bytes, list] = {}
         for worker, task_id, needs in self.sched.dispatch(ready, self._is_queued):
             task = self.tasks[task_id]
-            self.counts["queued"] -= 1
             self._start(task, worker, needs, now)
-            batches.setdefault(worker.wid, []).append(task)
+            batches.setdefault(worker.wid, []).append((task, False))
             if not worker.has_free_slot():
                 self._ready.pop(worker.wid, None)
+        if self.counts["queued"] > self._ahead_count:
+            busy = [w for w in self.workers.values() if w.has_room_ahead()]
+            for worker, task_id, needs in self.sched.send_ahead(busy, self._is_queued, self._short):
+                task = self.tasks[task_id]
+                self._send_ahead(task, worker, needs)
+                batches.setdefault(worker.wid, []).append((task, True))
         for wid, tasks in batches.items():
             records, frames = [], []
-            for t in tasks:
-                records.append([t.task_id, t.name, t.args, len(t.frames), t.attempts])
+            for t, ahead in tasks:
+                records.append([t.task_id, t.name, t.args, len(t.frames), t.attempts, t.needs, ahead])
                 frames.extend(t.frames)
             self._out.workers.append((wid, Message(Command.TASKS, {"tasks": records}, frames)))
             self.workers[wid].last_sent = now
+
+    def _short(self, cls) -> bool:
+        run_s = self._run_s.get(cls.name)
+        return run_s is not None and run_s < AHEAD_MAX_RUN_S
 
     def _is_queued(self, task_id: str) -> bool:
         task = self.tasks.get(task_id)
@@ -571,13 +650,32 @@ class Core:
     # ================================================================ moves
 
     def _start(self, task: Task, worker: Worker, needs: dict, now: float, announce: bool = True) -> None:
-        task.move(TaskState.RUNNING)
+        """The task starts on ``worker`` now (it has a free slot and resources)."""
+        if announce:
+            task.attempts += 1
+        self._bind(task, worker, needs)
+        self._begin(task, worker, now, announce)
+
+    def _send_ahead(self, task: Task, worker: Worker, needs: dict) -> None:
+        """The task waits on busy ``worker`` to start when a slot frees; it holds nothing yet."""
+        task.attempts += 1
+        self._bind(task, worker, needs)
+        task.move(TaskState.DISPATCHED)
+        worker.ahead[task.task_id] = needs
+        self._ahead_count += 1
+        if self.journal is not None:
+            self.journal.state(task)
+
+    def _bind(self, task: Task, worker: Worker, needs: dict) -> None:
         task.cls = None
         task.worker = worker.wid
         task.worker_name = worker.name
         task.needs = needs
-        if announce:
-            task.attempts += 1
+
+    def _begin(self, task: Task, worker: Worker, now: float, announce: bool) -> None:
+        needs = task.needs
+        task.move(TaskState.RUNNING)
+        self.counts["queued"] -= 1
         task.started_at = now
         task.queued_s = now - task.submitted_at
         worker.running[task.task_id] = needs
@@ -631,6 +729,21 @@ class Core:
         if self.journal is not None:
             self.journal.state(task)
         self._event("task.retried", task_id=task.task_id, name=task.name, reason=reason)
+
+    def _unsend(self, worker: Worker, task_id: str, now: float) -> bool:
+        """A task sent ahead comes back unstarted: queue it again as if never sent."""
+        worker.ahead.pop(task_id, None)
+        self._ahead_count -= 1
+        task = self.tasks.get(task_id)
+        if task is None or task.state is not TaskState.DISPATCHED or task.worker != worker.wid:
+            return False
+        task.move(TaskState.QUEUED)
+        task.attempts -= 1
+        task.worker = None
+        self._enqueue(task, now)
+        if self.journal is not None:
+            self.journal.state(task)
+        return True
 
     def _fail_running(self, task: Task, kind: str, message: str, now: float) -> None:
         self.counts["running"] -= 1
@@ -704,6 +817,9 @@ class Core:
         self.sched.worker_gone(worker)
         requeued = []
         lost = state is WorkerState.LOST
+        for task_id in list(worker.ahead):  # never started there: back in the queue, no loss counted
+            if self._unsend(worker, task_id, now):
+                requeued.append(task_id)
         for task_id in list(worker.running):
             task = self.tasks.get(task_id)
             if task is None or task.state is not TaskState.RUNNING or task.worker != worker.wid:

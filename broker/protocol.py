@@ -81,9 +81,10 @@ _BYTES_COMMAND = {bytes([c]): c for c in Command}
 
 #: SUBMIT header["tasks"] item
 SUBMIT_FIELDS = ("task_id", "name", "args", "nframes", "resources", "priority", "retries", "timeout_s", "key")
-#: TASKS header["tasks"] item
-DISPATCH_FIELDS = ("task_id", "name", "args", "nframes", "attempt")
-#: DONE header["results"] item: ok is True/False; value is a blob or an error map
+#: TASKS header["tasks"] item; ``ahead``: sent before a slot is free (report its start)
+DISPATCH_FIELDS = ("task_id", "name", "args", "nframes", "attempt", "needs", "ahead")
+#: DONE header["log"] item that is a list: ok is True/False; value is a blob or an error map.
+#: A plain string item in the log is the id of a task sent ``ahead`` that just started.
 DONE_FIELDS = ("task_id", "ok", "value", "nframes", "run_s")
 #: RESULTS header["results"] item: status is a TaskState value
 RESULT_FIELDS = ("task_id", "status", "value", "nframes", "info")

@@ -107,14 +107,28 @@ class Scheduler:
     # ----------------------------------------------------------- dispatch
 
     def dispatch(self, ready: list, is_queued: Callable[[str], bool]) -> Iterator[tuple]:
-        """Yield (worker, task_id, needs) assignments until nothing more fits.
+        """Yield (worker, task_id, needs) for tasks that start now, until nothing more fits.
 
         ``ready`` lists workers with a free slot. The caller applies each
         assignment (holding resources, taking a slot) before the next is chosen.
         """
+        return self._assign(ready, is_queued, lambda w: w.has_free_slot(), lambda w: w.load(),
+                            lambda cls, needs, w: fits(needs, w.free))
+
+    def send_ahead(self, workers: list, is_queued: Callable[[str], bool],
+                   allowed: Callable[[TaskClass], bool]) -> Iterator[tuple]:
+        """Yield (worker, task_id, needs) for tasks to queue at busy workers (prefetch).
+
+        Only classes that ``allowed`` admits (short tasks); a worker takes them
+        while it has room ahead; least loaded counting what it holds ahead.
+        """
+        return self._assign(workers, is_queued, lambda w: w.has_room_ahead(), lambda w: w.load_ahead(),
+                            lambda cls, needs, w: allowed(cls))
+
+    def _assign(self, workers: list, is_queued, has_room, load, acceptable) -> Iterator[tuple]:
         if not any(c.queued for c in self.classes.values()):
             return
-        heap = [(w.load(), w.tiebreak, w) for w in ready]
+        heap = [(load(w), w.tiebreak, w) for w in workers]
         heapq.heapify(heap)
         while heap:
             _, _, worker = heapq.heappop(heap)
@@ -128,16 +142,16 @@ class Scheduler:
                 if best is not None and head >= best[0]:
                     continue
                 needs = cls.needs(self.declared)
-                if fits(needs, worker.free):
+                if acceptable(cls, needs, worker):
                     best = (head, cls, needs)
             if best is None:
-                continue  # nothing queued fits this worker now
+                continue  # nothing queued suits this worker now
             (_, _, task_id), cls, needs = best
             heapq.heappop(cls.heap)
             cls.queued -= 1
             yield worker, task_id, needs
-            if worker.has_free_slot():
-                heapq.heappush(heap, (worker.load(), worker.tiebreak, worker))
+            if has_room(worker):
+                heapq.heappush(heap, (load(worker), worker.tiebreak, worker))
 
     @staticmethod
     def _head(cls: TaskClass, is_queued: Callable[[str], bool]):

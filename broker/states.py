@@ -7,6 +7,7 @@ import enum
 
 class TaskState(str, enum.Enum):
     QUEUED = "queued"  #: accepted, waiting for a fitting worker with free capacity
+    DISPATCHED = "dispatched"  #: sent ahead to a busy worker, which starts it when a slot frees
     RUNNING = "running"  #: dispatched to a worker that holds it
     SUCCEEDED = "succeeded"  #: a result came back (terminal)
     FAILED = "failed"  #: raised, timed out, lost too often or unservable (terminal)
@@ -24,7 +25,9 @@ TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED
 
 #: state -> states it may move to; anything else is a bug in the broker.
 TASK_MOVES: dict[TaskState, frozenset[TaskState]] = {
-    TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.CANCELLED, TaskState.FAILED}),
+    TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.DISPATCHED, TaskState.CANCELLED, TaskState.FAILED}),
+    # DISPATCHED -> QUEUED: its worker died or handed it back before starting it
+    TaskState.DISPATCHED: frozenset({TaskState.RUNNING, TaskState.QUEUED}),
     # RUNNING -> QUEUED: its worker died or handed it back
     TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.QUEUED}),
     TaskState.SUCCEEDED: frozenset(),

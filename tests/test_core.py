@@ -381,3 +381,82 @@ def test_illegal_task_moves_raise(old, new):
 def test_illegal_worker_moves_raise(old, new):
     with pytest.raises(IllegalTransition):
         check_worker_move("w", old, new)
+
+
+# ---------------------------------------------------------------- sending ahead (prefetch)
+
+
+def _run_once(h, wid, name="noop", run_s=0.001):
+    t = h.submit(name)
+    assert h.dispatched(wid) == [t]
+    blob, _ = pack_value(None)
+    h.core.on_worker(wid, Message(Command.DONE, {"log": [[t, True, blob, 0, run_s]]}), h.now)
+    h.flush()
+
+
+def test_short_tasks_wait_ahead_on_a_busy_worker_without_holding_resources(h):
+    from broker.core import AHEAD_PER_SLOT
+
+    h.join(b"w1")
+    _run_once(h, b"w1")  # now the broker knows noop is short
+    ids = [h.submit() for _ in range(AHEAD_PER_SLOT + 5)]
+    sent = h.dispatched(b"w1")
+    assert sent == ids[: AHEAD_PER_SLOT + 1]  # one to run, the rest ahead, in order
+    w = h.core.workers[b"w1"]
+    assert len(w.running) == 1 and len(w.ahead) == AHEAD_PER_SLOT
+    assert w.free["cpu"] == 0  # only the running one holds its slot
+    assert h.state(ids[1]) is TaskState.DISPATCHED
+    snap = h.core.snapshot(h.now)
+    assert snap["running"] == 1 and snap["queued"] == len(ids) - 1
+    started = [e["task_id"] for e in h.topics("task.started")]
+    assert ids[1] not in started
+    blob, _ = pack_value(None)
+    # the worker's log: first finished, then the next (sent ahead) started
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": [[ids[0], True, blob, 0, 0.001], ids[1]]}), h.now)
+    h.flush()
+    assert h.state(ids[1]) is TaskState.RUNNING
+    assert [e["task_id"] for e in h.topics("task.started")][-1] == ids[1]
+    assert w.free["cpu"] == 0 and len(w.running) == 1
+
+
+def test_tasks_of_unknown_or_long_duration_are_never_sent_ahead(h):
+    h.join(b"w1")
+    ids = [h.submit("sleep", 1) for _ in range(3)]
+    assert h.dispatched(b"w1") == ids[:1]  # duration unknown: one at a time
+    blob, _ = pack_value(1)
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": [[ids[0], True, blob, 0, 1.0]]}), h.now)
+    h.flush()
+    assert h.dispatched(b"w1") == ids[1:2]  # long: still one at a time
+    assert not h.core.workers[b"w1"].ahead
+
+
+def test_tasks_ahead_of_a_dead_worker_are_requeued_without_counting_a_loss(h):
+    h.join(b"w1")
+    _run_once(h, b"w1")
+    ids = [h.submit(retries=0) for _ in range(4)]
+    h.dispatched(b"w1")
+    h.tick(3.5)  # w1 silent: dead
+    running, ahead = ids[0], ids[1:]
+    assert h.state(running) is TaskState.FAILED  # retries=0: lost once is too many
+    assert all(h.state(t) is TaskState.QUEUED for t in ahead)
+    assert all(h.core.tasks[t].attempts == 0 and h.core.tasks[t].lost_on == [] for t in ahead)
+    assert h.topics("worker.lost")[0]["requeued"] == ahead
+    h.join(b"w2")
+    assert set(h.dispatched(b"w2")) == set(ahead)
+
+
+def test_nothing_overtakes_tasks_waiting_ahead(h):
+    h.join(b"w1", slots=2)
+    _run_once(h, b"w1")
+    ids = [h.submit() for _ in range(4)]
+    h.dispatched(b"w1")
+    w = h.core.workers[b"w1"]
+    assert len(w.running) == 2 and len(w.ahead) == 2
+    blob, _ = pack_value(None)
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": [[ids[0], True, blob, 0, 0.001]]}), h.now)
+    h.flush()
+    later = h.submit()
+    # a slot is free in the broker's view, but the worker starts the ahead tasks first
+    assert not w.has_free_slot()
+    assert h.state(later) in (TaskState.QUEUED, TaskState.DISPATCHED)
+    assert all(v >= 0 for v in w.free.values())

@@ -127,16 +127,18 @@ def test_task_past_its_timeout_raises_task_timeout(running):
         assert c.submit("square", 2).result(timeout=10) == 4
 
 
-def test_priority_runs_higher_first(cluster):
+def test_priority_runs_higher_first(cluster, events):
     cluster.start_broker()
+    log = events("task.started")
     with cluster.client() as c:
         low = [c.submit("noop", i) for i in range(20)]
         high = [c.submit("noop", i, priority=5) for i in range(5)]
-        time.sleep(0.2)  # all queued before the only worker joins
+        wait_until(lambda: c.status()["queued"] == 25, what="all 25 queued before any worker")
         cluster.start_worker()
         c.gather(low + high, timeout=30)
-    starts = sorted((f.info["queued_s"], i) for i, f in enumerate(low + high))
-    assert {i for _, i in starts[:5]} == set(range(20, 25))
+    order = [e["task_id"] for e in sorted(log.of("task.started"), key=lambda e: e["seq"])]
+    assert set(order[:5]) == {f.task_id for f in high}
+    assert order[5:] == [f.task_id for f in low]  # FIFO within a priority
 
 
 def test_idempotency_key_runs_once_and_returns_the_same_result(running, events):

@@ -1,13 +1,15 @@
-"""Where tasks run: a pool of slot threads off the socket thread, and GPU device routing.
+"""Where tasks run: slot threads off the socket thread, FIFO within the worker's resources.
 
-Slot threads unpack arguments, call the task, pack the result and queue it for
-the socket thread, which they wake through a pipe that its zmq.Poller watches.
-Heartbeats therefore keep flowing while numpy or CuPy code computes.
+Tasks arrive from the socket thread in the order the broker sent them. A slot
+thread starts the oldest one once the worker's own resources allow it, runs it,
+and appends its result to an ordered log that the socket thread sends as one
+DONE; the log also records when a task the broker sent *ahead* (to wait for a
+slot) started. Slot threads wake the socket thread through a pipe its
+zmq.Poller watches, so heartbeats keep flowing while numpy or CuPy computes.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 import traceback
@@ -23,63 +25,114 @@ log = structlog.get_logger(__name__)
 
 
 class Runner:
-    """``slots`` threads running tasks; finished ones wait in ``done`` for the socket thread."""
+    """``slots`` threads running tasks; their starts and results wait in an ordered log."""
 
-    def __init__(self, registry: dict[str, TaskSpec], slots: int, gpu=None) -> None:
+    def __init__(self, registry: dict[str, TaskSpec], slots: int, resources: dict | None = None, gpu=None) -> None:
         self.registry = registry
         self.gpu = gpu  #: a worker.gpu.GpuPool when serving real GPUs, else None
-        self.done: deque = deque()  #: DONE records with their frames: ([task_id, ok, value, nframes, run_s], frames)
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self.queued: dict[str, tuple] = {}  #: task_id -> record, received but not started
-        self.running: set[str] = set()
         self.waker = Waker()  #: its fd is polled by the socket thread
+        self._cond = threading.Condition()
+        self._pending: deque = deque()  #: (record, frames) received, not started, in arrival order
+        self._free = dict(resources or {"cpu": slots})
+        self._running: set[str] = set()
+        self._log: list = []  #: task id (an ahead task started) or (record, frames) (a result)
+        self._woken = False
+        self._closing = False
         self._threads = [threading.Thread(target=self._loop, name=f"slot-{i}", daemon=True) for i in range(slots)]
         for t in self._threads:
             t.start()
 
+    # ------------------------------------------------------------ socket thread side
+
     def submit(self, record: list, frames: list) -> None:
-        with self._lock:
-            self.queued[record[0]] = (record, frames)
-        self._inbox.put(record[0])
+        with self._cond:
+            self._pending.append((record, frames))
+            self._cond.notify()
 
     def take_unstarted(self) -> list[str]:
         """Withdraw every task not yet started (to hand back on a graceful stop)."""
-        with self._lock:
-            ids = list(self.queued)
-            self.queued.clear()
+        with self._cond:
+            ids = [record[0] for record, _ in self._pending]
+            self._pending.clear()
         return ids
 
     def held(self) -> list[str]:
-        """Every task this worker holds: queued, running, or finished but not yet reported."""
-        with self._lock:
-            return [*self.queued, *self.running, *(record[0] for record, _ in self.done)]
+        """Every task this worker holds: waiting, running, or finished but not yet reported."""
+        with self._cond:
+            return [*(r[0] for r, _ in self._pending), *self._running,
+                    *(e[0][0] for e in self._log if not isinstance(e, str))]
 
     def busy(self) -> bool:
-        with self._lock:
-            return bool(self.queued or self.running)
+        with self._cond:
+            return bool(self._pending or self._running)
+
+    def has_output(self) -> bool:
+        return bool(self._log)
+
+    def take_output(self) -> tuple[list, list]:
+        """The log since the last call: DONE entries and the result frames they reference."""
+        with self._cond:
+            entries, self._log = self._log, []
+            self._woken = False
+        out, frames = [], []
+        for entry in entries:
+            if isinstance(entry, str):
+                out.append(entry)
+            else:
+                out.append(entry[0])
+                frames.extend(entry[1])
+        return out, frames
 
     def close(self) -> None:
-        for _ in self._threads:
-            self._inbox.put(None)
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
         self.waker.close()
+
+    # ------------------------------------------------------------ slot threads
+
+    def _startable(self):
+        if not self._pending:
+            return None
+        record, _ = self._pending[0]
+        needs = record[5] if len(record) > 5 and isinstance(record[5], dict) else None
+        needs = needs if needs is not None else self._declared(record[1])
+        for name, qty in needs.items():
+            if self._free.get(name, 0) < qty:
+                return None
+        return needs
+
+    def _declared(self, name: str) -> dict:
+        spec = self.registry.get(name)
+        return spec.resources if spec is not None else {}
 
     def _loop(self) -> None:
         while True:
-            task_id = self._inbox.get()
-            if task_id is None:
-                return
-            with self._lock:
-                item = self.queued.pop(task_id, None)
-                if item is None:
-                    continue  # handed back before it started
-                self.running.add(task_id)
-            record, frames = item
+            with self._cond:
+                needs = self._startable()
+                while needs is None and not self._closing:
+                    self._cond.wait()
+                    needs = self._startable()
+                if self._closing:
+                    return
+                record, frames = self._pending.popleft()
+                for name, qty in needs.items():
+                    self._free[name] = self._free.get(name, 0) - qty
+                self._running.add(record[0])
+                if len(record) > 6 and record[6]:
+                    self._log.append(record[0])  # the broker waits to hear that it started
+                if self._pending:
+                    self._cond.notify()  # the next one may fit too
             out = self._run(record, frames)
-            with self._lock:
-                self.running.discard(task_id)
-                self.done.append(out)
-            self.waker.wake()
+            with self._cond:
+                for name, qty in needs.items():
+                    self._free[name] = self._free.get(name, 0) + qty
+                self._running.discard(record[0])
+                self._log.append(out)
+                wake, self._woken = not self._woken, True
+                self._cond.notify()
+            if wake:
+                self.waker.wake()
 
     def _run(self, record: list, frames: list) -> tuple:
         task_id, name, args_blob = record[0], record[1], record[2]

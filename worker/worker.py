@@ -24,6 +24,8 @@ log = structlog.get_logger(__name__)
 
 #: longest pause between two reconnect attempts, in heartbeats
 MAX_BACKOFF_HEARTBEATS = 8
+#: longest a started task's start waits to be reported when no result carries it
+REPORT_START_S = 0.02
 #: how long a stopping worker waits for its running tasks before handing them back
 DEFAULT_DRAIN_S = 30.0
 
@@ -50,7 +52,7 @@ class Worker:
             self.resources.update(gpu.resources())
         self.ctx = context or zmq.Context.instance()
         self.security = security
-        self.runner = Runner(self.registry, config.slots, gpu)
+        self.runner = Runner(self.registry, config.slots, self.resources, gpu)
         self.log = log.bind(worker=self.name)
         self.sock: zmq.Socket | None = None
         self._stopping = False
@@ -84,7 +86,7 @@ class Worker:
                         self._stop_deadline = now + cfg.drain_s
                         self._send(Message(Command.RETURN, {"draining": True, "ids": self.runner.take_unstarted()}))
                         drain_sent = True
-                    if not self.runner.busy() and not self.runner.done:
+                    if not self.runner.busy() and not self.runner.has_output():
                         self._send(Message(Command.DISCONNECT, {}))
                         self.log.info("worker_left")
                         return
@@ -94,6 +96,8 @@ class Worker:
                         self.log.warning("worker_drain_timeout", handed_back=self.runner.held())
                         return
                 wait_s = max(0.0, min(sent_at + cfg.heartbeat_s, heard_at + silence_s) - now)
+                if self.runner.has_output():
+                    wait_s = min(wait_s, REPORT_START_S)  # a start to report, no result to carry it yet
                 events = dict(self._poller.poll(min(wait_s, 0.25) * 1000))
                 now = time.monotonic()
                 if self.sock in events:
@@ -102,7 +106,7 @@ class Worker:
                     self._drain_socket()
                 if self.runner.waker.fd in events:
                     self.runner.waker.clear()
-                if self.runner.done:
+                if self.runner.has_output():
                     self._send_done()
                     sent_at = now
                 if now - sent_at >= cfg.heartbeat_s:
@@ -147,13 +151,8 @@ class Worker:
         self.sock.send_multipart(encode(WORKER_TAG, msg), copy=False)
 
     def _send_done(self) -> None:
-        records, frames = [], []
-        done = self.runner.done
-        while done:
-            record, out_frames = done.popleft()
-            records.append(record)
-            frames.extend(out_frames)
-        self._send(Message(Command.DONE, {"results": records}, frames))
+        entries, frames = self.runner.take_output()
+        self._send(Message(Command.DONE, {"log": entries}, frames))
 
     def _drain_socket(self) -> None:
         while True:
