@@ -309,11 +309,19 @@ class Core:
                 if task is not None and task.state is TaskState.RUNNING and task.worker == w.wid:
                     running.append({"task_id": task_id, "name": task.name, "worker": w.name, "attempt": task.attempts,
                                     "resources": dict(held), "running_s": round(max(now - (task.started_at or now), 0.0), 3)})
+        return {"seq": self.seq, "workers": workers, "queues": self._queues(), **self.counts, "running_tasks": running}
+
+    def _queues(self) -> dict:
+        """Per resource, how many queued tasks ask for it."""
         queues: dict = {}
         for cls in self.sched.pending():
             for res in cls.needs(self.sched.declared):
                 queues[res] = queues.get(res, 0) + cls.queued
-        return {"seq": self.seq, "workers": workers, "queues": queues, **self.counts, "running_tasks": running}
+        for w in self.workers.values():  # sent ahead: still waiting (and counted as queued) until task.started
+            for needs in w.ahead.values():
+                for res in needs:
+                    queues[res] = queues.get(res, 0) + 1
+        return queues
 
     # ================================================================ workers
 
@@ -867,7 +875,8 @@ class Core:
                     # per worker: what no event reports (heartbeats, draining, a timed-out task's late result)
                     per_worker={w.name: {"running": len(w.running), "tasks": w.served, "state": w.state.value,
                                          "heartbeat_age_s": round(max(now - w.last_heard, 0.0), 3)}
-                                for w in self.workers.values()} if self.publish else {})
+                                for w in self.workers.values()} if self.publish else {},
+                    queues=self._queues() if self.publish else {})
 
     # ================================================================ shutdown
 

@@ -93,6 +93,21 @@ def test_worker_lost_lists_as_requeued_only_the_tasks_that_were_queued_again():
     assert [f["task_id"] for f in h.topics("task.failed")] == [never]
 
 
+def test_tasks_sent_ahead_to_a_busy_worker_still_count_in_the_queues_until_they_start():
+    h = Harness()
+    h.join(b"w1")
+    first = h.submit("noop")
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": [[first, True, b"\xc0", 0, 0.001]]}), h.now)  # noop is short
+    h.flush()
+    ids = [h.submit("noop") for _ in range(3)]
+    assert h.core.tasks[ids[1]].state.value == "dispatched"  # sent ahead: the worker's one slot is taken
+    snap = h.core.snapshot(h.now)
+    assert snap["queued"] == 2 and snap["queues"] == {"cpu": 2}
+    h.core._last_stats_at = None
+    h.tick(0)
+    assert h.topics("broker.stats")[-1]["queues"] == {"cpu": 2}
+
+
 def test_broker_stats_reports_each_worker_s_load_and_heartbeat_age():
     h = Harness()
     h.join(b"w1", slots=2)
