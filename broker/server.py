@@ -15,7 +15,9 @@ import structlog
 import zmq
 
 from broker.core import Core
-from broker.protocol import CLIENT_TAG, WORKER_TAG, Command, Message, ProtocolError, decode, encode
+from broker.mdp import MdpBridge
+from broker.protocol import (CLIENT_TAG, MDP_CLIENT_TAG, MDP_WORKER_TAG, WORKER_TAG, Command, Message, ProtocolError,
+                             decode, encode)
 
 log = structlog.get_logger(__name__)
 
@@ -53,6 +55,7 @@ class Broker:
         self.core = Core(heartbeat_s=config.heartbeat_s, liveness=config.liveness, max_retries=config.max_retries,
                          no_worker_timeout_s=config.no_worker_timeout_s, result_ttl_s=config.result_ttl_s,
                          journal=self.journal)
+        self.mdp = MdpBridge(self.core)  # Majordomo peers, translated to and from core calls
         self.frontend = self._socket(zmq.ROUTER, security, "client")
         self.backend = self._socket(zmq.ROUTER, security, "worker")
         self.events = self._socket(zmq.XPUB, security, "client")
@@ -107,10 +110,11 @@ class Broker:
                 if now >= next_tick:
                     core.on_tick(now)
                     next_tick = now + core.next_tick_in()
-                self._send(core.flush(now))
+                self._send(*self.mdp.route(core.flush(now), now))
         finally:
             core.shutdown()
-            self._send(core.flush(time.monotonic()))
+            now = time.monotonic()
+            self._send(*self.mdp.route(core.flush(now), now))
             if self.journal is not None:
                 self.journal.close()
             self.backend.setsockopt(zmq.LINGER, STOP_LINGER_MS)
@@ -139,6 +143,8 @@ class Broker:
                     self._client_error(route, str(exc))
                     continue
                 self.core.on_client(route, msg, now)
+            elif tag == MDP_CLIENT_TAG:
+                self.mdp.on_client(route, frames[2:], now)
             else:
                 self._client_error(route, f"unknown protocol {tag[:16]!r}: expected {CLIENT_TAG!r}")
 
@@ -161,6 +167,8 @@ class Broker:
                     log.warning("worker_message_dropped", worker=wid.hex(), error=str(exc))
                     continue
                 self.core.on_worker(wid, msg, now)
+            elif tag == b"" and len(frames) > 2 and frames[2].bytes == MDP_WORKER_TAG:  # MDP: [wid, b"", MDPW01, ...]
+                self.mdp.on_worker(wid, frames[2:], now)
             else:
                 log.warning("worker_message_dropped", worker=wid.hex(), error=f"unknown protocol {tag[:16]!r}")
 
@@ -178,13 +186,17 @@ class Broker:
 
     # ------------------------------------------------------------- output
 
-    def _send(self, out) -> None:
+    def _send(self, out, wire) -> None:
         if self.journal is not None:
             self.journal.commit()  # durable before anyone hears of it
         for wid, msg in out.workers:
             self._send_worker(wid, msg)
+        for frames in wire.backend:
+            self._send_frames(self.backend, frames)
         for route, msg in out.clients:
             self._send_client(route, msg)
+        for frames in wire.frontend:
+            self._send_frames(self.frontend, frames)
         events = self.events
         for topic, fields in out.events:
             events.send_multipart([topic.encode(), msgpack.packb(fields)])
@@ -194,6 +206,12 @@ class Broker:
             self.backend.send_multipart([wid, *encode(WORKER_TAG, msg)], copy=False)
         except zmq.ZMQError as exc:
             log.warning("worker_send_failed", worker=wid.hex(), error=str(exc))
+
+    def _send_frames(self, sock: zmq.Socket, frames: list) -> None:
+        try:
+            sock.send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            log.warning("mdp_send_failed", error=str(exc))
 
     def _send_client(self, route: bytes, msg) -> None:
         try:
