@@ -128,13 +128,15 @@ class Client:
         return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futures]
 
     def stream(self, name: str | None, submissions: Iterable, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-               ordered: bool = False, **options) -> Iterator[GridFuture]:
+               ordered: bool = False, on_submit=None, **options) -> Iterator[GridFuture]:
         """Submit lazily from ``submissions``, never more than ``max_in_flight`` unfinished.
 
         Items are ``(args, kwargs)`` (then ``name`` applies) or, with ``name=None``,
         ``(name, args, kwargs, options)``. Yields futures as they finish
         (``ordered=False``) or all of them in submission order once submitted
-        (``ordered=True``; wait on them yourself).
+        (``ordered=True``; wait on them yourself). ``on_submit(future, item)``,
+        where given, is called as each task is submitted, so a caller can tie a
+        future that finishes later back to the item it came from.
         """
         done: queue.SimpleQueue = queue.SimpleQueue()
         in_flight = 0
@@ -150,6 +152,8 @@ class Client:
                 if not ordered:
                     yield finished
             future = self.submit(task_name, *args, **opts, **kwargs)
+            if on_submit is not None:
+                on_submit(future, item)
             in_flight += 1
             future.add_done_callback(done.put)
             if ordered:
