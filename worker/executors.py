@@ -33,7 +33,8 @@ class Runner:
         self.waker = Waker()  #: its fd is polled by the socket thread
         self._cond = threading.Condition()
         self._pending: deque = deque()  #: (record, frames) received, not started, in arrival order
-        self._free = dict(resources or {"cpu": slots})
+        self._resources = dict(resources or {"cpu": slots})
+        self._free = dict(self._resources)
         self._running: set[str] = set()
         self._log: list = []  #: task id (an ahead task started) or (record, frames) (a result)
         self._woken = False
@@ -125,9 +126,13 @@ class Runner:
                     self._cond.notify()  # the next one may fit too
             out = self._run(record, frames)
             with self._cond:
-                for name, qty in needs.items():
-                    self._free[name] = self._free.get(name, 0) + qty
                 self._running.discard(record[0])
+                if self._running:
+                    for name, qty in needs.items():
+                        # rounded: fractional holds must not drift (0.1 + 0.2 ...) and block a task forever
+                        self._free[name] = round(self._free.get(name, 0) + qty, 9)
+                else:
+                    self._free = dict(self._resources)  # idle: exactly what it offers
                 self._log.append(out)
                 wake, self._woken = not self._woken, True
                 self._cond.notify()
