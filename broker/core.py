@@ -35,6 +35,8 @@ MAX_NAME_LEN = 256
 MAX_RETRIES = 100
 #: how many recent completions the stats window keeps
 STATS_WINDOW = 2048
+#: how long a task whose result was fetched is still remembered (to recognise late resends)
+ACKED_GRACE_S = 120.0
 #: tasks a busy worker may hold ahead of its slots, per slot (sent ahead, started when a slot frees)
 AHEAD_PER_SLOT = 16
 #: only tasks whose name runs shorter than this on average are sent ahead, so a
@@ -261,7 +263,7 @@ class Core:
         sess = self._session(_name(msg.header.get("session"), "session"))
         for task_id in msg.header.get("ack") or ():
             if sess.outbox.pop(task_id, 0) is None:
-                self._acked(task_id, sess.sid)
+                self._acked(task_id, sess.sid, now)
         wait_ms = msg.header.get("wait_ms") or 0
         if isinstance(wait_ms, bool) or not isinstance(wait_ms, (int, float)) or not math.isfinite(wait_ms):
             raise ValueError(f"wait_ms must be a finite number, got {wait_ms!r}")  # NaN would stall fetch expiry
@@ -376,22 +378,35 @@ class Core:
         worker = Worker(wid, name, resources, dict(resources), slots, serves, now + self.heartbeat_s * self.liveness,
                         tiebreak=self._tiebreak, last_heard=now, last_sent=now)
         for old in list(self.workers.values()):
-            if old.wid == wid or old.name == name:  # the same worker again, maybe on a fresh socket
+            if old.wid == wid:
+                # the same connection announcing again (told to, maybe more than once): tasks sent to
+                # it since are still on their way to it, in order, so none of them is lost
+                self._hand_over(old, worker, claims | set(old.running) | set(old.ahead))
+                worker.served = old.served
+                self.workers.pop(wid)
+                self.sched.worker_gone(old)
+            elif old.name == name:  # the same worker on a fresh socket: what it does not claim is lost
                 self._hand_over(old, worker, claims)
                 self._remove_worker(old, WorkerState.LOST, now)
         self.workers[wid] = worker
         self.sched.declare(serves, self.workers.values())
         self.sched.worker_joined(worker)
         for task_id in claims:  # tasks it still runs that a restarted broker restored
-            held = self._held.get(task_id)
-            if held is not None and held[0] == name:
-                del self._held[task_id]
-                task = self.tasks[task_id]
-                self._start(task, worker, self._needs_of(task), now, announce=False)
+            self._reclaim(task_id, worker, now)
         self._ready[wid] = worker
         self._dirty_dispatch = True
         self._event("worker.joined", worker=name, resources=resources, slots=slots, tasks=sorted(serves))
         log.info("worker_joined", worker=name, resources=resources, slots=slots)
+
+    def _reclaim(self, task_id: str, worker: Worker, now: float) -> bool:
+        """A task this broker restored as running on ``worker``'s name is running there again."""
+        held = self._held.get(task_id)
+        if held is None or held[0] != worker.name:
+            return False
+        del self._held[task_id]
+        task = self.tasks[task_id]
+        self._start(task, worker, self._needs_of(task), now, announce=False)
+        return True
 
     def _hand_over(self, old: Worker, new: Worker, claims: set) -> None:
         """Move the tasks that a rejoining worker says it still runs to its new registration."""
@@ -442,6 +457,9 @@ class Core:
         task_id, ok, value, _n, run_s = rec
         if isinstance(task_id, str) and task_id in worker.ahead:
             self._started_ahead(worker, task_id, now)  # a worker that does not report starts
+        elif isinstance(task_id, str) and task_id not in worker.running:
+            # finished while this broker was down, the first DONE lost with the old one: resent now
+            self._reclaim(task_id, worker, now)
         held = worker.running.pop(task_id, None) if isinstance(task_id, str) else None
         if held is None:
             log.warning("result_for_task_not_held", worker=worker.name, task_id=task_id)
@@ -796,8 +814,9 @@ class Core:
                 break
         self._reply(route, Command.RESULTS, {"rid": rid, "results": records}, frames)
 
-    def _acked(self, task_id: str, sid: str) -> None:
-        """A session confirmed it holds the result: drop the payload unless a key may ask again."""
+    def _acked(self, task_id: str, sid: str, now: float) -> None:
+        """A session confirmed it holds the result: drop the payload unless a key may ask again,
+        and forget the task soon (a resend of its SUBMIT can only come within the client's retries)."""
         task = self.tasks.get(task_id)
         if task is None or task.result is None or task.key is not None:
             return
@@ -806,6 +825,7 @@ class Core:
             task.result = (status, None, [], info)
             if self.journal is not None:
                 self.journal.fetched(task)
+            heapq.heappush(self._tombstones, (now + min(ACKED_GRACE_S, self.result_ttl_s), task_id))
 
     def _forget(self, task: Task) -> None:
         del self.tasks[task.task_id]

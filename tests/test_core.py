@@ -460,3 +460,19 @@ def test_nothing_overtakes_tasks_waiting_ahead(h):
     assert not w.has_free_slot()
     assert h.state(later) in (TaskState.QUEUED, TaskState.DISPATCHED)
     assert all(v >= 0 for v in w.free.values())
+
+
+def test_fetched_tasks_are_forgotten_soon_but_keyed_ones_keep_their_result_for_the_ttl(h):
+    from broker.core import ACKED_GRACE_S
+
+    h.join(b"w1", slots=2)
+    plain, keyed = h.submit(), h.submit(key="k")
+    h.dispatched(b"w1")
+    h.done(b"w1", plain, 1)
+    h.done(b"w1", keyed, 2)
+    h.fetch(ack=[plain, keyed])
+    for _ in range(int(ACKED_GRACE_S) + 2):
+        h.core.on_worker(b"w1", Message(Command.HEARTBEAT, {}), h.now)
+        h.tick(1.0)
+    assert plain not in h.core.tasks  # memory does not grow with every task ever run
+    assert unpack_value(h.core.tasks[keyed].result[1]) == 2
