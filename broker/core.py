@@ -343,7 +343,7 @@ class Core:
             elif msg.command is Command.DONE:
                 self._on_done(worker, msg, now)
             elif msg.command is Command.HEARTBEAT:
-                pass
+                log.debug("heartbeat_received", worker=worker.name)
             elif msg.command is Command.RETURN:
                 self._on_return(worker, msg, now)
             elif msg.command is Command.DISCONNECT:
@@ -514,6 +514,7 @@ class Core:
                 self._remove_worker(worker, WorkerState.LOST, now)
             elif now - worker.last_sent >= self.heartbeat_s:
                 self._out.workers.append((worker.wid, Message(Command.HEARTBEAT, {})))
+                log.debug("heartbeat_sent", worker=worker.name)
                 worker.last_sent = now
         while self._deadlines and self._deadlines[0][0] <= now:
             _, task_id, attempt = heapq.heappop(self._deadlines)
