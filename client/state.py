@@ -1,0 +1,510 @@
+"""The live cluster state, for anyone: a ``Client.status()`` snapshot kept current by the broker's events.
+
+This is the ZeroMQ guide's Clone pattern. Subscribe first, then take a
+snapshot (it carries the ``seq`` of the last event it includes), then apply
+only events with a higher ``seq``, one by one. Whenever the stream cannot be
+trusted any more, take a fresh snapshot:
+
+- a gap: an event whose ``seq`` is not the last one plus one (the SUB socket
+  dropped some, or subscribed after the snapshot);
+- a restart: ``seq`` goes backwards, or the broker is silent although it
+  publishes ``broker.stats`` about once a second;
+- a disagreement: ``broker.stats`` counts (global, or a worker's running and
+  served tasks) differ from ours at that ``seq``; this also catches the few
+  changes no event reports (a timed-out task's late result freeing its slot);
+- an event this state cannot account for (a task it does not know as running),
+  and ``worker.joined``, whose worker may take over tasks it still runs.
+
+``ClusterState`` can be driven without sockets (``load`` a snapshot, then
+``receive`` events) or with them (``poll`` in a loop, or ``start`` a thread).
+``snapshot()`` returns the same shape as ``Client.status()``; ``view()`` adds
+what a console shows: running tasks, recent failures, throughput, link state.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import msgpack
+import structlog
+import zmq
+
+from client.errors import GridqError
+
+log = structlog.get_logger(__name__)
+
+#: where a broker publishes its events unless told otherwise
+DEFAULT_EVENTS = "tcp://127.0.0.1:5557"
+#: a broker publishes broker.stats about once a second: this long without any event means it is gone
+SILENT_AFTER_S = 3.0
+#: first pause before asking an unreachable broker again, doubled up to RETRY_MAX_S
+RETRY_MIN_S = 0.25
+RETRY_MAX_S = 4.0
+#: events buffered by the SUB socket at most; beyond that ZeroMQ drops them and we see a gap
+EVENTS_HWM = 200_000
+#: events applied per poll() at most, so a flood never starves the caller
+POLL_BATCH = 5000
+#: recent failures kept for display
+FAILURES_KEPT = 50
+#: workers that left or were lost, kept for display
+GONE_KEPT = 20
+#: topics a state needs (everything the broker publishes)
+TOPICS = ("task.", "worker.", "broker.")
+
+_COUNTS = ("queued", "running", "done", "failed", "cancelled")
+
+
+class Link(str, enum.Enum):
+    CONNECTING = "connecting"  #: no snapshot taken yet
+    LIVE = "live"  #: snapshot applied, events flowing
+    RESYNCING = "resyncing"  #: the stream broke off; a fresh snapshot is due
+    UNREACHABLE = "unreachable"  #: the broker did not answer the last snapshot request
+
+
+@dataclass
+class WorkerView:
+    name: str
+    resources: dict  #: offered in total
+    free: dict  #: not held by running tasks
+    slots: int
+    running: int = 0  #: tasks it holds (a timed-out task until its late result)
+    tasks: int = 0  #: results it sent back
+    serves: list = field(default_factory=list)
+    state: str = "ready"
+    heard_at: float = 0.0  #: local monotonic time the broker last heard from it
+
+    def as_status(self, now: float) -> dict:
+        return {"name": self.name, "resources": dict(self.resources), "free": dict(self.free), "slots": self.slots,
+                "running": self.running, "tasks": self.tasks, "serves": list(self.serves), "state": self.state,
+                "heartbeat_age_s": round(max(now - self.heard_at, 0.0), 3)}
+
+
+@dataclass
+class RunningTask:
+    task_id: str
+    name: str
+    worker: str
+    attempt: int
+    resources: dict  #: held on its worker
+    started_at: float  #: local monotonic time
+    timed_out: bool = False  #: failed by its timeout; its worker holds it until the late result
+
+
+class ClusterState:
+    """Snapshot + events = the broker's state, exactly, for anyone's code.
+
+    ``client`` is anything with a ``status()`` method returning the snapshot
+    (a ``client.Client``); ``events`` the broker's PUB endpoint. Thread-safe:
+    one thread may ``poll`` while others read ``snapshot()``/``view()``.
+    """
+
+    def __init__(self, client, events: str = DEFAULT_EVENTS, *, context: zmq.Context | None = None,
+                 silent_after_s: float = SILENT_AFTER_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.client = client
+        self.events_address = events
+        self.silent_after_s = silent_after_s
+        self.clock = clock
+        self.lock = threading.RLock()
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        #: connection health, and why the last snapshot was taken or failed
+        self.link = Link.CONNECTING
+        self.reason: str | None = "first snapshot"
+        self.error: str | None = None
+        self.down_since: float | None = None  #: local time the broker became unreachable
+        #: how many snapshots were taken, and why the stream was distrusted
+        self.resyncs = 0
+        self.gaps = 0
+        self.restarts = 0
+        self.mismatches = 0
+        self._retry_s = RETRY_MIN_S
+        self._next_try = 0.0
+        self._heard_at = clock()  #: local time of the latest event received
+        self._reset()
+
+    def _reset(self) -> None:
+        self.seq: int | None = None  #: seq of the latest event applied (or of the snapshot)
+        self._synced = False  #: an event past the snapshot has arrived
+        self.workers: dict[str, WorkerView] = {}
+        self.counts = dict.fromkeys(_COUNTS, 0)
+        self.queues: dict[str, int] = {}
+        self.running: dict[str, RunningTask] = {}  #: task_id -> task its worker holds
+        self.failures: deque = deque(maxlen=FAILURES_KEPT)
+        self.gone: deque = deque(maxlen=GONE_KEPT)
+        self.stats: dict = {}
+        self.stats_at: float | None = None
+
+    # ================================================================ snapshot
+
+    def load(self, snap: dict) -> None:
+        """Replace everything with a ``Client.status()`` snapshot."""
+        now = self.clock()
+        with self.lock:
+            failures, gone, stats, stats_at, last_seq = self.failures, self.gone, self.stats, self.stats_at, self.seq
+            self._reset()
+            self.failures, self.stats, self.stats_at = failures, stats, stats_at  # history survives a resync
+            self.seq = int(snap["seq"])
+            if last_seq is not None and self.seq < last_seq:
+                self.restarts += 1  # a broker's seq only grows: this is another broker process
+            for name in _COUNTS:
+                self.counts[name] = int(snap.get(name, 0))
+            for w in snap["workers"]:
+                self.workers[w["name"]] = WorkerView(
+                    w["name"], dict(w["resources"]), dict(w["free"]), w["slots"], w["running"], w["tasks"],
+                    list(w.get("serves", ())), w.get("state", "ready"), now - float(w.get("heartbeat_age_s", 0.0)))
+            self.gone = deque((g for g in gone if g["name"] not in self.workers), maxlen=GONE_KEPT)
+            self.queues = dict(snap.get("queues", {}))
+            for t in snap.get("running_tasks", ()):
+                self.running[t["task_id"]] = RunningTask(t["task_id"], t["name"], t["worker"], t["attempt"],
+                                                         dict(t["resources"]), now - float(t.get("running_s", 0.0)))
+            self.resyncs += 1
+            self.link = Link.LIVE
+            self.error = None
+            self.down_since = None
+            self._retry_s = RETRY_MIN_S
+            self._heard_at = now
+
+    def resync(self) -> bool:
+        """Take a fresh snapshot from the broker; False (and ``link`` UNREACHABLE) where it did not answer."""
+        try:
+            snap = self.client.status()
+        except (GridqError, TimeoutError) as exc:  # BrokerUnavailable, or a refused request
+            now = self.clock()
+            with self.lock:
+                if self.link is not Link.UNREACHABLE:
+                    log.warning("broker_unreachable", error=str(exc), reason=self.reason)
+                self.link = Link.UNREACHABLE
+                self.error = str(exc) or type(exc).__name__
+                self.down_since = self.down_since or min(self._heard_at, now)  # silent since its last event
+                self._next_try = now + self._retry_s
+                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            return False
+        log.debug("state_resynced", seq=snap.get("seq"), reason=self.reason)
+        self.load(snap)
+        return True
+
+    def _distrust(self, reason: str) -> None:
+        """Stop applying events until a fresh snapshot replaces what we hold."""
+        if self.link is Link.LIVE:
+            routine = reason.startswith("worker ")  # a join: expected, unlike gaps and restarts
+            (log.debug if routine else log.info)("state_resync_needed", reason=reason, seq=self.seq)
+            self.link = Link.RESYNCING
+            self.reason = reason
+            self._next_try = 0.0
+
+    @property
+    def stale(self) -> bool:
+        """True while a fresh snapshot is due (before the first one, after a gap or restart)."""
+        return self.link is not Link.LIVE
+
+    # ================================================================ events
+
+    def receive(self, topic: str, fields: dict) -> bool:
+        """One event off the wire: apply it if it is the next one; True where it was applied."""
+        seq = fields.get("seq")
+        if not isinstance(seq, int):
+            return False
+        with self.lock:
+            if self.link is not Link.LIVE:
+                return False  # a fresh snapshot will include it
+            if not self._synced:
+                if seq <= self.seq:
+                    return False  # already in the snapshot: buffered while it was being taken
+                self._synced = True
+            elif seq <= self.seq:
+                self._distrust(f"broker restarted: seq went from {self.seq} back to {seq}")
+                return False
+            if seq != self.seq + 1:
+                self.gaps += 1
+                self._distrust(f"gap: expected seq {self.seq + 1}, got {seq}")
+                return False
+            self.seq = seq
+            self._heard_at = self.clock()  # only applied events count: a restarted broker's old seqs do not
+            self.apply(topic, fields)
+            return True
+
+    def apply(self, topic: str, fields: dict) -> None:
+        """Apply one event's meaning, with no seq checks (``receive`` does those)."""
+        handler = _HANDLERS.get(topic)
+        if handler is not None:
+            try:
+                handler(self, fields)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                self._distrust(f"malformed {topic} event: {exc!r}")
+
+    def _add(self, target: dict, resources: dict, sign: int) -> None:
+        for res, qty in resources.items():
+            target[res] = target.get(res, 0) + sign * qty
+
+    def _queue(self, resources: dict, sign: int) -> None:
+        # the broker counts, per resource a queued task asks for, how many tasks wait for it
+        for res in resources:
+            n = self.queues.get(res, 0) + sign
+            if n:
+                self.queues[res] = n
+            else:
+                self.queues.pop(res, None)
+
+    def _on_submitted(self, f: dict) -> None:
+        self.counts["queued"] += 1
+        self._queue(f["resources"], +1)
+
+    def _on_started(self, f: dict) -> None:
+        worker = self.workers.get(f["worker"])
+        if worker is None or "resources" not in f:
+            return self._distrust(f"task.started on a worker not known: {f['worker']}")
+        self.counts["queued"] -= 1
+        self.counts["running"] += 1
+        self._queue(f["resources"], -1)
+        self.running[f["task_id"]] = RunningTask(f["task_id"], f["name"], f["worker"], f["attempt"],
+                                                 dict(f["resources"]), self.clock())
+        worker.running += 1
+        self._add(worker.free, f["resources"], -1)
+
+    def _finished_running(self, f: dict, served: bool) -> RunningTask | None:
+        """A running task ended on its worker; None where this state did not know it as running."""
+        task = self.running.get(f["task_id"])
+        if task is None or task.timed_out:
+            self._distrust(f"{f['task_id']} ended but was not known as running")
+            return None
+        del self.running[task.task_id]
+        self.counts["running"] -= 1
+        worker = self.workers.get(task.worker)
+        if worker is not None:
+            worker.running -= 1
+            if worker.running:
+                self._add(worker.free, task.resources, +1)
+            else:  # as the broker does: idle means exactly what it offers, whatever float rounding left
+                worker.free = dict(worker.resources)
+            worker.heard_at = self.clock()
+            if served:
+                worker.tasks += 1
+        return task
+
+    def _on_succeeded(self, f: dict) -> None:
+        if self._finished_running(f, served=True) is not None:
+            self.counts["done"] += 1
+
+    def _on_failed(self, f: dict) -> None:
+        failure = {"task_id": f["task_id"], "name": f["name"], "worker": f.get("worker"), "error": f.get("error"),
+                   "ts": f.get("ts")}
+        self.failures.appendleft(failure)
+        if f.get("worker") is None:  # never ran: no connected worker could serve it
+            self.counts["queued"] -= 1
+            self.counts["failed"] += 1
+            self._queue(f.get("resources") or {}, -1)
+            return
+        task = self.running.get(f["task_id"])
+        if task is not None and f.get("error_type") == "TaskTimeout":
+            # the broker stops counting it as running but its worker holds the slot until the late result
+            task.timed_out = True
+            self.counts["running"] -= 1
+            self.counts["failed"] += 1
+            return
+        served = f.get("error_type") != "TaskLost"  # lost: its worker is being removed, no result came
+        if self._finished_running(f, served=served) is not None:
+            self.counts["failed"] += 1
+
+    def _on_retried(self, f: dict) -> None:
+        task = self._finished_running(f, served=False)
+        if task is not None:
+            self.counts["queued"] += 1
+            self._queue(task.resources, +1)
+
+    def _on_cancelled(self, f: dict) -> None:
+        if "resources" not in f:
+            return self._distrust("task.cancelled without resources")
+        self.counts["queued"] -= 1
+        self.counts["cancelled"] += 1
+        self._queue(f["resources"], -1)
+
+    def _on_joined(self, f: dict) -> None:
+        # a rejoining worker may take over tasks it still runs, with no task event: trust a snapshot
+        self.gone = deque((g for g in self.gone if g["name"] != f["worker"]), maxlen=GONE_KEPT)
+        self._distrust(f"worker {f['worker']} joined")
+
+    def _on_gone(self, f: dict, state: str) -> None:
+        worker = self.workers.pop(f["worker"], None)
+        self.running = {t: task for t, task in self.running.items() if task.worker != f["worker"]}
+        if worker is not None:
+            self.gone.appendleft({"name": worker.name, "state": state, "ts": f.get("ts"),
+                                  "resources": worker.resources, "slots": worker.slots, "tasks": worker.tasks})
+
+    def _on_stats(self, f: dict) -> None:
+        now = self.clock()
+        self.stats = dict(f)
+        self.stats_at = now
+        for name in ("queued", "running", "done", "failed"):
+            if name in f and f[name] != self.counts[name]:
+                self.mismatches += 1
+                return self._distrust(f"broker.stats says {name}={f[name]}, this state {self.counts[name]}")
+        if "workers" in f and f["workers"] != len(self.workers):
+            self.mismatches += 1
+            return self._distrust(f"broker.stats says {f['workers']} workers, this state {len(self.workers)}")
+        if "queues" in f and f["queues"] != self.queues:
+            self.mismatches += 1
+            return self._distrust(f"broker.stats says queues {f['queues']}, this state {self.queues}")
+        for name, info in (f.get("per_worker") or {}).items():
+            worker = self.workers.get(name)
+            if worker is None or info.get("running") != worker.running or info.get("tasks") != worker.tasks:
+                self.mismatches += 1
+                return self._distrust(f"broker.stats disagrees about worker {name}")
+            worker.heard_at = now - float(info.get("heartbeat_age_s", 0.0))
+            worker.state = info.get("state", worker.state)
+
+    # ================================================================ reading
+
+    def snapshot(self) -> dict:
+        """What ``Client.status()`` would return now, rebuilt from snapshot + events."""
+        now = self.clock()
+        with self.lock:
+            return {"seq": self.seq, "workers": [w.as_status(now) for w in self.workers.values()],
+                    "queues": dict(self.queues), **self.counts, "running_tasks": self._running_list(now)}
+
+    def _running_list(self, now: float) -> list:
+        return [{"task_id": t.task_id, "name": t.name, "worker": t.worker, "attempt": t.attempt,
+                 "resources": dict(t.resources), "running_s": round(max(now - t.started_at, 0.0), 3)}
+                for t in self.running.values() if not t.timed_out]
+
+    def view(self) -> dict:
+        """``snapshot()`` plus what a console shows: link, stats, failures, workers gone."""
+        now = self.clock()
+        with self.lock:
+            out = self.snapshot()
+            out.update(
+                link=self.link.value, reason=self.reason, error=self.error,
+                down_s=None if self.down_since is None else round(now - self.down_since, 1),
+                resyncs=self.resyncs, gaps=self.gaps, restarts=self.restarts, mismatches=self.mismatches,
+                stats=dict(self.stats), stats_age_s=None if self.stats_at is None else round(now - self.stats_at, 1),
+                failures=list(self.failures), gone=list(self.gone), events=self.events_address,
+            )
+            return out
+
+    # ================================================================ sockets
+
+    def connect(self) -> None:
+        """Subscribe to the broker's events (before the first snapshot, so none is missed)."""
+        if self._sock is not None:
+            return
+        sock = self._ctx.socket(zmq.SUB)
+        sock.linger = 0
+        sock.rcvhwm = EVENTS_HWM
+        security = getattr(self.client, "_security", None)  # the events socket has the same CURVE policy
+        if security is not None:
+            security.apply_client(sock)
+        for topic in TOPICS:
+            sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+        sock.connect(self.events_address)
+        self._sock = sock
+        self._poller = zmq.Poller()
+        self._poller.register(sock, zmq.POLLIN)
+        # A SUB connects asynchronously: wait (briefly) for the first event, so the
+        # subscription is live before the snapshot and nothing falls between them.
+        if self._poller.poll(self.silent_after_s * 1000 / 2):
+            self._drain(POLL_BATCH)
+
+    def poll(self, timeout_s: float = 0.1) -> int:
+        """Snapshot when due, then apply the events that arrive within ``timeout_s``; returns how many."""
+        if self._sock is None:
+            self.connect()
+        now = self.clock()
+        if self.stale and now >= self._next_try:
+            self.resync()
+        applied = 0
+        if self._poller.poll(max(timeout_s, 0.0) * 1000):
+            applied = self._drain(POLL_BATCH)
+        now = self.clock()
+        with self.lock:
+            if self.link is Link.LIVE and now - self._heard_at > self.silent_after_s:
+                self._distrust(f"broker silent for {now - self._heard_at:.1f} s")
+        return applied
+
+    def _drain(self, limit: int) -> int:
+        applied = 0
+        for _ in range(limit):
+            try:
+                topic, body = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except ValueError:  # not two frames
+                continue
+            try:
+                fields = msgpack.unpackb(body, strict_map_key=False)
+            except Exception:  # msgpack raises several unrelated types
+                continue
+            if isinstance(fields, dict) and self.receive(topic.decode("ascii", "replace"), fields):
+                applied += 1
+        return applied
+
+    def start(self) -> "ClusterState":
+        """Keep the state current on a background thread until ``close()``."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gridq-cluster-state", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self.connect()
+            while not self._stopping.is_set():
+                self.poll(0.1)
+        except Exception as exc:
+            log.exception("cluster_state_thread_crashed")
+            with self.lock:  # readers must not take a frozen picture for a live one
+                self.link = Link.UNREACHABLE
+                self.error = f"state thread crashed: {type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def wait(self, predicate: Callable[["ClusterState"], bool], timeout_s: float) -> bool:
+        """Wait (on a started state) until ``predicate(self)`` holds; False after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.lock:
+                if predicate(self):
+                    return True
+            time.sleep(0.02)
+        return False
+
+    def close(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        else:
+            self._close_socket()
+
+    def __enter__(self) -> "ClusterState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_HANDLERS = {
+    "task.submitted": ClusterState._on_submitted,
+    "task.started": ClusterState._on_started,
+    "task.succeeded": ClusterState._on_succeeded,
+    "task.failed": ClusterState._on_failed,
+    "task.retried": ClusterState._on_retried,
+    "task.cancelled": ClusterState._on_cancelled,
+    "worker.joined": ClusterState._on_joined,
+    "worker.lost": lambda self, f: self._on_gone(f, "lost"),
+    "worker.left": lambda self, f: self._on_gone(f, "left"),
+    "broker.stats": ClusterState._on_stats,
+}
+
+__all__ = ["ClusterState", "Link", "WorkerView", "RunningTask", "DEFAULT_EVENTS"]
