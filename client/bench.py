@@ -74,7 +74,7 @@ class BenchConfig:
 
     @classmethod
     def quick_config(cls) -> "BenchConfig":
-        return cls(reps=1, n=2000, latency_n=100, big_payload_count=1, small_payload_count=16, quick=True)
+        return cls(reps=1, n=5000, latency_n=200, big_payload_count=1, small_payload_count=16, quick=True)
 
 
 # ======================================================================== processes
@@ -545,8 +545,8 @@ def _gridq_scale_rep(cluster: GridqCluster, journal: GridqCluster | None, cfg: B
     out["scale_throughput_tps"].append(gridq_throughput(cluster.client, cfg.n))
     ev = gridq_events_throughput(cluster, cfg.n)
     out["scale_throughput_events_tps"].append(ev["tps"])
-    out["events_during_run"].append(ev["events_during_run"])
-    out["events_seq_gaps"].append(ev["seq_gaps"])
+    out["scale_events_during_run"].append(ev["events_during_run"])
+    out["scale_events_seq_gaps"].append(ev["seq_gaps"])
     if journal is not None:
         out["scale_throughput_journal_tps"].append(gridq_throughput(journal.client, cfg.n))
 
@@ -667,10 +667,11 @@ def report(result: dict) -> str:
     lines += ["", "gridq against itself (throughput ratios):"]
     for key, _num, _den, label in COSTS:
         lines.append(f"  {label.format(scale=cfg['scale_workers']):<46} {(f'{costs[key]:.2f}' if costs[key] else '-')}")
-    gaps = result["runs"]["gridq"].get("events_seq_gaps", [])
+    g = result["runs"]["gridq"]
+    gaps = [*g.get("events_seq_gaps", []), *g.get("scale_events_seq_gaps", [])]
     if any(gaps):
         lines.append(f"  WARNING: event seq gaps seen by the subscriber: {gaps}")
-    heard = result["runs"]["gridq"].get("events_during_run", [])
+    heard = [*g.get("events_during_run", []), *g.get("scale_events_during_run", [])]
     if any(count < 3 * cfg["n"] for count in heard):  # submitted, started, succeeded: at least 3 per task
         lines.append(f"  WARNING: fewer than 3 events per task reached the subscriber: {heard} for {cfg['n']} tasks")
     for what, error in result["errors"].items():
@@ -714,8 +715,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1 repetition, smaller runs (about 30 s)")
     p.add_argument("--reps", type=int, help="repetitions of each measurement (default 3, quick 1)")
-    p.add_argument("-n", type=int, help="no-op tasks per throughput run (default 10000, quick 2000)")
-    p.add_argument("--latency-n", type=int, help="round trips per latency run (default 500, quick 100)")
+    p.add_argument("-n", type=int, help="no-op tasks per throughput run (default 10000, quick 5000)")
+    p.add_argument("--latency-n", type=int, help="round trips per latency run (default 500, quick 200)")
     p.add_argument("--scale-workers", type=int, help="simulated workers for the scale run (default 200)")
     p.add_argument("--json", default="bench-results.json", metavar="PATH", help="where to write all samples")
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
