@@ -287,6 +287,9 @@ class Core:
             if task is None or task.session != session or task.state is not TaskState.QUEUED:
                 refused.append(task_id)
                 continue
+            if task_id in self._held:  # restored after a restart: it may still be running on its worker
+                refused.append(task_id)
+                continue
             self.sched.discard(task.cls)
             self.counts["queued"] -= 1
             self._finish(task, TaskState.CANCELLED, None, [], now)
