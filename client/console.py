@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console
 from rich.layout import Layout
 from rich.live import Live
 from rich.panel import Panel

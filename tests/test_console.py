@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from rich.console import Console
@@ -63,11 +62,9 @@ def test_once_prints_the_snapshot_as_readable_tables(busy):
 def test_once_and_json_fail_fast_and_clearly_without_a_broker():
     dead = f"tcp://127.0.0.1:{free_port()}"
     for flag in ("--once", "--json"):
-        started = time.monotonic()
-        out = gridq_status("--broker", dead, flag, "--timeout", "0.3", timeout=30)
+        out = gridq_status("--broker", dead, flag, "--timeout", "0.3", timeout=30)  # a hang raises TimeoutExpired
         assert out.returncode == 1 and out.stdout == ""
         assert "did not answer" in out.stderr
-        assert time.monotonic() - started < 25  # never a hang (the subprocess timeout would fire first)
 
 
 def test_the_live_view_runs_for_a_few_refreshes_against_a_busy_cluster(busy):

@@ -122,7 +122,6 @@ def test_broker_stats_reports_each_worker_s_load_and_heartbeat_age():
 
 import random  # noqa: E402
 
-import pytest  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
