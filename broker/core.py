@@ -38,10 +38,12 @@ STATS_WINDOW = 2048
 #: how long a task whose result was fetched is still remembered (to recognise late resends)
 ACKED_GRACE_S = 120.0
 #: tasks a busy worker may hold ahead of its slots, per slot (sent ahead, started when a slot frees)
-AHEAD_PER_SLOT = 16
+AHEAD_PER_SLOT = 64
 #: only tasks whose name runs shorter than this on average are sent ahead, so a
 #: task never waits long behind another on a busy worker while one is idle
 AHEAD_MAX_RUN_S = 0.005
+#: at most this much (estimated) work waits ahead per slot of a worker
+AHEAD_MAX_WAIT_S = 0.02
 
 
 @dataclass(eq=False, slots=True)
@@ -106,6 +108,10 @@ class Worker:
     def load_ahead(self) -> float:
         return (len(self.running) + len(self.ahead)) / self.slots
 
+    def wants_refill(self) -> bool:
+        # refill only once half drained: one TASKS message then carries many tasks
+        return self.state is WorkerState.READY and len(self.ahead) <= AHEAD_PER_SLOT * self.slots // 2
+
     def has_room_ahead(self) -> bool:
         return self.state is WorkerState.READY and len(self.ahead) < AHEAD_PER_SLOT * self.slots
 
@@ -166,7 +172,8 @@ class Core:
         self._ready: dict[bytes, Worker] = {}  #: workers that may have a free slot
         self._dirty_dispatch = False
         self._deadlines: list = []  #: (deadline, task_id, attempt) of running tasks with a timeout
-        self._fetch_expiry: list = []  #: (expires_at, sid, rid)
+        self._fetch_expiry: list = []  #: (expires_at, seq, sid, rid); seq: rids are peer data, never compared
+        self._fetch_seq = 0
         self._tombstones: list = []  #: heap of (expires_at, task_id) of finished tasks
         self._tiebreak = 0
         self._recent: deque = deque(maxlen=STATS_WINDOW)  #: (finished_at, queued_s, run_s)
@@ -183,9 +190,6 @@ class Core:
         """A decoded request from the frontend. Bad requests get an ERROR reply."""
         rid = msg.header.get("rid")
         try:
-            if rid is not None and (isinstance(rid, bool) or not isinstance(rid, int)):
-                rid = None  # echoed back and ordered in the fetch-expiry heap: only integers
-                raise ProtocolError("rid must be an integer")
             handler = _CLIENT_HANDLERS.get(msg.command)
             if handler is None:
                 raise ProtocolError(f"command {msg.command.name} is not a client request")
@@ -277,7 +281,8 @@ class Core:
             self._send_results(sess, route, rid, limit)
         else:
             sess.fetch = (route, rid, limit, now + wait_s)
-            heapq.heappush(self._fetch_expiry, (now + wait_s, sess.sid, rid))
+            self._fetch_seq += 1
+            heapq.heappush(self._fetch_expiry, (now + wait_s, self._fetch_seq, sess.sid, rid))
 
     def _on_cancel(self, route: bytes, rid, msg: Message, now: float) -> None:
         session = _name(msg.header.get("session"), "session")
@@ -525,9 +530,9 @@ class Core:
             if task is not None and task.state is TaskState.RUNNING and task.attempts == attempt:
                 self._fail_running(task, "TaskTimeout", f"task {task_id} ran past its timeout of {task.timeout_s} s", now)
         while self._fetch_expiry and self._fetch_expiry[0][0] <= now:
-            _, sid, rid = heapq.heappop(self._fetch_expiry)
+            _, _, sid, rid = heapq.heappop(self._fetch_expiry)
             sess = self.sessions.get(sid)
-            if sess is not None and sess.fetch is not None and sess.fetch[1] == rid:
+            if sess is not None and sess.fetch is not None and sess.fetch[1] is rid:  # its own FETCH (a NaN rid != itself)
                 route, _, _, _ = sess.fetch
                 sess.fetch = None
                 self._reply(route, Command.RESULTS, {"rid": rid, "results": []})
@@ -603,7 +608,7 @@ class Core:
             if now - cls.unservable_since < self.no_worker_timeout_s:
                 continue
             reason = self._why_unservable(cls)
-            for _, _, task_id in list(cls.heap):
+            for _, _, task_id in cls.entries():
                 task = self.tasks.get(task_id)
                 if task is not None and task.state is TaskState.QUEUED:
                     self.sched.discard(cls)
@@ -611,7 +616,7 @@ class Core:
                     error = {"type": "NoWorkerAvailable", "message": reason, "traceback": ""}
                     self._finish(task, TaskState.FAILED, error, [], now, self._info(task, 0.0))
                     self._failed_event(task, None, error)
-            cls.heap.clear()
+            cls.clear()
             cls.unservable_since = None
 
     def _why_unservable(self, cls) -> str:
@@ -656,7 +661,7 @@ class Core:
             if not worker.has_free_slot():
                 self._ready.pop(worker.wid, None)
         if self.counts["queued"] > self._ahead_count:
-            busy = [w for w in self.workers.values() if w.has_room_ahead()]
+            busy = [w for w in self.workers.values() if w.wants_refill()]
             for worker, task_id, needs in self.sched.send_ahead(busy, self._is_queued, self._short):
                 task = self.tasks[task_id]
                 self._send_ahead(task, worker, needs)
@@ -669,9 +674,12 @@ class Core:
             self._out.workers.append((wid, Message(Command.TASKS, {"tasks": records}, frames)))
             self.workers[wid].last_sent = now
 
-    def _short(self, cls) -> bool:
+    def _short(self, cls, worker: Worker) -> bool:
+        """May one more task of ``cls`` wait ahead on ``worker``? Only short ones, and only
+        as many as amount to AHEAD_MAX_WAIT_S of work per slot."""
         run_s = self._run_s.get(cls.name)
-        return run_s is not None and run_s < AHEAD_MAX_RUN_S
+        return run_s is not None and run_s < AHEAD_MAX_RUN_S and \
+            (len(worker.ahead) + 1) * run_s <= AHEAD_MAX_WAIT_S * worker.slots
 
     def _is_queued(self, task_id: str) -> bool:
         task = self.tasks.get(task_id)

@@ -1,7 +1,8 @@
 """Queues by priority and resource shape, and which worker takes what: least loaded first.
 
 Queued tasks are grouped into *classes*: tasks of one name asking for the same
-resources. Each class is a heap ordered by (higher priority, earlier submission).
+resources. Each class keeps one FIFO per priority (O(1) in and out: priorities
+are few, tasks many), served highest priority first.
 Dispatch pops the least-loaded worker with a free slot from a heap and gives it
 the best class head it serves and has room for, so one dispatch costs
 O(log workers + classes), never a scan of every worker per task.
@@ -9,8 +10,10 @@ O(log workers + classes), never a scan of every worker per task.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -36,10 +39,43 @@ class TaskClass:
 
     name: str
     override: dict | None  #: resources given at submission; None: as workers declare
-    heap: list = field(default_factory=list)  #: (-priority, seq, task_id)
-    queued: int = 0  #: how many heap entries are still queued (others are stale)
+    fifos: dict = field(default_factory=dict)  #: priority -> deque of (seq, task_id)
+    order: list = field(default_factory=list)  #: -priority of every fifo, ascending (best first)
+    queued: int = 0  #: how many entries are still queued (others are stale, dropped lazily)
     eligible: set = field(default_factory=set)  #: worker ids that could ever serve it
     unservable_since: float | None = None  #: when it last became unservable
+
+    def push(self, priority: int, seq: int, task_id: str) -> None:
+        fifo = self.fifos.get(priority)
+        if fifo is None:
+            fifo = self.fifos[priority] = deque()
+            bisect.insort(self.order, -priority)
+        fifo.append((seq, task_id))
+
+    def entries(self) -> list:
+        """Every (priority, seq, task_id) entry, stale ones included."""
+        return [(p, seq, t) for p, fifo in self.fifos.items() for seq, t in fifo]
+
+    def clear(self) -> None:
+        self.fifos.clear()
+        self.order.clear()
+
+    def head(self, is_queued) -> tuple | None:
+        """(-priority, seq, task_id) of the next task to serve, dropping stale entries."""
+        while self.order:
+            key = self.order[0]
+            fifo = self.fifos[-key]
+            while fifo and not is_queued(fifo[0][1]):
+                fifo.popleft()  # cancelled or failed while queued
+            if fifo:
+                seq, task_id = fifo[0]
+                return (key, seq, task_id)
+            del self.fifos[-key]
+            self.order.pop(0)
+        return None
+
+    def pop(self) -> None:
+        self.fifos[-self.order[0]].popleft()
 
     def needs(self, declared: dict) -> dict:
         if self.override is not None:
@@ -68,7 +104,7 @@ class Scheduler:
             cls = self.classes[key] = TaskClass(name, override)
             needs = cls.needs(self.declared)
             cls.eligible = {w.wid for w in workers if w.could_serve(name, needs)}
-        heapq.heappush(cls.heap, (-priority, next(self._seq), task_id))
+        cls.push(priority, next(self._seq), task_id)
         cls.queued += 1
         return cls
 
@@ -116,14 +152,14 @@ class Scheduler:
                             lambda cls, needs, w: fits(needs, w.free))
 
     def send_ahead(self, workers: list, is_queued: Callable[[str], bool],
-                   allowed: Callable[[TaskClass], bool]) -> Iterator[tuple]:
+                   allowed: Callable[[TaskClass, object], bool]) -> Iterator[tuple]:
         """Yield (worker, task_id, needs) for tasks to queue at busy workers (prefetch).
 
         Only classes that ``allowed`` admits (short tasks); a worker takes them
         while it has room ahead; least loaded counting what it holds ahead.
         """
         return self._assign(workers, is_queued, lambda w: w.has_room_ahead(), lambda w: w.load_ahead(),
-                            lambda cls, needs, w: allowed(cls))
+                            lambda cls, needs, w: allowed(cls, w))
 
     def _assign(self, workers: list, is_queued, has_room, load, acceptable) -> Iterator[tuple]:
         if not any(c.queued for c in self.classes.values()):
@@ -136,7 +172,7 @@ class Scheduler:
             for cls in self.classes.values():
                 if cls.queued <= 0 or worker.wid not in cls.eligible:
                     continue
-                head = self._head(cls, is_queued)
+                head = cls.head(is_queued)
                 if head is None:
                     continue
                 if best is not None and head >= best[0]:
@@ -147,15 +183,8 @@ class Scheduler:
             if best is None:
                 continue  # nothing queued suits this worker now
             (_, _, task_id), cls, needs = best
-            heapq.heappop(cls.heap)
+            cls.pop()
             cls.queued -= 1
             yield worker, task_id, needs
             if has_room(worker):
                 heapq.heappush(heap, (load(worker), worker.tiebreak, worker))
-
-    @staticmethod
-    def _head(cls: TaskClass, is_queued: Callable[[str], bool]):
-        heap = cls.heap
-        while heap and not is_queued(heap[0][2]):
-            heapq.heappop(heap)  # cancelled or failed while queued: drop lazily
-        return heap[0] if heap else None

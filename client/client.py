@@ -93,6 +93,7 @@ class Client:
         self._ctx = zmq.Context.instance()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waker = Waker()
+        self._wake_pending = False
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._io_loop, name="gridq-client-io", daemon=True)
         self._thread.start()
@@ -207,7 +208,9 @@ class Client:
         if self._closed.is_set():
             raise GridqError("client is closed")
         self._inbox.put(item)
-        self._waker.wake()
+        if not self._wake_pending:  # one wakeup per batch of posts, not a syscall per task
+            self._wake_pending = True
+            self._waker.wake()
 
     def _call(self, command: Command, header: dict) -> dict:
         waiter: Future = Future()
@@ -231,6 +234,7 @@ class Client:
                 events = dict(self._poller.poll(timeout_ms))
                 if self._waker.fd in events:
                     self._waker.clear()
+                self._wake_pending = False  # before draining: a later post wakes us again
                 self._take_inbox()
                 if self._sock in events:
                     self._drain_socket()

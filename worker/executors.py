@@ -23,6 +23,9 @@ from worker.registry import TaskSpec
 
 log = structlog.get_logger(__name__)
 
+#: results that make a slot thread wake the socket thread even while more tasks wait here
+OUTPUT_BATCH = 32
+
 
 class Runner:
     """``slots`` threads running tasks; their starts and results wait in an ordered log."""
@@ -38,6 +41,7 @@ class Runner:
         self._running: set[str] = set()
         self._log: list = []  #: task id (an ahead task started) or (record, frames) (a result)
         self._woken = False
+        self._results = 0  #: results in the log
         self._closing = False
         self._threads = [threading.Thread(target=self._loop, name=f"slot-{i}", daemon=True) for i in range(slots)]
         for t in self._threads:
@@ -75,6 +79,7 @@ class Runner:
         with self._cond:
             entries, self._log = self._log, []
             self._woken = False
+            self._results = 0
         out, frames = [], []
         for entry in entries:
             if isinstance(entry, str):
@@ -134,7 +139,11 @@ class Runner:
                 else:
                     self._free = dict(self._resources)  # idle: exactly what it offers
                 self._log.append(out)
-                wake, self._woken = not self._woken, True
+                self._results += 1
+                # with more tasks waiting here, let results gather into one DONE (the socket
+                # thread also sends what is there every few ms); idle now: report at once
+                wake = not self._woken and (not self._pending or self._results >= OUTPUT_BATCH)
+                self._woken = self._woken or wake
                 self._cond.notify()
             if wake:
                 self.waker.wake()
