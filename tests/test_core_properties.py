@@ -417,7 +417,7 @@ class CoreMachine(RuleBasedStateMachine):
             task = core.tasks.get(task_id)
             assert task is not None, f"accepted task {task_id} vanished"
             if task.state is TaskState.QUEUED:
-                queued = task.cls is not None and any(e[2] == task_id for e in task.cls.heap)
+                queued = task.cls is not None and any(e[2] == task_id for e in task.cls.entries())
                 assert queued or task_id in core._held, f"{task_id} is queued in no queue"
             elif task.state is TaskState.DISPATCHED:
                 holders = [w for w in core.workers.values() if task_id in w.ahead]
