@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from broker.protocol import SUBMIT_FIELDS, Command, Message, ProtocolError, split_frames
-from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, missing
+from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, fits, missing
 from broker.states import TERMINAL, TaskState, WorkerState, check_task_move, check_worker_move
 
 log = structlog.get_logger(__name__)
@@ -381,7 +381,8 @@ class Core:
         if not isinstance(serves, dict) or not serves:
             raise ProtocolError("READY needs a map 'tasks' of task name -> resources")
         serves = {_name(n, "task name"): _resources(r if r is not None else DEFAULT_NEEDS) for n, r in serves.items()}
-        claims = {t for t in (h.get("running") or ()) if isinstance(t, str)}
+        listed = [t for t in (h.get("running") or ()) if isinstance(t, str)]
+        claims = set(listed)
         self._tiebreak += 1
         worker = Worker(wid, name, resources, dict(resources), slots, serves, now + self.heartbeat_s * self.liveness,
                         tiebreak=self._tiebreak, last_heard=now, last_sent=now)
@@ -399,21 +400,33 @@ class Core:
         self.workers[wid] = worker
         self.sched.declare(serves, self.workers.values())
         self.sched.worker_joined(worker)
-        for task_id in claims:  # tasks it still runs that a restarted broker restored
-            self._reclaim(task_id, worker, now)
+        # tasks it still holds that a restarted broker restored; the worker lists those waiting
+        # in its queue first, so the last ones get its slots and the others wait as sent ahead
+        for task_id in reversed(listed):
+            self._reclaim(task_id, worker, now, may_wait=True)
         self._ready[wid] = worker
         self._dirty_dispatch = True
         self._event("worker.joined", worker=name, resources=resources, slots=slots, tasks=sorted(serves))
         log.info("worker_joined", worker=name, resources=resources, slots=slots)
 
-    def _reclaim(self, task_id: str, worker: Worker, now: float) -> bool:
-        """A task this broker restored as running on ``worker``'s name is running there again."""
+    def _reclaim(self, task_id: str, worker: Worker, now: float, may_wait: bool = False) -> bool:
+        """A task this broker restored as running on ``worker``'s name is that worker's again:
+        running, or with ``may_wait`` and no room left on it, waiting there as if sent ahead."""
         held = self._held.get(task_id)
         if held is None or held[0] != worker.name:
             return False
         del self._held[task_id]
         task = self.tasks[task_id]
-        self._start(task, worker, self._needs_of(task), now, announce=False)
+        needs = self._needs_of(task)
+        if may_wait and not (len(worker.running) < worker.slots and fits(needs, worker.free)):
+            self._bind(task, worker, needs)
+            task.move(TaskState.DISPATCHED)
+            worker.ahead[task_id] = needs
+            self._ahead_count += 1
+            if self.journal is not None:
+                self.journal.state(task)
+        else:
+            self._start(task, worker, needs, now, announce=False)
         return True
 
     def _hand_over(self, old: Worker, new: Worker, claims: set) -> None:

@@ -61,6 +61,7 @@ class ModelWorker:
         self.running: dict = {}  #: task_id -> needs
         self.log: list = []  #: the next DONE, in order: results, and ids of tasks sent ahead that started
         self.unconfirmed: list = []  #: results a crashed broker lost: resent after the next READY
+        self.finished: set = set()  #: every task it ran to the end
         self.alive = True
         self.silent = False  #: frozen or cut off: no heartbeats, no messages
         self.steady = True  #: alive and heartbeating since the last broker restart
@@ -89,6 +90,7 @@ class ModelWorker:
         for r, q in self.running.pop(task_id).items():
             self.free[r] = self.free.get(r, 0) + q
         self.log.append(result)
+        self.finished.add(task_id)
         self.start_what_fits()
 
 
@@ -183,9 +185,12 @@ class CoreMachine(RuleBasedStateMachine):
             assert fields["worker"] in self.may_be_lost, (
                 f"worker {fields['worker']} was declared lost while alive and heartbeating")
         elif topic == "task.retried" and "did not come back" in fields["reason"]:
-            name = fields["reason"].split()[1]
+            # fair where the worker died, went silent, or never got the task (its TASKS died with
+            # the old socket): not where it runs it or ran it and resent the result
+            name, task_id = fields["reason"].split()[1], fields["task_id"]
             w = next(w for w in self.workers if w.name == name)
-            assert not w.steady, f"{name} kept heartbeating across the restart, yet its task was taken from it"
+            assert not (w.steady and (task_id in w.held() or task_id in w.finished)), (
+                f"{name} kept heartbeating across the restart, yet {task_id} was taken from it")
 
     def announce(self, w: ModelWorker) -> None:
         header = {"name": w.name, "slots": w.slots, "resources": dict(w.resources), "tasks": SERVES,
@@ -200,6 +205,8 @@ class CoreMachine(RuleBasedStateMachine):
         if w.log:
             log, w.log = w.log, []
             self.core.on_worker(w.wid, Message(Command.DONE, {"log": log}), self.h.now)
+            if w.wid not in self.core.workers:  # "announce again": kept to resend after the READY
+                w.unconfirmed.extend(e for e in log if not isinstance(e, str))
 
     def steps_allowing_loss(self, *names: str) -> set:
         return {w.name for w in self.workers if not w.alive or w.silent} | set(names)
@@ -336,6 +343,12 @@ class CoreMachine(RuleBasedStateMachine):
         self.h.now += dt
         self.core.on_tick(self.h.now)
         self.deliver()
+
+    @rule()
+    def much_time_passes(self) -> None:
+        """Long enough for expiries, timeouts, the no-worker timeout and the claim-back grace."""
+        for _ in range(4):
+            self.time_passes(2.0)
 
     # ------------------------------------------------------------ clients
 
@@ -521,3 +534,25 @@ def test_cancel_of_a_task_restored_as_running_is_refused_not_an_error(tmp_path):
     h.join(b"w2", name="w", running=[t])  # it was still running there
     h.done(b"w2", t, 1)
     assert h.state(t) is TaskState.SUCCEEDED
+
+
+def test_a_worker_claiming_more_than_its_slots_after_a_restart_gets_the_rest_as_sent_ahead(tmp_path):
+    h = Harness(journal=Journal(str(tmp_path / "j.db")))
+    h.join(b"w1", name="w", slots=1)
+    short = h.submit()
+    h.dispatched(b"w1")
+    done = [short, True, pack_value(None)[0], 0, 0.001]  # a short task: the next ones may be sent ahead
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": [done]}), h.now)
+    h.flush()
+    running, waiting = h.submit(), h.submit()
+    assert h.dispatched(b"w1") == [running, waiting]
+    assert h.state(waiting) is TaskState.DISPATCHED
+    h = restarted(h, tmp_path / "j.db")
+    h.join(b"w2", name="w", slots=1, running=[waiting, running])  # as Runner.held() lists them
+    w = h.core.workers[b"w2"]
+    assert list(w.running) == [running] and w.free["cpu"] == 0
+    assert list(w.ahead) == [waiting] and h.state(waiting) is TaskState.DISPATCHED
+    for task_id in (running, waiting):
+        h.done(b"w2", task_id, 1)
+    assert h.state(running) is h.state(waiting) is TaskState.SUCCEEDED
+    assert w.free == {"cpu": 1} and not w.running and not w.ahead
