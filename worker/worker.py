@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import structlog
@@ -57,6 +58,9 @@ class Worker:
         self.sock: zmq.Socket | None = None
         self._stopping = False
         self._stop_deadline = 0.0
+        #: (sent_at, results, frames) of DONEs that a broker may have lost with a crash: sent, but
+        #: nothing heard from it since that it could only have sent after committing them
+        self._unconfirmed: deque = deque()
 
     # -------------------------------------------------------------- control
 
@@ -68,6 +72,16 @@ class Worker:
         tasks = {name: spec.resources for name, spec in self.registry.items()}
         return Message(Command.READY, {"name": self.name, "slots": self.config.slots, "resources": self.resources,
                                        "tasks": tasks, "running": self.runner.held(), "pid": os.getpid()})
+
+    def _announce(self) -> None:
+        """READY, then the results a restarted broker may never have seen (it restored their
+        tasks as still running here, and takes a result for them as if it had just come)."""
+        self._send(self.announcement())
+        if self._unconfirmed:
+            results = [r for _, rs, _ in self._unconfirmed for r in rs]
+            frames = [f for _, _, fs in self._unconfirmed for f in fs]
+            self._unconfirmed = deque([(time.monotonic(), results, frames)])
+            self._send(Message(Command.DONE, {"log": results}, frames))
 
     # -------------------------------------------------------------- loop
 
@@ -103,7 +117,11 @@ class Worker:
                 if self.sock in events:
                     heard_at = now
                     backoff_s = cfg.heartbeat_s
-                    self._drain_socket()
+                    if not self._drain_socket():
+                        # the broker commits its journal before it sends anything: what it sent this
+                        # long after a DONE went out comes after that DONE was made durable
+                        while self._unconfirmed and self._unconfirmed[0][0] + 2 * cfg.heartbeat_s <= heard_at:
+                            self._unconfirmed.popleft()
                 if self.runner.waker.fd in events:
                     self.runner.waker.clear()
                 if self.runner.has_output():
@@ -139,7 +157,7 @@ class Worker:
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self.runner.waker.fd, zmq.POLLIN)
-        self._send(self.announcement())
+        self._announce()
         self.log.info("worker_announced", broker=self.config.broker, resources=self.resources, slots=self.config.slots)
 
     def _close(self) -> None:
@@ -153,13 +171,18 @@ class Worker:
     def _send_done(self) -> None:
         entries, frames = self.runner.take_output()
         self._send(Message(Command.DONE, {"log": entries}, frames))
+        results = [e for e in entries if not isinstance(e, str)]
+        if results:
+            self._unconfirmed.append((time.monotonic(), results, frames))
 
-    def _drain_socket(self) -> None:
+    def _drain_socket(self) -> bool:
+        """Handle what the broker sent; True where this worker announced itself again."""
+        announce = False  # once, however many "announce again" came in (one per message it sent us)
         while True:
             try:
                 raw = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             try:
                 msg = decode(raw, WORKER_TAG)
             except ProtocolError as exc:
@@ -172,9 +195,13 @@ class Worker:
                 if msg.header.get("reason") == "broker stopping":
                     self._sleep_interruptibly(self.config.heartbeat_s)
                     self._connect()
+                    return True
                 else:
-                    self._send(self.announcement())
+                    announce = True
             # HEARTBEAT: hearing anything is all it says
+        if announce:
+            self._announce()
+        return announce
 
     def _on_tasks(self, msg: Message) -> None:
         records = msg.header.get("tasks")
