@@ -27,10 +27,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-worker-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="fail a task no connected worker could ever serve after this long")
     p.add_argument("--max-message-bytes", type=int, default=1 << 30, metavar="BYTES", help="largest message accepted")
+    p.add_argument("--curve-secret", default=None, metavar="FILE",
+                   help="the broker's CURVE key pair (NAME.key_secret from gridq-keygen); turns CURVE on")
+    p.add_argument("--client-keys", default=None, metavar="DIR", help="public keys (*.key) of allowed clients")
+    p.add_argument("--worker-keys", default=None, metavar="DIR", help="public keys (*.key) of allowed workers")
     add_logging_flags(p)
     args = p.parse_args(argv)
     if args.heartbeat <= 0 or args.liveness < 1 or args.max_retries < 0 or args.no_worker_timeout < 0:
         p.error("--heartbeat must be > 0, --liveness >= 1, --max-retries and --no-worker-timeout >= 0")
+    if args.max_message_bytes < 1024:
+        p.error("--max-message-bytes must be at least 1024")
+    curve = (args.curve_secret, args.client_keys, args.worker_keys)
+    if any(curve) and not all(curve):
+        p.error("CURVE needs all three of --curve-secret, --client-keys and --worker-keys")
     return args
 
 
@@ -41,14 +50,27 @@ def main(argv=None) -> int:
                           heartbeat_s=args.heartbeat, liveness=args.liveness, max_retries=args.max_retries,
                           journal=args.journal, result_ttl_s=args.result_ttl,
                           no_worker_timeout_s=args.no_worker_timeout, max_message_bytes=args.max_message_bytes)
+    security = None
     try:
-        broker = Broker(config)
-    except Exception as exc:  # bad endpoint, port in use, unreadable journal
+        if args.curve_secret:
+            from broker.security import CurveServer
+
+            security = CurveServer.from_files(args.curve_secret, args.client_keys, args.worker_keys)
+        broker = Broker(config, security=security)
+    except Exception as exc:  # bad endpoint, port in use, unreadable journal or keys
         log.error("broker_start_failed", error=str(exc))
+        if security is not None:
+            security.stop()
         return 2
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: broker.stop())
-    broker.run()
+    if security is not None:
+        signal.signal(signal.SIGHUP, lambda *_: security.reload())
+    try:
+        broker.run()
+    finally:
+        if security is not None:
+            security.stop()
     return 0
 
 

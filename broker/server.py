@@ -18,6 +18,7 @@ from broker.core import Core
 from broker.mdp import MdpBridge
 from broker.protocol import (CLIENT_TAG, MDP_CLIENT_TAG, MDP_WORKER_TAG, WORKER_TAG, Command, Message, ProtocolError,
                              decode, encode)
+from broker.security import is_loopback
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +48,7 @@ class Broker:
     def __init__(self, config: BrokerConfig, context: zmq.Context | None = None, security=None) -> None:
         self.config = config
         self.ctx = context or zmq.Context.instance()
+        self.security = security
         self.journal = None
         if config.journal:
             from broker.journal import Journal
@@ -93,7 +95,8 @@ class Broker:
         for sock in (self.frontend, self.backend, self.events):
             poller.register(sock, zmq.POLLIN)
         self._running = True
-        log.info("broker_started", **self.endpoints, journal=self.config.journal)
+        log.info("broker_started", **self.endpoints, journal=self.config.journal, curve=self.security is not None)
+        self._log_exposure()
         next_tick = 0.0
         try:
             while self._running:
@@ -122,6 +125,33 @@ class Broker:
                 sock.close()
             log.info("broker_stopped")
 
+    def _log_exposure(self) -> None:
+        if self.security is not None:
+            return
+        cfg = self.config
+        exposed = [e for e in (cfg.frontend, cfg.backend, cfg.events) if not is_loopback(e)]
+        if exposed:
+            log.warning("broker_exposed_without_curve", endpoints=exposed,
+                        hint="anyone who reaches these endpoints can submit, serve and read results; "
+                             "use --curve-secret with --client-keys and --worker-keys")
+        else:
+            log.info("broker_loopback_only", hint="no CURVE: bound to loopback, reachable from this machine only")
+
+    @staticmethod
+    def _handle(peer: str, handler, *args) -> bool:
+        """Hand one peer message to a handler. A crash there is a bug that peer input reached:
+        log it and keep serving everyone else. False where it crashed."""
+        try:
+            handler(*args)
+            return True
+        except Exception as exc:
+            log.exception("peer_input_crashed", peer=peer, handler=handler.__qualname__, error=repr(exc))
+            return False
+
+    def _too_big(self, frames) -> bool:
+        # MAXMSGSIZE caps each frame; this caps the whole multipart message
+        return sum(len(f) for f in frames) > self.config.max_message_bytes
+
     # ------------------------------------------------------------- input
 
     def _drain_frontend(self, now: float) -> None:
@@ -135,6 +165,9 @@ class Broker:
             if len(frames) < 3 or frames[1].bytes != b"":
                 self._client_error(route, "expected an empty delimiter frame after the routing id")
                 continue
+            if self._too_big(frames):
+                self._client_error(route, f"message exceeds {self.config.max_message_bytes} bytes")
+                continue
             tag = frames[2].bytes
             if tag == CLIENT_TAG:
                 try:
@@ -142,9 +175,10 @@ class Broker:
                 except ProtocolError as exc:
                     self._client_error(route, str(exc))
                     continue
-                self.core.on_client(route, msg, now)
+                if not self._handle("client", self.core.on_client, route, msg, now):
+                    self._client_error(route, "internal error while handling the request")
             elif tag == MDP_CLIENT_TAG:
-                self.mdp.on_client(route, frames[2:], now)
+                self._handle("mdp client", self.mdp.on_client, route, frames[2:], now)
             else:
                 self._client_error(route, f"unknown protocol {tag[:16]!r}: expected {CLIENT_TAG!r}")
 
@@ -159,18 +193,21 @@ class Broker:
             except zmq.Again:
                 return
             wid = frames[0].bytes
+            if self._too_big(frames):
+                self.core.drop_worker_input(wid, f"message exceeds {self.config.max_message_bytes} bytes", now)
+                continue
             tag = frames[1].bytes if len(frames) > 1 else b""
             if tag == WORKER_TAG:
                 try:
                     msg = decode(frames[1:], WORKER_TAG)
                 except ProtocolError as exc:
-                    log.warning("worker_message_dropped", worker=wid.hex(), error=str(exc))
+                    self.core.drop_worker_input(wid, str(exc), now)
                     continue
-                self.core.on_worker(wid, msg, now)
+                self._handle("worker", self.core.on_worker, wid, msg, now)
             elif tag == b"" and len(frames) > 2 and frames[2].bytes == MDP_WORKER_TAG:  # MDP: [wid, b"", MDPW01, ...]
-                self.mdp.on_worker(wid, frames[2:], now)
+                self._handle("mdp worker", self.mdp.on_worker, wid, frames[2:], now)
             else:
-                log.warning("worker_message_dropped", worker=wid.hex(), error=f"unknown protocol {tag[:16]!r}")
+                self.core.drop_worker_input(wid, f"unknown protocol {tag[:16]!r}", now)
 
     def _drain_subscriptions(self) -> None:
         while True:

@@ -41,8 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--liveness", type=int, default=3, metavar="N")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S, metavar="SECONDS",
                    help="on SIGTERM, wait this long for running tasks before handing them back")
+    p.add_argument("--broker-key", default=None, metavar="FILE", help="the broker's CURVE public key (NAME.key)")
+    p.add_argument("--curve-secret", default=None, metavar="FILE", help="this worker's CURVE key pair (NAME.key_secret)")
     add_logging_flags(p)
     args = p.parse_args(argv)
+    if bool(args.broker_key) != bool(args.curve_secret):
+        p.error("CURVE needs both --broker-key and --curve-secret")
     if args.slots < 1 or args.heartbeat <= 0 or args.liveness < 1:
         p.error("--slots and --liveness must be >= 1 and --heartbeat > 0")
     return args
@@ -71,7 +75,17 @@ def main(argv=None) -> int:
             return 2
     config = WorkerConfig(broker=args.broker, slots=args.slots, resources=args.resources, name=args.name,
                           heartbeat_s=args.heartbeat, liveness=args.liveness, drain_s=args.drain_timeout)
-    worker = Worker(config, REGISTRY, gpu=gpu)
+    security = None
+    if args.curve_secret:
+        from broker.security import CurveClient
+
+        try:
+            security = CurveClient.from_files(args.broker_key, args.curve_secret)
+        except (OSError, ValueError, RuntimeError) as exc:
+            log.error("curve_keys_unreadable", error=str(exc))
+            print(f"gridq-worker: {exc}", file=sys.stderr)
+            return 2
+    worker = Worker(config, REGISTRY, gpu=gpu, security=security)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()
