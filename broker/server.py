@@ -24,6 +24,9 @@ log = structlog.get_logger(__name__)
 
 #: most messages taken from one socket per loop iteration, so no socket starves the others
 DRAIN_BATCH = 2000
+#: encoded event topics (the hot ones; any other is encoded when sent)
+_TOPICS = {t: t.encode() for t in ("task.submitted", "task.started", "task.succeeded", "task.failed", "task.retried",
+                                   "task.cancelled", "worker.joined", "worker.lost", "worker.left", "broker.stats")}
 #: linger on close for the backend, so a stopping broker's DISCONNECTs reach workers
 STOP_LINGER_MS = 300
 
@@ -234,9 +237,12 @@ class Broker:
             self._send_client(route, msg)
         for frames in wire.frontend:
             self._send_frames(self.frontend, frames)
-        events = self.events
-        for topic, fields in out.events:
-            events.send_multipart([topic.encode(), msgpack.packb(fields)])
+        if out.events:
+            send, topics, pack = self.events.send, _TOPICS, msgpack.Packer().pack
+            for topic, fields in out.events:
+                # two plain sends: send_multipart's per-frame flag handling costs more than the event
+                send(topics.get(topic) or topic.encode(), zmq.SNDMORE)
+                send(pack(fields))
 
     def _send_worker(self, wid: bytes, msg) -> None:
         try:

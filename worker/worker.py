@@ -25,8 +25,8 @@ log = structlog.get_logger(__name__)
 
 #: longest pause between two reconnect attempts, in heartbeats
 MAX_BACKOFF_HEARTBEATS = 8
-#: longest a started task's start waits to be reported when no result carries it
-REPORT_START_S = 0.02
+#: longest finished work (a result, an ahead task's start) waits here before it is reported
+REPORT_START_S = 0.002
 #: how long a stopping worker waits for its running tasks before handing them back
 DEFAULT_DRAIN_S = 30.0
 
