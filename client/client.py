@@ -301,7 +301,11 @@ class Client:
         return req
 
     def _transmit(self, req: _Request) -> None:
-        self._sock.send_multipart([b"", *encode(CLIENT_TAG, Message(req.command, req.header, req.frames))], copy=False)
+        try:  # never block: a socket whose CURVE handshake was refused has no pipe left; Lazy Pirate resends
+            self._sock.send_multipart([b"", *encode(CLIENT_TAG, Message(req.command, req.header, req.frames))],
+                                      zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
 
     def _send_more(self) -> None:
         submits = sum(1 for r in self._requests.values() if r.command is Command.SUBMIT)

@@ -166,7 +166,10 @@ class Worker:
             self.sock = None
 
     def _send(self, msg: Message) -> None:
-        self.sock.send_multipart(encode(WORKER_TAG, msg), copy=False)
+        try:  # never block: a refused CURVE handshake leaves no pipe; broker silence makes a fresh socket
+            self.sock.send_multipart(encode(WORKER_TAG, msg), zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            pass
 
     def _send_done(self) -> None:
         entries, frames = self.runner.take_output()
