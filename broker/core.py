@@ -559,6 +559,7 @@ class Core:
                 self._forget(task)
         if self._last_stats_at is None or now - self._last_stats_at >= 1.0:
             self._last_stats_at = now
+            self.sched.prune()
             self._stats(now)
             self._forget_idle_sessions()
 

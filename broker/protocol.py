@@ -215,7 +215,7 @@ def unpack_value(blob, frames: Sequence = ()) -> Any:
 
 def split_frames(frames: list, counts: Sequence[int]) -> list[list]:
     """Cut a message's payload into consecutive per-record slices of ``counts``."""
-    if sum(counts) != len(frames):
+    if any(n < 0 for n in counts) or sum(counts) != len(frames):
         raise ProtocolError(f"records reference {sum(counts)} frames, message has {len(frames)}")
     out, start = [], 0
     for n in counts:

@@ -112,6 +112,11 @@ class Scheduler:
         """One queued task of ``cls`` left the queue other than by dispatch (cancel, failure)."""
         cls.queued -= 1
 
+    def prune(self) -> None:
+        """Forget classes with nothing queued, so many one-off task names do not slow dispatch."""
+        for key in [k for k, c in self.classes.items() if c.queued <= 0]:
+            del self.classes[key]
+
     def pending(self) -> Iterator[TaskClass]:
         return (c for c in self.classes.values() if c.queued > 0)
 

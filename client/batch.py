@@ -388,13 +388,15 @@ class Display:
 class StartedWatcher:
     """Counts this run's tasks that have started and not finished, from the broker's task.started events."""
 
-    def __init__(self, address: str, ctx: zmq.Context) -> None:
+    def __init__(self, address: str, ctx: zmq.Context, security=None) -> None:
         self.in_flight: set[str] = set()
         self.started: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._sock = ctx.socket(zmq.SUB)
         self._sock.linger = 0
+        if security is not None:  # the events socket has the same CURVE policy as the frontend
+            security.apply_client(self._sock)
         self._sock.setsockopt(zmq.SUBSCRIBE, b"task.started")
         self._sock.connect(address)
         self._thread = threading.Thread(target=self._run, name="gridq-submit-events", daemon=True)
@@ -588,6 +590,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="per-task time limit once running (a line's own \"timeout\" wins)")
     p.add_argument("--quiet", action="store_true", help="no progress, only problems and the summary")
+    p.add_argument("--broker-key", default=None, metavar="FILE", help="the broker's public CURVE key")
+    p.add_argument("--curve-secret", default=None, metavar="FILE", help="this client's CURVE key pair (secret file)")
     args = p.parse_args(argv)
     if args.max_in_flight < 1:
         p.error("--max-in-flight must be at least 1")
@@ -611,7 +615,11 @@ def main(argv=None) -> int:
     configure_logging("console", "warning")  # the client's own log lines, on stderr, only when they matter
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _raise_interrupt)
-    client = Client(args.broker)
+    try:
+        client = Client(args.broker, broker_key=args.broker_key, secret=args.curve_secret)
+    except (OSError, ValueError) as exc:
+        _err(f"cannot use the CURVE keys: {exc}")
+        return 2
     try:
         return _main(args, client)
     except KeyboardInterrupt:
@@ -661,7 +669,7 @@ def _main(args: argparse.Namespace, client: Client) -> int:
     display = Display(stats, "stdin" if args.file == "-" else Path(args.file).name, quiet=args.quiet)
     run = BatchRun(args, source, lines, out, key_prefix, finished_before, stats, display)
     if args.events:
-        run.watcher = stats.watcher = StartedWatcher(args.events, zmq.Context.instance())
+        run.watcher = stats.watcher = StartedWatcher(args.events, zmq.Context.instance(), client._security)
     interrupted = None
     started = time.monotonic()
     display.start()

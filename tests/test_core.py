@@ -486,3 +486,15 @@ def test_fetched_tasks_are_forgotten_soon_but_keyed_ones_keep_their_result_for_t
         h.tick(1.0)
     assert plain not in h.core.tasks  # memory does not grow with every task ever run
     assert unpack_value(h.core.tasks[keyed].result[1]) == 2
+
+
+def test_queues_of_one_off_task_names_are_forgotten_once_empty(h):
+    h.join(b"w1", tasks={f"job{i}": {"cpu": 1} for i in range(50)})
+    for i in range(50):
+        t = h.submit(f"job{i}")
+        h.dispatched(b"w1")
+        h.done(b"w1", t)
+    h.tick(1.5)
+    assert len(h.core.sched.classes) == 0
+    t = h.submit("job7")  # a class comes back when needed
+    assert h.dispatched(b"w1") == [t]
