@@ -25,6 +25,8 @@ log = structlog.get_logger(__name__)
 
 #: results that make a slot thread wake the socket thread even while more tasks wait here
 OUTPUT_BATCH = 32
+#: results of tasks that ran at least this long are reported at once, never gathered
+BATCH_BELOW_S = 0.0002
 
 
 class Runner:
@@ -140,9 +142,10 @@ class Runner:
                     self._free = dict(self._resources)  # idle: exactly what it offers
                 self._log.append(out)
                 self._results += 1
-                # with more tasks waiting here, let results gather into one DONE (the socket
-                # thread also sends what is there every few ms); idle now: report at once
-                wake = not self._woken and (not self._pending or self._results >= OUTPUT_BATCH)
+                # tiny tasks with more waiting here: let results gather into one DONE (the socket
+                # thread also sends what is there every 2 ms); otherwise report at once
+                wake = not self._woken and (not self._pending or self._results >= OUTPUT_BATCH
+                                            or out[0][4] >= BATCH_BELOW_S)
                 self._woken = self._woken or wake
                 self._cond.notify()
             if wake:
