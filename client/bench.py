@@ -34,7 +34,6 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
-import psutil
 import zmq
 
 from broker.logs import configure_logging
@@ -118,6 +117,7 @@ class GridqCluster:
     logdir: Path
     journal: str | None = None
     workers: int = 2
+    worker_args: list = field(default_factory=lambda: ["--slots", "1"])
     sim_workers: int = 0
     procs: list = field(default_factory=list)  #: (label, Popen) in start order
     mp_procs: list = field(default_factory=list)
@@ -140,7 +140,7 @@ class GridqCluster:
             broker = self._spawn("broker", cmd)
             self.broker_pid = broker.pid
             for i in range(self.workers):
-                self._spawn(f"worker-{i}", [sys.executable, "-m", "worker", "--broker", self.backend, "--slots", "1"])
+                self._spawn(f"worker-{i}", [sys.executable, "-m", "worker", "--broker", self.backend, *self.worker_args])
             if self.sim_workers:
                 proc = _mp().Process(target=sim_workers_main, args=(self.backend, self.sim_workers), daemon=True)
                 proc.start()
@@ -275,6 +275,8 @@ class RssSampler:
     """Samples a process's RSS from a thread; ``peak_mib`` after the ``with`` block."""
 
     def __init__(self, pid: int) -> None:
+        import psutil  # here, not at the top: the GPU machine has no psutil, and bench_gpu imports this module
+
         self.proc = psutil.Process(pid)
         self.peak = 0
         self._stop = threading.Event()
@@ -694,6 +696,8 @@ class Watchdog:
     def _run(self) -> None:
         if self._done.wait(self.limit_s):
             return
+        import psutil
+
         for child in psutil.Process().children(recursive=True):  # ours alone: we started each of them
             try:
                 child.kill()
@@ -732,8 +736,14 @@ def main(argv=None) -> int:
             setattr(cfg, name, value)
     with Watchdog(args.timeout or (120.0 if cfg.quick else 900.0)):
         result = run(cfg)
+    from client import bench_gpu
+
+    if bench_gpu.gpu_available():
+        result["gpu"] = bench_gpu.run()
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(report(result))
+    print(bench_gpu.report(result["gpu"]) if "gpu" in result else "GPU part: skipped (no CuPy or no CUDA device here; "
+          "scripts/gpu-check runs it on a GPU machine)")
     print(f"samples written to {args.json}")
     return 0
 
