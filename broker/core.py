@@ -244,10 +244,12 @@ class Core:
             if key is not None and key in self.keys and self.keys[key] in self.tasks:
                 first = self.tasks[self.keys[key]]
                 aliases.append([task_id, first.task_id])
-                if first.session != session:
+                if first.session != session and session not in first.watchers:
                     first.watchers.add(session)
-                    if first.result is not None:
-                        self._deliver(first, session)
+                    if self.journal is not None:
+                        self.journal.state(first)  # a restarted broker must still deliver to it
+                if first.result is not None:  # to this session too: it may have fetched it already
+                    self._deliver(first, session)
                 continue
             task = Task(task_id, session, name, args, frames, override, priority, retries, timeout_s, key, now,
                         wall_submitted=self.wall)

@@ -111,7 +111,9 @@ class Journal:
             status, value, frames, info = task.result
             result = msgpack.packb([status, value, info])
             result_frames = _frames_blob(frames)
-            acked = int(value is None)  # fetched, or nothing to deliver (cancelled)
+            # fetched (the payload was dropped); a cancelled task has none but still reaches the
+            # sessions that submitted its key after it, so it is delivered again after a restart
+            acked = int(value is None and status != TaskState.CANCELLED.value)
         finished = task.state in TERMINAL
         return (task.task_id, task.session, task.name,
                 None if finished else task.args, None if finished else _frames_blob(task.frames),

@@ -422,7 +422,9 @@ class CoreMachine(RuleBasedStateMachine):
         self.h.core = Core(heartbeat_s=HEARTBEAT_S, liveness=LIVENESS, max_retries=2, journal=self.journal)
         self.journal.restore(self.core, self.h.now)
         for w in self.workers:
-            w.steady = w.alive and not w.silent  # TASKS already sent stay in its socket: it reads them
+            w.steady = w.alive and not w.silent
+            if w.alive:  # TASKS the old broker sent are in its socket: read before anything new
+                w.read_inbox()
 
     # ------------------------------------------------------------ invariants
 
@@ -449,6 +451,17 @@ class CoreMachine(RuleBasedStateMachine):
                 deliverable = task_id in core.sessions.get(session, _NO_SESSION).outbox
                 delivered = task_id in self.received[session] or task_id in self.cancelled
                 assert deliverable or delivered, f"{task_id} finished but its result can never reach its client"
+
+    @invariant()
+    def a_key_submitted_again_gets_the_first_tasks_result(self) -> None:
+        for alias, first in self.aliases.items():
+            session = self.submitted[alias][0]
+            task = self.core.tasks.get(first)
+            if task is None or task.result is None:
+                continue  # still pending, or forgotten after its owner acknowledged it (unkeyed only)
+            deliverable = first in self.core.sessions.get(session, _NO_SESSION).outbox
+            assert deliverable or first in self.received[session], (
+                f"{alias} of {session} is an alias of {first}, whose result can never reach {session}")
 
     @invariant()
     def no_task_is_held_by_two_live_workers(self) -> None:
@@ -561,3 +574,32 @@ def test_a_worker_claiming_more_than_its_slots_after_a_restart_gets_the_rest_as_
         h.done(b"w2", task_id, 1)
     assert h.state(running) is h.state(waiting) is TaskState.SUCCEEDED
     assert w.free == {"cpu": 1} and not w.running and not w.ahead
+
+
+def test_a_key_submitted_again_by_the_same_session_after_its_result_was_fetched_gets_the_result():
+    h = Harness()
+    h.join(b"w1")
+    first = h.submit("square", 3, key="k")
+    h.dispatched(b"w1")
+    h.done(b"w1", first, 9)
+    assert first in h.fetch()
+    h.fetch(ack=[first])  # delivered and acknowledged
+    h.to_clients.clear()
+    again = h.submit("square", 3, key="k")
+    accepted = [m for _, m in h.to_clients if m.command is Command.ACCEPTED][0]
+    assert accepted.header["aliases"] == [[again, first]]
+    assert unpack_value(h.fetch()[first][2]) == 9
+    assert h.dispatched(b"w1") == []
+
+
+def test_a_session_watching_a_key_still_gets_its_result_after_a_restart(tmp_path):
+    h = Harness(journal=Journal(str(tmp_path / "j.db")))
+    h.join(b"w1", name="w")
+    first = h.submit("square", 3, key="k", session="s1")
+    h.dispatched(b"w1")
+    h.core.journal.commit()
+    h.submit("square", 3, key="k", session="s2")  # an alias: s2 now waits on the first task
+    h = restarted(h, tmp_path / "j.db")
+    h.join(b"w2", name="w", running=[first])
+    h.done(b"w2", first, 9)
+    assert unpack_value(h.fetch(session="s2")[first][2]) == 9
