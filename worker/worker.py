@@ -131,11 +131,14 @@ class Worker:
                     self._send(Message(Command.HEARTBEAT, {}))
                     sent_at = now
                 if now - heard_at >= silence_s:
-                    self.log.warning("broker_silent", silent_s=round(now - heard_at, 2), retry_in_s=backoff_s)
-                    self._sleep_interruptibly(backoff_s)
-                    backoff_s = min(backoff_s * 2, cfg.heartbeat_s * MAX_BACKOFF_HEARTBEATS)
+                    # a fresh socket at once, READY queued on it: ZeroMQ keeps dialling underneath, so
+                    # a restarted broker hears us the moment it is up (its claim-back grace is short);
+                    # the backoff only spaces out the fresh sockets while it stays away
+                    self.log.warning("broker_silent", silent_s=round(now - heard_at, 2), next_try_in_s=backoff_s)
                     self._connect()
                     heard_at = sent_at = time.monotonic()
+                    heard_at += backoff_s - silence_s if backoff_s > silence_s else 0.0
+                    backoff_s = min(backoff_s * 2, cfg.heartbeat_s * MAX_BACKOFF_HEARTBEATS)
         finally:
             self._close()
             self.runner.close()
