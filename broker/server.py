@@ -157,12 +157,17 @@ class Broker:
 
     # ------------------------------------------------------------- input
 
-    def _drain_frontend(self, now: float) -> None:
+    @staticmethod
+    def _incoming(sock: zmq.Socket):
+        """The messages waiting on ``sock``, at most DRAIN_BATCH of them."""
         for _ in range(DRAIN_BATCH):
             try:
-                frames = self.frontend.recv_multipart(zmq.NOBLOCK, copy=False)
+                yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+
+    def _drain_frontend(self, now: float) -> None:
+        for frames in self._incoming(self.frontend):
             route = frames[0].bytes
             # REQ clients (and DEALERs that imitate them) put an empty frame before the body
             if len(frames) < 3 or frames[1].bytes != b"":
@@ -190,11 +195,7 @@ class Broker:
         self._send_client(route, Message(Command.ERROR, {"rid": None, "error": error}))
 
     def _drain_backend(self, now: float) -> None:
-        for _ in range(DRAIN_BATCH):
-            try:
-                frames = self.backend.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
+        for frames in self._incoming(self.backend):
             wid = frames[0].bytes
             if self._too_big(frames):
                 self.core.drop_worker_input(wid, f"message exceeds {self.config.max_message_bytes} bytes", now)
