@@ -136,6 +136,7 @@ def test_priority_runs_higher_first(cluster, events):
         wait_until(lambda: c.status()["queued"] == 25, what="all 25 queued before any worker")
         cluster.start_worker()
         c.gather(low + high, timeout=30)
+    wait_until(lambda: len(log.of("task.started")) == 25, what="every task.started event")  # events trail results
     order = [e["task_id"] for e in sorted(log.of("task.started"), key=lambda e: e["seq"])]
     assert set(order[:5]) == {f.task_id for f in high}
     assert order[5:] == [f.task_id for f in low]  # FIFO within a priority
