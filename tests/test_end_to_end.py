@@ -111,10 +111,11 @@ def test_cancel_of_a_queued_task_means_it_never_runs(running, events):
     assert not [e for e in log.of("task.started") if e["task_id"] == queued.task_id]
 
 
-def test_running_task_is_not_cancelled(running):
+def test_running_task_is_not_cancelled(running, events):
+    log = events("task.started")
     with running.client() as c:
         f = c.submit("sleep", 0.5)
-        time.sleep(0.2)  # let it start (the broker dispatches at once to an idle worker)
+        log.wait_for("task.started", lambda e: e["task_id"] == f.task_id)
         assert c.cancel(f) is False
         assert f.result(timeout=10) == 0.5
 
@@ -150,9 +151,11 @@ def test_idempotency_key_runs_once_and_returns_the_same_result(running, events):
         assert a.result(10) == b.result(10) == 81
     with running.client() as other:
         assert other.submit("square", 9, key="k-1").result(10) == 81
-    time.sleep(0.3)
-    assert len(log.of("task.submitted")) == 1
-    assert len(log.of("task.succeeded")) == 1
+        barrier = other.submit("square", 1)  # events arrive in order: once its are in, all earlier are
+        barrier.result(10)
+    log.wait_for("task.succeeded", lambda e: e["task_id"] == barrier.task_id)
+    assert len(log.of("task.submitted")) == 2
+    assert len(log.of("task.succeeded")) == 2
 
 
 def test_client_used_from_many_threads(running):
