@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from broker.protocol import SUBMIT_FIELDS, Command, Message, ProtocolError, split_frames
+from broker.protocol import NAME_IN_USE, SUBMIT_FIELDS, Command, Message, ProtocolError, split_frames
 from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, fits, missing
 from broker.states import TERMINAL, TaskState, WorkerState, check_task_move, check_worker_move
 
@@ -92,6 +92,7 @@ class Worker:
     ahead: dict = field(default_factory=dict)  #: task_id -> needs: sent ahead, not started, holds nothing
     tiebreak: int = 0
     served: int = 0
+    pid: int | None = None  #: its process id as it announced it (tells two workers of one name apart)
     last_heard: float = 0.0
     last_sent: float = 0.0
 
@@ -174,7 +175,10 @@ class Core:
         self._deadlines: list = []  #: (deadline, task_id, attempt) of running tasks with a timeout
         self._fetch_expiry: list = []  #: (expires_at, seq, sid, rid); seq: rids are peer data, never compared
         self._fetch_seq = 0
-        self._tombstones: list = []  #: heap of (expires_at, task_id) of finished tasks
+        #: finished tasks -> when they are forgotten: after --result-ttl, or soon after their result
+        #: was fetched; insertion order is expiry order (each delay is a constant)
+        self._expiry: OrderedDict = OrderedDict()
+        self._acked_expiry: OrderedDict = OrderedDict()
         self._tiebreak = 0
         self._recent: deque = deque(maxlen=STATS_WINDOW)  #: (finished_at, queued_s, run_s)
         self._last_stats_at: float | None = None
@@ -217,7 +221,6 @@ class Core:
                 raise ProtocolError("nframes must be a non-negative integer")
             counts.append(rec[3])
         per_task = split_frames(msg.frames, counts)
-        sess = self._session(session)
         rejected, aliases = [], []
         for rec, frames in zip(records, per_task):
             task_id, name, args, _n, resources, priority, retries, timeout_s, key = rec
@@ -386,8 +389,9 @@ class Core:
         listed = [t for t in (h.get("running") or ()) if isinstance(t, str)]
         claims = set(listed)
         self._tiebreak += 1
+        pid = h.get("pid") if isinstance(h.get("pid"), int) else None
         worker = Worker(wid, name, resources, dict(resources), slots, serves, now + self.heartbeat_s * self.liveness,
-                        tiebreak=self._tiebreak, last_heard=now, last_sent=now)
+                        tiebreak=self._tiebreak, last_heard=now, last_sent=now, pid=pid)
         for old in list(self.workers.values()):
             if old.wid == wid:
                 # the same connection announcing again (told to, maybe more than once): tasks sent to
@@ -397,6 +401,12 @@ class Core:
                 self.workers.pop(wid)
                 self.sched.worker_gone(old)
             elif old.name == name:  # the same worker on a fresh socket: what it does not claim is lost
+                if old.pid is not None and pid != old.pid and now - old.last_heard < self.heartbeat_s:
+                    # another live process under the same name: two workers must not evict each other
+                    reason = f"{NAME_IN_USE}: {name!r} belongs to a live worker (pid {old.pid})"
+                    log.warning("worker_refused", worker=name, pid=pid, reason=reason)
+                    self._out.workers.append((wid, Message(Command.DISCONNECT, {"reason": reason})))
+                    return
                 self._hand_over(old, worker, claims)
                 self._remove_worker(old, WorkerState.LOST, now)
         self.workers[wid] = worker
@@ -436,12 +446,11 @@ class Core:
         for task_id in [t for t in old.running if t in claims]:
             held = old.running.pop(task_id)
             self._release(old, held)
-            task = self.tasks.get(task_id)
-            if task is None or task.state is not TaskState.RUNNING or task.worker != old.wid:
-                continue
-            task.worker = new.wid
-            new.running[task_id] = held
+            new.running[task_id] = held  # held even if it timed out here: the worker still runs it
             _hold(new.free, held, -1)
+            task = self.tasks.get(task_id)
+            if task is not None and task.state is TaskState.RUNNING and task.worker == old.wid:
+                task.worker = new.wid
         for task_id in [t for t in old.ahead if t in claims]:
             task = self.tasks.get(task_id)
             new.ahead[task_id] = old.ahead.pop(task_id)
@@ -554,14 +563,16 @@ class Core:
         if self._held:
             self._expire_holds(now)
         self._check_unservable(now)
-        while self._tombstones and self._tombstones[0][0] <= now:
-            _, task_id = heapq.heappop(self._tombstones)
-            task = self.tasks.get(task_id)
-            if task is not None and task.state in TERMINAL:
-                self._forget(task)
+        for expiry in (self._expiry, self._acked_expiry):
+            while expiry and next(iter(expiry.values())) <= now:
+                task_id, _ = expiry.popitem(last=False)
+                task = self.tasks.get(task_id)
+                if task is not None and task.state in TERMINAL:
+                    self._forget(task)
         if self._last_stats_at is None or now - self._last_stats_at >= 1.0:
             self._last_stats_at = now
             self.sched.prune()
+            self._compact_timers()
             self._stats(now)
             self._forget_idle_sessions()
 
@@ -602,7 +613,7 @@ class Core:
             if not rec["acked"]:
                 for sid in (task.session, *task.watchers):
                     self._deliver(task, sid)
-            heapq.heappush(self._tombstones, (now + max(0.0, rec["ttl_left_s"] or 0.0), task.task_id))
+            self._expiry[task.task_id] = now + max(0.0, rec["ttl_left_s"] or 0.0)
             return
         self.counts["queued"] += 1
         if state in (TaskState.RUNNING, TaskState.DISPATCHED) and task.worker_name:
@@ -691,11 +702,18 @@ class Core:
             self.workers[wid].last_sent = now
 
     def _short(self, cls, worker: Worker) -> bool:
-        """May one more task of ``cls`` wait ahead on ``worker``? Only short ones, and only
-        as many as amount to AHEAD_MAX_WAIT_S of work per slot."""
+        """May one more task of ``cls`` wait ahead on ``worker``? Only a short one, only behind
+        short ones (a task never waits ahead behind a long or unknown one), and only as many as
+        amount to AHEAD_MAX_WAIT_S of work per slot."""
         run_s = self._run_s.get(cls.name)
-        return run_s is not None and run_s < AHEAD_MAX_RUN_S and \
-            (len(worker.ahead) + 1) * run_s <= AHEAD_MAX_WAIT_S * worker.slots
+        if run_s is None or run_s >= AHEAD_MAX_RUN_S or (len(worker.ahead) + 1) * run_s > AHEAD_MAX_WAIT_S * worker.slots:
+            return False
+        for task_id in worker.running:
+            task = self.tasks.get(task_id)
+            ahead_of = self._run_s.get(task.name) if task is not None else None
+            if ahead_of is None or ahead_of >= AHEAD_MAX_RUN_S:
+                return False
+        return True
 
     def _is_queued(self, task_id: str) -> bool:
         task = self.tasks.get(task_id)
@@ -818,7 +836,7 @@ class Core:
         self._deliver(task, task.session)
         for sid in task.watchers:
             self._deliver(task, sid)
-        heapq.heappush(self._tombstones, (now + self.result_ttl_s, task.task_id))
+        self._expiry[task.task_id] = now + self.result_ttl_s
 
     def _info(self, task: Task, run_s: float) -> dict:
         return {"worker": task.worker_name, "attempts": task.attempts, "queued_s": round(task.queued_s, 6),
@@ -853,9 +871,24 @@ class Core:
             task.result = (status, None, [], info)
             if self.journal is not None:
                 self.journal.fetched(task)
-            heapq.heappush(self._tombstones, (now + min(ACKED_GRACE_S, self.result_ttl_s), task_id))
+            if self._expiry.pop(task_id, None) is not None:
+                self._acked_expiry[task_id] = now + min(ACKED_GRACE_S, self.result_ttl_s)
+
+    def _compact_timers(self) -> None:
+        """Drop heap entries of tasks and fetches that ended before their deadline, once they
+        outnumber the live ones: a long-running broker must not keep one per task ever run."""
+        if len(self._deadlines) > 2 * self.counts["running"] + 1024:
+            self._deadlines = [d for d in self._deadlines if (t := self.tasks.get(d[1])) is not None
+                               and t.state is TaskState.RUNNING and t.attempts == d[2]]
+            heapq.heapify(self._deadlines)
+        if len(self._fetch_expiry) > 2 * len(self.sessions) + 1024:
+            self._fetch_expiry = [f for f in self._fetch_expiry if (sess := self.sessions.get(f[2])) is not None
+                                  and sess.fetch is not None and sess.fetch[1] is f[3]]
+            heapq.heapify(self._fetch_expiry)
 
     def _forget(self, task: Task) -> None:
+        self._expiry.pop(task.task_id, None)
+        self._acked_expiry.pop(task.task_id, None)
         del self.tasks[task.task_id]
         if task.key is not None and self.keys.get(task.key) == task.task_id:
             del self.keys[task.key]

@@ -39,6 +39,8 @@ MDP_WORKER_TAG = b"MDPW01"
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 #: Most payload frames one message may carry.
 MAX_FRAMES = 100_000
+#: start of a DISCONNECT reason that tells a worker to stop for good: its --name is taken
+NAME_IN_USE = "worker name in use"
 #: msgpack extension code of an array reference inside a value blob.
 ARRAY_EXT = 1
 

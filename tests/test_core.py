@@ -486,6 +486,17 @@ def test_fetched_tasks_are_forgotten_soon_but_keyed_ones_keep_their_result_for_t
         h.tick(1.0)
     assert plain not in h.core.tasks  # memory does not grow with every task ever run
     assert unpack_value(h.core.tasks[keyed].result[1]) == 2
+    assert list(h.core._expiry) == [keyed] and not h.core._acked_expiry  # no timer left behind either
+
+
+def test_timeouts_of_tasks_that_finished_in_time_do_not_pile_up(h):
+    h.join(b"w1")
+    for _ in range(1500):
+        t = h.submit(timeout_s=3600.0)
+        h.dispatched(b"w1")
+        h.done(b"w1", t)
+    h.tick(1.5)
+    assert len(h.core._deadlines) < 1024
 
 
 def test_queues_of_one_off_task_names_are_forgotten_once_empty(h):
@@ -498,3 +509,29 @@ def test_queues_of_one_off_task_names_are_forgotten_once_empty(h):
     assert len(h.core.sched.classes) == 0
     t = h.submit("job7")  # a class comes back when needed
     assert h.dispatched(b"w1") == [t]
+
+
+def test_nothing_waits_ahead_behind_a_long_running_task(h):
+    h.join(b"w1")
+    _run_once(h, b"w1")  # noop is known to be short
+    long_one = h.submit("sleep", 60)  # unknown duration, runs on w1
+    assert h.dispatched(b"w1") == [long_one]
+    short = [h.submit() for _ in range(5)]
+    assert h.dispatched(b"w1") == [] and not h.core.workers[b"w1"].ahead
+    h.join(b"w2")  # an idle worker takes them, instead of them waiting a minute on w1
+    assert h.dispatched(b"w2")[0] == short[0]
+
+
+def test_two_live_processes_with_one_name_do_not_evict_each_other(h):
+    h.core.on_worker(b"a", Message(Command.READY, {"name": "x", "slots": 1, "tasks": ALL_TASKS, "pid": 1}), h.now)
+    t = h.submit()
+    assert h.dispatched(b"a") == [t]
+    h.core.on_worker(b"b", Message(Command.READY, {"name": "x", "slots": 1, "tasks": ALL_TASKS, "pid": 2}), h.now)
+    h.flush()
+    assert list(h.core.workers) == [b"a"] and h.state(t) is TaskState.RUNNING
+    refusal = h.to_workers[b"b"][-1]
+    assert refusal.command is Command.DISCONNECT and refusal.header["reason"].startswith("worker name in use")
+    h.tick(2.0)  # a silent while later the name's owner may be dead: a new process may take the name over
+    h.core.on_worker(b"c", Message(Command.READY, {"name": "x", "slots": 1, "tasks": ALL_TASKS, "pid": 3}), h.now)
+    h.flush()
+    assert list(h.core.workers) == [b"c"]

@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()
+    if worker.refused:
+        print(f"gridq-worker: the broker refused this worker: {worker.refused}; choose another --name", file=sys.stderr)
+        return 2
     return 0
 
 

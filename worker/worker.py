@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 import zmq
 
-from broker.protocol import WORKER_TAG, Command, Message, ProtocolError, decode, encode, split_frames
+from broker.protocol import NAME_IN_USE, WORKER_TAG, Command, Message, ProtocolError, decode, encode, split_frames
 from worker.executors import Runner
 from worker.registry import TaskSpec
 
@@ -57,6 +57,7 @@ class Worker:
         self.log = log.bind(worker=self.name)
         self.sock: zmq.Socket | None = None
         self._stopping = False
+        self.refused: str | None = None  #: why the broker refused this worker for good, if it did
         self._stop_deadline = 0.0
         #: (sent_at, results, frames) of DONEs that a broker may have lost with a crash: sent, but
         #: nothing heard from it since that it could only have sent after committing them
@@ -197,8 +198,14 @@ class Worker:
             if msg.command is Command.TASKS:
                 self._on_tasks(msg)
             elif msg.command is Command.DISCONNECT:
-                self.log.info("broker_disconnect", reason=msg.header.get("reason"))
-                if msg.header.get("reason") == "broker stopping":
+                reason = str(msg.header.get("reason"))
+                self.log.info("broker_disconnect", reason=reason)
+                if reason.startswith(NAME_IN_USE):
+                    self.log.error("worker_refused", reason=reason)
+                    self.refused = reason
+                    self._stopping = True
+                    return False
+                if reason == "broker stopping":
                     self._sleep_interruptibly(self.config.heartbeat_s)
                     self._connect()
                     return True
