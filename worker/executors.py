@@ -69,6 +69,11 @@ class Runner:
             return [*(r[0] for r, _ in self._pending), *self._running,
                     *(e[0][0] for e in self._log if not isinstance(e, str))]
 
+    def unfinished(self) -> list[str]:
+        """Tasks waiting or running here, without those finished and not yet reported."""
+        with self._cond:
+            return [*(r[0] for r, _ in self._pending), *self._running]
+
     def busy(self) -> bool:
         with self._cond:
             return bool(self._pending or self._running)

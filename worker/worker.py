@@ -106,9 +106,12 @@ class Worker:
                         self.log.info("worker_left")
                         return
                     if now >= self._stop_deadline:
-                        self._send(Message(Command.RETURN, {"ids": self.runner.held()}))
+                        if self.runner.has_output():
+                            self._send_done()  # finished work is reported, never handed back to run again
+                        unfinished = self.runner.unfinished()
+                        self._send(Message(Command.RETURN, {"ids": unfinished}))
                         self._send(Message(Command.DISCONNECT, {}))
-                        self.log.warning("worker_drain_timeout", handed_back=self.runner.held())
+                        self.log.warning("worker_drain_timeout", handed_back=unfinished)
                         return
                 wait_s = max(0.0, min(sent_at + cfg.heartbeat_s, heard_at + silence_s) - now)
                 if self.runner.has_output():
