@@ -18,7 +18,7 @@ import time
 from collections import deque
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import structlog
 import zmq
@@ -279,18 +279,11 @@ class Client:
                 self._to_submit.append((future, record, frames))
             else:
                 _, command, header, waiter = item
-                if command is Command.CANCEL and self._cancel_unsent(header["ids"], waiter):
-                    continue
+                if command is Command.CANCEL:
+                    # the broker must have the task before it can cancel it (and say so in a
+                    # task.cancelled event): send what waits here first, on the same socket, in order
+                    self._send_more(pipeline=1 << 30)
                 self._request(command, header, waiter=waiter)
-
-    def _cancel_unsent(self, ids: list, waiter: Future) -> bool:
-        """Cancel tasks still waiting here to be sent: the broker never hears of them."""
-        unsent = {f.task_id: (f, r, fr) for f, r, fr in self._to_submit if f.task_id in ids}
-        if len(unsent) != len(ids):
-            return False
-        self._to_submit = deque(item for item in self._to_submit if item[0].task_id not in unsent)
-        waiter.set_result({"cancelled": list(unsent), "refused": []})
-        return True
 
     def _request(self, command: Command, header: dict, frames: list = (), waiter=None, task_ids=(), wait_s=0.0) -> _Request:
         rid = next(self._rid)
@@ -307,9 +300,9 @@ class Client:
         except zmq.Again:
             pass
 
-    def _send_more(self) -> None:
+    def _send_more(self, pipeline: int = SUBMIT_PIPELINE) -> None:
         submits = sum(1 for r in self._requests.values() if r.command is Command.SUBMIT)
-        while self._to_submit and submits < SUBMIT_PIPELINE:
+        while self._to_submit and submits < pipeline:
             records, frames, ids, size = [], [], [], 0
             while self._to_submit and len(records) < SUBMIT_BATCH and (size < SUBMIT_BATCH_BYTES or not records):
                 future, record, task_frames = self._to_submit.popleft()

@@ -111,6 +111,17 @@ def test_cancel_of_a_queued_task_means_it_never_runs(running, events):
     assert not [e for e in log.of("task.started") if e["task_id"] == queued.task_id]
 
 
+def test_cancel_right_after_submit_still_reaches_the_broker_and_is_published(cluster, events):
+    cluster.start_broker()  # no worker: the task can only wait in the queue
+    log = events("task.")
+    with cluster.client() as c:
+        f = c.submit("square", 3)
+        assert c.cancel(f) is True
+        with pytest.raises(CancelledError):
+            f.result(timeout=5)
+    log.wait_for("task.cancelled", lambda e: e["task_id"] == f.task_id)
+
+
 def test_running_task_is_not_cancelled(running, events):
     log = events("task.started")
     with running.client() as c:
