@@ -153,6 +153,7 @@ class Core:
         no_worker_timeout_s: float = 10.0,
         result_ttl_s: float = 3600.0,
         journal=None,
+        boot: str | None = None,
     ) -> None:
         self.heartbeat_s = heartbeat_s
         self.liveness = liveness
@@ -160,6 +161,9 @@ class Core:
         self.no_worker_timeout_s = no_worker_timeout_s
         self.result_ttl_s = result_ttl_s
         self.journal = journal
+        #: which broker process this is, in replies that clients match results against: a client
+        #: whose broker restarted without a journal knows its accepted tasks are gone
+        self._incarnation = {"boot": boot, "durable": journal is not None} if boot else {}
         self.tasks: dict[str, Task] = {}
         self.keys: dict[str, str] = {}  #: idempotency key -> task id
         self.workers: dict[bytes, Worker] = {}
@@ -266,7 +270,8 @@ class Core:
             self._event("task.submitted", task_id=task_id, name=name,
                         resources=override if override is not None else self.sched.declared.get(name, DEFAULT_NEEDS),
                         priority=priority)
-        self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases})
+        self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases,
+                                              **self._incarnation})
 
     def _on_fetch(self, route: bytes, rid, msg: Message, now: float) -> None:
         sess = self._session(_name(msg.header.get("session"), "session"))
@@ -280,7 +285,7 @@ class Core:
         limit = _int(msg.header.get("max") or MAX_RESULTS_PER_REPLY, "max", 1, MAX_RESULTS_PER_REPLY)
         if sess.fetch is not None:  # a newer fetch replaces a parked one (client resent)
             old_route, old_rid, _, _ = sess.fetch
-            self._reply(old_route, Command.RESULTS, {"rid": old_rid, "results": []})
+            self._reply(old_route, Command.RESULTS, {"rid": old_rid, "results": [], **self._incarnation})
             sess.fetch = None
         if sess.outbox or wait_s <= 0:
             self._send_results(sess, route, rid, limit)
@@ -559,7 +564,7 @@ class Core:
             if sess is not None and sess.fetch is not None and sess.fetch[1] is rid:  # its own FETCH (a NaN rid != itself)
                 route, _, _, _ = sess.fetch
                 sess.fetch = None
-                self._reply(route, Command.RESULTS, {"rid": rid, "results": []})
+                self._reply(route, Command.RESULTS, {"rid": rid, "results": [], **self._incarnation})
         if self._held:
             self._expire_holds(now)
         self._check_unservable(now)
@@ -858,7 +863,7 @@ class Core:
             frames.extend(vframes)
             if len(records) >= limit:
                 break
-        self._reply(route, Command.RESULTS, {"rid": rid, "results": records}, frames)
+        self._reply(route, Command.RESULTS, {"rid": rid, "results": records, **self._incarnation}, frames)
 
     def _acked(self, task_id: str, sid: str, now: float) -> None:
         """A session confirmed it holds the result: drop the payload unless a key may ask again,

@@ -7,6 +7,7 @@ events, so nothing is acknowledged before it is durable.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -59,7 +60,7 @@ class Broker:
             self.journal = Journal(config.journal)
         self.core = Core(heartbeat_s=config.heartbeat_s, liveness=config.liveness, max_retries=config.max_retries,
                          no_worker_timeout_s=config.no_worker_timeout_s, result_ttl_s=config.result_ttl_s,
-                         journal=self.journal)
+                         journal=self.journal, boot=os.urandom(6).hex())
         self.mdp = MdpBridge(self.core)  # Majordomo peers, translated to and from core calls
         self.frontend = self._socket(zmq.ROUTER, security, "client")
         self.backend = self._socket(zmq.ROUTER, security, "worker")

@@ -25,7 +25,7 @@ import zmq
 
 from broker.protocol import CLIENT_TAG, Command, EncodeError, Message, ProtocolError, decode, encode, pack_value, split_frames, unpack_value
 from broker.wake import Waker
-from client.errors import BrokerUnavailable, GridqError, TaskError, task_error
+from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, task_error
 
 log = structlog.get_logger(__name__)
 
@@ -226,6 +226,8 @@ class Client:
         self._to_submit: deque = deque()  #: (future, record, frames) not yet sent
         self._acks: list = []  #: result ids to acknowledge with the next FETCH
         self._fetching: _Request | None = None
+        self._boot = None  #: the broker incarnation last heard from
+        self._accepted_by: dict[str, str] = {}  #: pending task id -> incarnation that accepted it
         self._sock = None
         self._connect()
         try:
@@ -352,6 +354,7 @@ class Client:
             for task_id in req.task_ids:
                 self._fail(task_id, error)
             return
+        self._check_boot(msg.header)
         if msg.command is Command.ACCEPTED:
             for task_id, reason in msg.header.get("rejected", ()):
                 self._fail(task_id, TaskError("InvalidRequest", str(reason)))
@@ -360,10 +363,30 @@ class Client:
                 for f in futures:
                     f.task_id = first_id
                 self._pending.setdefault(first_id, []).extend(futures)
+            boot = msg.header.get("boot")
+            for task_id in req.task_ids:
+                if task_id in self._pending:
+                    self._accepted_by[task_id] = boot
         elif msg.command is Command.RESULTS:
             self._on_results(msg)
         elif req.waiter is not None:
             req.waiter.set_result(msg.header)
+
+    def _check_boot(self, header: dict) -> None:
+        """A broker that restarted without a journal has forgotten what its predecessor
+        accepted: those tasks can never complete, so they fail now instead of waiting forever."""
+        boot = header.get("boot")
+        if boot is None or boot == self._boot:
+            return
+        old, self._boot = self._boot, boot
+        if old is None or header.get("durable"):
+            return
+        lost = [t for t, b in self._accepted_by.items() if b == old]
+        if lost:
+            log.warning("broker_restarted_without_journal", lost=len(lost))
+        for task_id in lost:
+            self._fail(task_id, TaskLost("TaskLost", f"task {task_id} was accepted by a broker that restarted "
+                                                     "without a journal (--journal): it is gone"))
 
     def _on_results(self, msg: Message) -> None:
         records = msg.header.get("results") or []
@@ -375,6 +398,7 @@ class Client:
         for (task_id, status, value, _n, info), frames in zip(records, per_task):
             self._acks.append(task_id)
             futures = self._pending.pop(task_id, None)
+            self._accepted_by.pop(task_id, None)
             if not futures:
                 continue  # delivered twice after a resend: the first delivery won
             for f in futures:
@@ -421,6 +445,7 @@ class Client:
             self._fail(task_id, error)
 
     def _fail(self, task_id: str, error: Exception) -> None:
+        self._accepted_by.pop(task_id, None)
         for f in self._pending.pop(task_id, ()):
             if not f.done():
                 f.set_exception(error)

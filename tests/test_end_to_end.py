@@ -8,7 +8,7 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from client import BrokerUnavailable, Client, EncodeError, TaskError, TaskTimeout
+from client import BrokerUnavailable, Client, EncodeError, TaskError, TaskLost, TaskTimeout
 from tests.conftest import free_port, wait_until
 
 
@@ -187,3 +187,15 @@ def test_broker_down_raises_broker_unavailable_without_hanging():
         with pytest.raises(BrokerUnavailable):
             c.status()
     assert time.monotonic() - started < 8
+
+
+def test_tasks_of_a_broker_restarted_without_a_journal_fail_instead_of_waiting_forever(cluster):
+    cluster.start_broker()  # no --journal, no worker: the task waits in the queue
+    with cluster.client(timeout=1.0, retries=10) as c:
+        f = c.submit("square", 3)
+        wait_until(lambda: c.status()["queued"] == 1, what="the task accepted")
+        cluster.kill(cluster.broker)
+        cluster.start_broker()
+        with pytest.raises(TaskLost, match="without a journal"):
+            f.result(timeout=30)
+        assert c.status()["queued"] == 0  # the new broker never had it; the client goes on with it
