@@ -28,6 +28,9 @@ DRAIN_BATCH = 2000
 #: encoded event topics (the hot ones; any other is encoded when sent)
 _TOPICS = {t: t.encode() for t in ("task.submitted", "task.started", "task.succeeded", "task.failed", "task.retried",
                                    "task.cancelled", "worker.joined", "worker.lost", "worker.left", "broker.stats")}
+#: message cap with --journal: a task's arrays become one SQLite value, and SQLite refuses
+#: values over 1e9 bytes (a refused message is answered; a failed commit would stop the broker)
+MAX_JOURNALED_MESSAGE_BYTES = 990_000_000
 #: linger on close for the backend, so a stopping broker's DISCONNECTs reach workers
 STOP_LINGER_MS = 300
 
@@ -54,6 +57,10 @@ class Broker:
         self.ctx = context or zmq.Context.instance()
         self.security = security
         self.journal = None
+        if config.journal and config.max_message_bytes > MAX_JOURNALED_MESSAGE_BYTES:
+            log.warning("max_message_bytes_lowered", requested=config.max_message_bytes,
+                        now=MAX_JOURNALED_MESSAGE_BYTES, why="SQLite stores no value over 1e9 bytes")
+            config.max_message_bytes = MAX_JOURNALED_MESSAGE_BYTES
         if config.journal:
             from broker.journal import Journal
 

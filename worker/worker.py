@@ -79,9 +79,11 @@ class Worker:
         tasks as still running here, and takes a result for them as if it had just come)."""
         self._send(self.announcement())
         if self._unconfirmed:
+            # resent once, not kept: a DONE the broker refused (too big, say) must not make
+            # every later announcement fail the same way
             results = [r for _, rs, _ in self._unconfirmed for r in rs]
             frames = [f for _, _, fs in self._unconfirmed for f in fs]
-            self._unconfirmed = deque([(time.monotonic(), results, frames)])
+            self._unconfirmed.clear()
             self._send(Message(Command.DONE, {"log": results}, frames))
 
     # -------------------------------------------------------------- loop
