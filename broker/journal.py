@@ -47,6 +47,12 @@ CREATE INDEX IF NOT EXISTS tasks_key ON tasks(key) WHERE key IS NOT NULL;
 
 _UPSERT = """INSERT OR REPLACE INTO tasks VALUES
     (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+#: a finished task's arguments are dropped with its last state change
+_UPDATE = """UPDATE tasks SET state = ?1, attempts = ?2, worker_name = ?3, lost_on = ?4, watchers = ?5,
+    result = ?6, result_frames = ?7, acked = ?8,
+    args = CASE WHEN ?6 IS NULL THEN args END, frames = CASE WHEN ?6 IS NULL THEN frames END,
+    finished_wall = CASE WHEN ?6 IS NULL THEN NULL ELSE coalesce(finished_wall, ?10) END
+    WHERE task_id = ?9"""
 
 
 def _frames_blob(frames: list) -> bytes:
@@ -64,37 +70,46 @@ class Journal:
         # hands); a power cut may lose the last few commits. See docs/RELIABILITY.md.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
-        self._dirty: dict = {}  #: task_id -> Task to write as it is at commit time
+        self._new: dict = {}  #: task_id -> Task to insert whole, as it is at commit time
+        self._dirty: dict = {}  #: task_id -> Task whose state columns to rewrite
         self._gone: set = set()  #: task ids to delete
         self.commits = 0
 
     # ------------------------------------------------------------ marking (called by the core)
 
     def accepted(self, task) -> None:
-        self._dirty[task.task_id] = task
+        self._new[task.task_id] = task
         self._gone.discard(task.task_id)
 
-    state = finished = fetched = accepted
+    def state(self, task) -> None:
+        """Its state changed: rewrite the state columns only, never its arguments again."""
+        if task.task_id not in self._new:
+            self._dirty[task.task_id] = task
+
+    finished = fetched = state
 
     def forgotten(self, task) -> None:
+        self._new.pop(task.task_id, None)
         self._dirty.pop(task.task_id, None)
         self._gone.add(task.task_id)
 
     # ------------------------------------------------------------ writing
 
     def commit(self) -> None:
-        if not self._dirty and not self._gone:
+        if not self._new and not self._dirty and not self._gone:
             return
         wall = time.time()
-        rows = [self._row(t, wall) for t in self._dirty.values()]
+        rows = [self._row(t, wall) for t in self._new.values()]
+        updates = [self._update(t, wall) for t in self._dirty.values()]
         gone = [(t,) for t in self._gone]
-        self._dirty = {}
-        self._gone = set()
+        self._new, self._dirty, self._gone = {}, {}, set()
         db = self.db
         db.execute("BEGIN")
         try:
             if rows:
                 db.executemany(_UPSERT, rows)
+            if updates:
+                db.executemany(_UPDATE, updates)
             if gone:
                 db.executemany("DELETE FROM tasks WHERE task_id = ?", gone)
             db.execute("COMMIT")
@@ -103,8 +118,18 @@ class Journal:
             raise
         self.commits += 1
 
+    @classmethod
+    def _row(cls, task, wall: float) -> tuple:
+        finished = task.state in TERMINAL
+        return (task.task_id, task.session, task.name,
+                None if finished else task.args, None if finished else _frames_blob(task.frames),
+                None if task.override is None else msgpack.packb(task.override),
+                task.priority, task.retries, task.timeout_s, task.key, *cls._update(task, wall)[:-2],
+                task.wall_submitted or wall, wall if finished else None)
+
     @staticmethod
-    def _row(task, wall: float) -> tuple:
+    def _update(task, wall: float) -> tuple:
+        """The columns that change after acceptance, then the task id and the time (for _UPDATE)."""
         result = result_frames = None
         acked = 0
         if task.result is not None:
@@ -114,13 +139,8 @@ class Journal:
             # fetched (the payload was dropped); a cancelled task has none but still reaches the
             # sessions that submitted its key after it, so it is delivered again after a restart
             acked = int(value is None and status != TaskState.CANCELLED.value)
-        finished = task.state in TERMINAL
-        return (task.task_id, task.session, task.name,
-                None if finished else task.args, None if finished else _frames_blob(task.frames),
-                None if task.override is None else msgpack.packb(task.override),
-                task.priority, task.retries, task.timeout_s, task.key, task.state.value, task.attempts,
-                task.worker_name, msgpack.packb(task.lost_on), msgpack.packb(sorted(task.watchers)),
-                result, result_frames, acked, task.wall_submitted or wall, wall if finished else None)
+        return (task.state.value, task.attempts, task.worker_name, msgpack.packb(task.lost_on),
+                msgpack.packb(sorted(task.watchers)), result, result_frames, acked, task.task_id, wall)
 
     # ------------------------------------------------------------ replay
 

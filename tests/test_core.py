@@ -535,3 +535,29 @@ def test_two_live_processes_with_one_name_do_not_evict_each_other(h):
     h.core.on_worker(b"c", Message(Command.READY, {"name": "x", "slots": 1, "tasks": ALL_TASKS, "pid": 3}), h.now)
     h.flush()
     assert list(h.core.workers) == [b"c"]
+
+
+def test_journal_keeps_arguments_until_the_task_finishes_then_keeps_the_result(tmp_path):
+    import numpy as np
+
+    from broker.journal import Journal
+
+    journal = Journal(str(tmp_path / "j.db"))
+    h = Harness(journal=journal)
+    h.join(b"w1")
+    blob, frames = pack_value([[np.arange(4.0)], {}])
+    rec = ["a", "sum", blob, len(frames), None, 0, None, None, None]
+    h.core.on_client(b"c", Message(Command.SUBMIT, {"rid": 1, "session": "s1", "tasks": [rec]}, frames), h.now)
+    h.flush()
+    journal.commit()
+    h.dispatched(b"w1")
+    journal.commit()
+    row = lambda: journal.db.execute("SELECT state, args IS NULL, frames IS NULL, result IS NULL FROM tasks").fetchone()
+    assert row() == ("running", 0, 0, 1)  # a state change rewrote the state, not the arguments
+    h.done(b"w1", "a", 6.0)
+    journal.commit()
+    assert row() == ("succeeded", 1, 1, 0)
+    fresh = Core()
+    journal.restore(fresh, 0.0)
+    assert unpack_value(fresh.tasks["a"].result[1]) == 6.0 and "a" in fresh.sessions["s1"].outbox
+    journal.close()
