@@ -544,16 +544,17 @@ def test_journal_keeps_arguments_until_the_task_finishes_then_keeps_the_result(t
 
     journal = Journal(str(tmp_path / "j.db"))
     h = Harness(journal=journal)
-    h.join(b"w1")
     blob, frames = pack_value([[np.arange(4.0)], {}])
-    rec = ["a", "sum", blob, len(frames), None, 0, None, None, None]
+    rec = ["a", "square", blob, len(frames), None, 0, None, None, None]
     h.core.on_client(b"c", Message(Command.SUBMIT, {"rid": 1, "session": "s1", "tasks": [rec]}, frames), h.now)
     h.flush()
     journal.commit()
-    h.dispatched(b"w1")
-    journal.commit()
     row = lambda: journal.db.execute("SELECT state, args IS NULL, frames IS NULL, result IS NULL FROM tasks").fetchone()
-    assert row() == ("running", 0, 0, 1)  # a state change rewrote the state, not the arguments
+    assert row() == ("queued", 0, 0, 1)
+    h.join(b"w1")
+    assert h.dispatched(b"w1") == ["a"]
+    journal.commit()
+    assert row() == ("running", 0, 0, 1)  # the state changed; the arguments stayed
     h.done(b"w1", "a", 6.0)
     journal.commit()
     assert row() == ("succeeded", 1, 1, 0)
