@@ -182,7 +182,8 @@ class Broker:
                 self._client_error(route, "expected an empty delimiter frame after the routing id")
                 continue
             if self._too_big(frames):
-                self._client_error(route, f"message exceeds {self.config.max_message_bytes} bytes")
+                self._client_error(route, f"message exceeds {self.config.max_message_bytes} bytes",
+                                   _rid_of(frames[2:5]))
                 continue
             tag = frames[2].bytes
             if tag == CLIENT_TAG:
@@ -198,9 +199,9 @@ class Broker:
             else:
                 self._client_error(route, f"unknown protocol {tag[:16]!r}: expected {CLIENT_TAG!r}")
 
-    def _client_error(self, route: bytes, error: str) -> None:
+    def _client_error(self, route: bytes, error: str, rid: int | None = None) -> None:
         log.info("client_message_refused", error=error)
-        self._send_client(route, Message(Command.ERROR, {"rid": None, "error": error}))
+        self._send_client(route, Message(Command.ERROR, {"rid": rid, "error": error}))
 
     def _drain_backend(self, now: float) -> None:
         for frames in self._incoming(self.backend):
@@ -270,3 +271,12 @@ class Broker:
             self.frontend.send_multipart([route, b"", *encode(CLIENT_TAG, msg)], copy=False)
         except zmq.ZMQError as exc:
             log.warning("client_send_failed", error=str(exc))
+
+
+def _rid_of(head: list) -> int | None:
+    """The request id of a message refused unread (too big), so its client can tell which one."""
+    try:
+        rid = decode(head, CLIENT_TAG).header.get("rid")
+    except ProtocolError:
+        return None
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else None

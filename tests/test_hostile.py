@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
+
+from client import GridqError
 
 from broker.protocol import (CLIENT_TAG, MAX_FRAMES, MAX_HEADER_BYTES, WORKER_TAG, Command, Message, ProtocolError,
                              decode, encode, pack_value)
@@ -246,8 +249,13 @@ def test_messages_over_the_size_cap_are_refused_and_the_broker_keeps_serving(clu
         req.send_multipart([CLIENT_TAG, bytes([Command.STATUS]), msgpack.packb({"rid": 1})] + [b"x" * 30_000] * 4)
         msg = decode(req.recv_multipart(), CLIENT_TAG)
         assert msg.command is Command.ERROR and "exceeds" in msg.header["error"]
+        assert msg.header["rid"] == 1  # answered by its request id, so a client knows which one
     finally:
         req.close(linger=0)
+    with cluster.client(timeout=5.0) as c:  # the Python client reports the refusal, not BrokerUnavailable
+        f = c.submit("echo", [np.ones(3000)] * 4)  # each array under the cap, together over it
+        with pytest.raises(GridqError, match="exceeds"):
+            f.result(timeout=10)
     big = raw_socket(zmq.DEALER, cluster.frontend)  # one frame over MAXMSGSIZE: libzmq drops the connection
     big.send_multipart([b"", CLIENT_TAG, bytes([Command.STATUS]), b"\x80" + b"\x00" * 100_000])
     big.close(linger=0)
