@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -57,6 +58,8 @@ def main(argv=None) -> int:
     configure_logging(args.log_format, args.log_level)
     import worker.builtins  # noqa: F401  (registers the built-in tasks)
 
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m worker` would: --tasks mytasks finds ./mytasks.py
     try:
         load_modules([m for m in args.tasks.split(",") if m])
     except Exception as exc:
