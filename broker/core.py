@@ -17,20 +17,16 @@ from typing import Any
 
 import structlog
 
-from broker.protocol import NAME_IN_USE, SUBMIT_FIELDS, Command, Message, ProtocolError, split_frames
+from broker.protocol import MAX_NAME_LEN, NAME_IN_USE, check_resources, hold, SUBMIT_FIELDS, Command, Message, ProtocolError, split_frames
 from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, fits, missing
 from broker.states import TERMINAL, TaskState, WorkerState, check_task_move, check_worker_move
 
 log = structlog.get_logger(__name__)
 
-#: largest quantity of any one resource a request or an announcement may name
-MAX_RESOURCE_QTY = 1e15
 #: most tasks returned in one RESULTS reply
 MAX_RESULTS_PER_REPLY = 5000
 #: longest a FETCH may wait for results, in seconds
 MAX_FETCH_WAIT_S = 60.0
-#: longest name of a task, worker, session or resource
-MAX_NAME_LEN = 256
 #: highest retries a submission may ask for
 MAX_RETRIES = 100
 #: how many recent completions the stats window keeps
@@ -233,7 +229,7 @@ class Core:
                 name = _name(name, "task name")
                 if not isinstance(args, bytes):
                     raise ValueError("args must be a msgpack blob (bytes)")
-                override = None if resources is None else _resources(resources)
+                override = None if resources is None else check_resources(resources)
                 priority = _int(priority, "priority", -(2**31), 2**31)
                 retries = self.max_retries if retries is None else _int(retries, "retries", 0, MAX_RETRIES)
                 if timeout_s is not None:
@@ -385,12 +381,12 @@ class Core:
         h = msg.header
         name = _name(h.get("name"), "worker name")
         slots = _int(h.get("slots"), "slots", 1, 1_000_000)
-        resources = _resources(h.get("resources") or {})
+        resources = check_resources(h.get("resources") or {})
         resources.setdefault("cpu", slots)
         serves = h.get("tasks")
         if not isinstance(serves, dict) or not serves:
             raise ProtocolError("READY needs a map 'tasks' of task name -> resources")
-        serves = {_name(n, "task name"): _resources(r if r is not None else DEFAULT_NEEDS) for n, r in serves.items()}
+        serves = {_name(n, "task name"): check_resources(r if r is not None else DEFAULT_NEEDS) for n, r in serves.items()}
         listed = [t for t in (h.get("running") or ()) if isinstance(t, str)]
         claims = set(listed)
         self._tiebreak += 1
@@ -452,7 +448,7 @@ class Core:
             held = old.running.pop(task_id)
             self._release(old, held)
             new.running[task_id] = held  # held even if it timed out here: the worker still runs it
-            _hold(new.free, held, -1)
+            hold(new.free, held, -1)
             task = self.tasks.get(task_id)
             if task is not None and task.state is TaskState.RUNNING and task.worker == old.wid:
                 task.worker = new.wid
@@ -756,7 +752,7 @@ class Core:
         task.started_at = now
         task.queued_s = now - task.submitted_at
         worker.running[task.task_id] = needs
-        _hold(worker.free, needs, -1)
+        hold(worker.free, needs, -1)
         self.counts["running"] += 1
         if task.timeout_s is not None:
             heapq.heappush(self._deadlines, (now + task.timeout_s, task.task_id, task.attempts))
@@ -768,7 +764,7 @@ class Core:
 
     def _release(self, worker: Worker, held: dict) -> None:
         if worker.running:
-            _hold(worker.free, held, +1)
+            hold(worker.free, held, +1)
         else:  # idle: exactly what it offers, whatever float rounding the holds left behind
             worker.free.clear()
             worker.free.update(worker.resources)
@@ -1001,31 +997,8 @@ def _positive(value, what: str) -> float:
     return float(value)
 
 
-def _resources(value) -> dict:
-    if not isinstance(value, dict) or len(value) > 64:
-        raise ValueError("resources must be a map of at most 64 name -> quantity")
-    out = {}
-    for name, qty in value.items():
-        _name(name, "resource name")
-        if isinstance(qty, bool) or not isinstance(qty, (int, float)) or not (0 <= qty <= MAX_RESOURCE_QTY):
-            raise ValueError(f"resource {name!r} must be a number in [0, {MAX_RESOURCE_QTY:g}], got {qty!r}")
-        out[name] = qty
-    return out
-
-
 def _error_text(error: dict) -> str:
     return f"{error.get('type', 'Error')}: {error.get('message', '')}"
-
-
-def _hold(free: dict, needs: dict, sign: int) -> None:
-    """Take (sign -1) or give back (+1) ``needs`` from ``free``.
-
-    Rounded to 9 decimals because fractional quantities (0.1 + 0.2 ...) would
-    otherwise drift with every hold, until a task needing the whole resource
-    never fits again.
-    """
-    for res, qty in needs.items():
-        free[res] = round(free.get(res, 0) + sign * qty, 9)
 
 
 def _pct(sorted_values: list, pct: int) -> float | None:

@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from broker.core import MAX_FETCH_WAIT_S, MAX_NAME_LEN, Core, Outgoing
+from broker.core import MAX_FETCH_WAIT_S, Core, Outgoing
 from broker.protocol import (
     DISPATCH_FIELDS,
     DONE_FIELDS,
+    MAX_NAME_LEN,
     MDP_CLIENT_TAG,
     MDP_WORKER_TAG,
     RESULT_FIELDS,
@@ -37,6 +38,8 @@ from broker.protocol import (
     Command,
     Message,
     ProtocolError,
+    as_bytes,
+    frame_buffer,
     pack_value,
     split_frames,
     unpack_value,
@@ -139,7 +142,7 @@ class MdpBridge:
         if len(frames) < 2:
             log.info("mdp_client_message_dropped", error="REQUEST needs a service frame")
             return
-        service = _bytes(frames[1])
+        service = as_bytes(frames[1])
         body = frames[2:]
         if service.startswith(MMI_PREFIX):
             self._reply(route, service, [self._mmi(service, body)])
@@ -165,7 +168,7 @@ class MdpBridge:
         if service != MMI_SERVICE:
             return MMI_NOT_IMPLEMENTED
         try:
-            name = _bytes(body[0]).decode() if body else None
+            name = as_bytes(body[0]).decode() if body else None
         except UnicodeDecodeError:
             name = None
         served = name is not None and any(name in w.serves and w.state is WorkerState.READY
@@ -198,7 +201,7 @@ class MdpBridge:
             log.exception("peer_input_crashed", peer="mdp_worker", worker=_worker_name(wid), error=repr(exc))
 
     def _on_worker(self, wid: bytes, frames: list, now: float) -> None:
-        command = _MDP_COMMANDS.get(_bytes(frames[1])) if len(frames) > 1 else None
+        command = _MDP_COMMANDS.get(as_bytes(frames[1])) if len(frames) > 1 else None
         if command is None:
             self._invalid(wid, "missing or unknown MDP/Worker command", now)
             return
@@ -227,7 +230,7 @@ class MdpBridge:
         if len(frames) < 3:
             self._invalid(wid, "READY without a service frame", now)
             return
-        service = _bytes(frames[2])
+        service = as_bytes(frames[2])
         if service.startswith(MMI_PREFIX):
             self._disconnect(wid, f"service {service[:64]!r} is in the broker's mmi. namespace", now)
             return
@@ -243,11 +246,11 @@ class MdpBridge:
         log.info("mdp_worker_ready", worker=_worker_name(wid), service=name)
 
     def _on_reply(self, wid: bytes, frames: list, now: float) -> None:
-        if len(frames) < 4 or _bytes(frames[3]) != _EMPTY:
+        if len(frames) < 4 or as_bytes(frames[3]) != _EMPTY:
             self._invalid(wid, "REPLY needs a client address frame and an empty frame", now)
             return
         worker = self.workers[wid]
-        task_id = _bytes(frames[2]).decode("utf-8", "replace")
+        task_id = as_bytes(frames[2]).decode("utf-8", "replace")
         if task_id != worker.current:
             self._disconnect(wid, "REPLY for a request it does not hold", now)
             return
@@ -402,17 +405,9 @@ class MdpBridge:
 # ==================================================================== bodies
 
 
-def _bytes(frame) -> bytes:
-    return frame if isinstance(frame, bytes) else frame.bytes
-
-
-def _buffer(frame):
-    return frame if isinstance(frame, (bytes, bytearray, memoryview)) else frame.buffer
-
-
 def _as_arrays(frames: list) -> list:
     """Body frames as read-only uint8 arrays over the received bytes: no copy."""
-    return [np.frombuffer(_buffer(f), np.uint8) for f in frames]
+    return [np.frombuffer(frame_buffer(f), np.uint8) for f in frames]
 
 
 def _frames_of(value) -> list:

@@ -116,12 +116,12 @@ def decode(frames: Sequence, tag: bytes) -> Message:
         raise ProtocolError(f"expected at least 3 frames (tag, command, header), got {len(frames)}")
     if len(frames) - 3 > MAX_FRAMES:
         raise ProtocolError(f"too many payload frames: {len(frames) - 3} > {MAX_FRAMES}")
-    if _as_bytes(frames[0]) != tag:
-        raise ProtocolError(f"unknown protocol tag {_as_bytes(frames[0])[:16]!r}, expected {tag!r}")
-    command = _BYTES_COMMAND.get(_as_bytes(frames[1]))
+    if as_bytes(frames[0]) != tag:
+        raise ProtocolError(f"unknown protocol tag {as_bytes(frames[0])[:16]!r}, expected {tag!r}")
+    command = _BYTES_COMMAND.get(as_bytes(frames[1]))
     if command is None:
-        raise ProtocolError(f"unknown command {_as_bytes(frames[1])[:8]!r}")
-    raw = _as_bytes(frames[2])
+        raise ProtocolError(f"unknown command {as_bytes(frames[1])[:8]!r}")
+    raw = as_bytes(frames[2])
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
     try:
@@ -133,10 +133,48 @@ def decode(frames: Sequence, tag: bytes) -> Message:
     return Message(command, header, list(frames[3:]))
 
 
-def _as_bytes(frame) -> bytes:
+def as_bytes(frame) -> bytes:
+    """A frame's bytes (``bytes`` as is, a ``zmq.Frame`` copied out)."""
     if isinstance(frame, bytes):
         return frame
     return frame.bytes  # zmq.Frame
+
+
+def frame_buffer(frame):
+    """A frame's memory without a copy."""
+    return frame if isinstance(frame, (bytes, bytearray, memoryview)) else frame.buffer
+
+
+# --------------------------------------------------------------------- resources
+
+#: what a task needs when nobody declared anything
+DEFAULT_RESOURCES = {"cpu": 1}
+#: largest quantity of any one resource a request or an announcement may name
+MAX_RESOURCE_QTY = 1e15
+#: longest name of a task, worker, session, key or resource
+MAX_NAME_LEN = 256
+
+
+def check_resources(value) -> dict:
+    """A copy of ``value`` if it is a valid resource map (name -> quantity), else ValueError."""
+    if not isinstance(value, dict) or len(value) > 64:
+        raise ValueError("resources must be a map of at most 64 name -> quantity")
+    out = {}
+    for name, qty in value.items():
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+            raise ValueError(f"resource name must be a non-empty string of at most {MAX_NAME_LEN} characters")
+        if isinstance(qty, bool) or not isinstance(qty, (int, float)) or not (0 <= qty <= MAX_RESOURCE_QTY):
+            raise ValueError(f"resource {name!r} must be a number in [0, {MAX_RESOURCE_QTY:g}], got {qty!r}")
+        out[name] = qty
+    return out
+
+
+def hold(free: dict, needs: dict, sign: int) -> None:
+    """Take (sign -1) or give back (+1) ``needs`` from ``free``, rounded to 9 decimals:
+    fractional quantities (0.1 + 0.2 ...) would otherwise drift with every hold until a
+    task needing the whole resource never fits again."""
+    for res, qty in needs.items():
+        free[res] = round(free.get(res, 0) + sign * qty, 9)
 
 
 # --------------------------------------------------------------------- values
@@ -200,7 +238,7 @@ def unpack_value(blob, frames: Sequence = ()) -> Any:
         if dtype.kind not in "biufc":
             raise ProtocolError(f"array dtype {dtype} not allowed")
         frame = frames[index]
-        buffer = frame if isinstance(frame, (bytes, bytearray, memoryview)) else frame.buffer
+        buffer = frame_buffer(frame)
         flat = np.frombuffer(buffer, dtype=dtype)
         shape = tuple(shape)
         if flat.size != int(np.prod(shape, dtype=np.int64)):

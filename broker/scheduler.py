@@ -17,8 +17,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from broker.protocol import DEFAULT_RESOURCES
+
 #: what a task needs when nobody declared anything
-DEFAULT_NEEDS = {"cpu": 1}
+DEFAULT_NEEDS = DEFAULT_RESOURCES
 
 
 def fits(needs: dict, free: dict) -> bool:

@@ -22,8 +22,8 @@ import numpy as np
 import zmq
 
 from broker.logs import configure_logging
-from broker.protocol import EncodeError, pack_value
-from client.client import Client, GridFuture, _check_resources
+from broker.protocol import EncodeError, check_resources, pack_value
+from client.client import Client, GridFuture
 from client.errors import BrokerUnavailable, TaskError
 
 #: exit status: every line good and every task succeeded
@@ -120,7 +120,7 @@ def parse_line(raw: bytes | str, lineno: int) -> Job:
     options = {}
     if obj.get("resources") is not None:
         try:
-            options["resources"] = _check_resources(obj["resources"])
+            options["resources"] = check_resources(obj["resources"])
         except ValueError as exc:
             raise LineError(f'"resources": {exc}') from None
     priority = obj.get("priority", 0)
@@ -561,7 +561,7 @@ def summary(stats: Stats, wall_s: float, out_name: str, interrupted: str | None)
     if interrupted:
         left = stats.submitted - stats.finished
         lines.append(f"  {interrupted}: {left} submitted task{'s' if left != 1 else ''} without a result here"
-                     + (f"; rerun with --resume to collect them without running them again" if out_name != "stdout"
+                     + ("; rerun with --resume to collect them without running them again" if out_name != "stdout"
                         else ""))
     return lines
 

@@ -278,6 +278,7 @@ class RssSampler:
         import psutil  # here, not at the top: the GPU machine has no psutil, and bench_gpu imports this module
 
         self.proc = psutil.Process(pid)
+        self._gone = psutil.Error  #: what memory_info raises once the process is gone
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -286,7 +287,7 @@ class RssSampler:
         while not self._stop.is_set():
             try:
                 self.peak = max(self.peak, self.proc.memory_info().rss)
-            except psutil.Error:
+            except self._gone:
                 return
             self._stop.wait(RSS_SAMPLE_S)
 

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import structlog
 import zmq
 
-from broker.protocol import CLIENT_TAG, Command, EncodeError, Message, ProtocolError, decode, encode, pack_value, split_frames, unpack_value
+from broker.protocol import CLIENT_TAG, Command, EncodeError, Message, ProtocolError, check_resources, decode, encode, pack_value, split_frames, unpack_value
 from broker.wake import Waker
 from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, task_error
 
@@ -112,7 +112,7 @@ class Client:
         if not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         if resources is not None:
-            resources = _check_resources(resources)
+            resources = check_resources(resources)
         blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
         task_id = self._id_prefix + format(next(self._ids), "x")
         future = GridFuture(self, task_id)
@@ -468,14 +468,6 @@ class Client:
             if not target.done():
                 target.set_exception(error)
 
-
-def _check_resources(resources: dict) -> dict:
-    if not isinstance(resources, dict):
-        raise ValueError("resources must be a dict of name -> quantity")
-    for name, qty in resources.items():
-        if not isinstance(name, str) or isinstance(qty, bool) or not isinstance(qty, (int, float)) or not qty >= 0:
-            raise ValueError(f"resource {name!r}={qty!r}: quantities are non-negative numbers")
-    return dict(resources)
 
 
 __all__ = ["Client", "GridFuture", "CancelledError", "EncodeError"]

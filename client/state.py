@@ -34,6 +34,7 @@ import msgpack
 import structlog
 import zmq
 
+from broker.protocol import hold
 from client.errors import GridqError
 
 log = structlog.get_logger(__name__)
@@ -239,10 +240,6 @@ class ClusterState:
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 self._distrust(f"malformed {topic} event: {exc!r}")
 
-    def _add(self, target: dict, resources: dict, sign: int) -> None:
-        for res, qty in resources.items():
-            target[res] = target.get(res, 0) + sign * qty
-
     def _queue(self, resources: dict, sign: int) -> None:
         # the broker counts, per resource a queued task asks for, how many tasks wait for it
         for res in resources:
@@ -266,7 +263,7 @@ class ClusterState:
         self.running[f["task_id"]] = RunningTask(f["task_id"], f["name"], f["worker"], f["attempt"],
                                                  dict(f["resources"]), self.clock())
         worker.running += 1
-        self._add(worker.free, f["resources"], -1)
+        hold(worker.free, f["resources"], -1)
 
     def _finished_running(self, f: dict, served: bool) -> RunningTask | None:
         """A running task ended on its worker; None where this state did not know it as running."""
@@ -280,7 +277,7 @@ class ClusterState:
         if worker is not None:
             worker.running -= 1
             if worker.running:
-                self._add(worker.free, task.resources, +1)
+                hold(worker.free, task.resources, +1)
             else:  # as the broker does: idle means exactly what it offers, whatever float rounding left
                 worker.free = dict(worker.resources)
             worker.heard_at = self.clock()

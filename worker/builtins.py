@@ -39,5 +39,3 @@ def array_sum(a):
 def matmul(a, b):
     return np.asarray(a) @ np.asarray(b)
 
-
-BUILTIN_NAMES = ("noop", "echo", "sleep", "square", "sum", "matmul")

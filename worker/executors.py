@@ -17,7 +17,7 @@ from collections import deque
 
 import structlog
 
-from broker.protocol import EncodeError, ProtocolError, pack_value, unpack_value
+from broker.protocol import EncodeError, ProtocolError, hold, pack_value, unpack_value
 from broker.wake import Waker
 from worker.registry import TaskSpec
 
@@ -129,8 +129,7 @@ class Runner:
                 if self._closing:
                     return
                 record, frames = self._pending.popleft()
-                for name, qty in needs.items():
-                    self._free[name] = self._free.get(name, 0) - qty
+                hold(self._free, needs, -1)
                 self._running.add(record[0])
                 if len(record) > 6 and record[6]:
                     self._log.append(record[0])  # the broker waits to hear that it started
@@ -140,9 +139,7 @@ class Runner:
             with self._cond:
                 self._running.discard(record[0])
                 if self._running:
-                    for name, qty in needs.items():
-                        # rounded: fractional holds must not drift (0.1 + 0.2 ...) and block a task forever
-                        self._free[name] = round(self._free.get(name, 0) + qty, 9)
+                    hold(self._free, needs, +1)
                 else:
                     self._free = dict(self._resources)  # idle: exactly what it offers
                 self._log.append(out)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass
 from typing import Callable
 
-#: what a task needs when its @task names nothing
-DEFAULT_RESOURCES = {"cpu": 1}
+from broker.protocol import DEFAULT_RESOURCES, check_resources
+
 
 
 @dataclass(frozen=True)
@@ -30,19 +29,12 @@ def task(fn: Callable | None = None, *, name: str | None = None, resources: dict
     """Register a function as a gridq task: ``@task`` or ``@task(name=..., resources=...)``."""
 
     def register(f: Callable) -> Callable:
-        spec = TaskSpec(name or f.__name__, f, _checked(dict(DEFAULT_RESOURCES if resources is None else resources)))
+        spec = TaskSpec(name or f.__name__, f, check_resources(DEFAULT_RESOURCES if resources is None else resources))
         REGISTRY[spec.name] = spec
         f.gridq_task = spec
         return f
 
     return register(fn) if fn is not None else register
-
-
-def _checked(resources: dict) -> dict:
-    for key, qty in resources.items():
-        if not isinstance(key, str) or isinstance(qty, bool) or not isinstance(qty, (int, float)) or not (0 <= qty < math.inf):
-            raise ValueError(f"resource {key!r}={qty!r}: resources map names to non-negative numbers")
-    return resources
 
 
 def load_modules(names: list[str]) -> None:
