@@ -124,7 +124,6 @@ class Session:
     sid: str
     outbox: OrderedDict = field(default_factory=OrderedDict)  #: task_id -> None
     fetch: tuple | None = None  #: (route, rid, max, expires_at)
-    dirty: bool = False
 
 
 @dataclass(slots=True)
@@ -170,6 +169,7 @@ class Core:
         self.wall = 0.0  #: unix time of the latest call, for event timestamps
         self.counts = {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
         self._out = Outgoing()
+        self._new_results: set = set()  #: sessions with results since the last flush
         self._ready: dict[bytes, Worker] = {}  #: workers that may have a free slot
         self._dirty_dispatch = False
         self._deadlines: list = []  #: (deadline, task_id, attempt) of running tasks with a timeout
@@ -667,13 +667,12 @@ class Core:
         """Dispatch what fits, deliver finished results, hand over all output."""
         if self._dirty_dispatch:
             self._dispatch(now)
-        for sess in self.sessions.values():
-            if sess.dirty:
-                sess.dirty = False
-                if sess.fetch is not None and sess.outbox:
-                    route, rid, limit, _ = sess.fetch
-                    sess.fetch = None
-                    self._send_results(sess, route, rid, limit)
+        for sess in self._new_results:
+            if sess.fetch is not None and sess.outbox:
+                route, rid, limit, _ = sess.fetch
+                sess.fetch = None
+                self._send_results(sess, route, rid, limit)
+        self._new_results.clear()
         out, self._out = self._out, Outgoing()
         return out
 
@@ -846,7 +845,7 @@ class Core:
     def _deliver(self, task: Task, sid: str) -> None:
         sess = self._session(sid)
         sess.outbox[task.task_id] = None
-        sess.dirty = True
+        self._new_results.add(sess)
 
     def _send_results(self, sess: Session, route: bytes, rid, limit: int) -> None:
         records, frames = [], []
