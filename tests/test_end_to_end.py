@@ -199,3 +199,15 @@ def test_tasks_of_a_broker_restarted_without_a_journal_fail_instead_of_waiting_f
         with pytest.raises(TaskLost, match="without a journal"):
             f.result(timeout=30)
         assert c.status()["queued"] == 0  # the new broker never had it; the client goes on with it
+
+
+def test_a_second_worker_with_a_taken_name_is_refused_and_exits(cluster):
+    cluster.start_broker()
+    first = cluster.start_worker("--name", "only-one")
+    cluster.wait_workers(1)
+    second = cluster.start_worker("--name", "only-one")
+    assert second.wait(timeout=20) == 2
+    assert first.poll() is None
+    with cluster.client() as c:
+        assert [w["name"] for w in c.status()["workers"]] == ["only-one"]
+        assert c.submit("square", 4).result(timeout=10) == 16
