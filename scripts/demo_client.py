@@ -63,4 +63,7 @@ def main(frontend: str, events: str, work: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:4]))
+    try:
+        sys.exit(main(*sys.argv[1:4]))
+    except KeyboardInterrupt:  # Ctrl-C: scripts/demo stops everything it started
+        sys.exit(130)
