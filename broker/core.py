@@ -17,7 +17,8 @@ from typing import Any
 
 import structlog
 
-from broker.protocol import MAX_NAME_LEN, NAME_IN_USE, check_resources, hold, SUBMIT_FIELDS, Command, Message, ProtocolError, split_frames
+from broker.protocol import (MAX_NAME_LEN, NAME_IN_USE, SUBMIT_FIELDS, Command, Message, ProtocolError,
+                             check_resources, hold, split_frames)
 from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, fits, missing
 from broker.states import TERMINAL, TaskState, WorkerState, check_task_move, check_worker_move
 

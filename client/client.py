@@ -23,7 +23,8 @@ from typing import Iterable, Iterator
 import structlog
 import zmq
 
-from broker.protocol import CLIENT_TAG, Command, EncodeError, Message, ProtocolError, check_resources, decode, encode, pack_value, split_frames, unpack_value
+from broker.protocol import (CLIENT_TAG, Command, EncodeError, Message, ProtocolError, check_resources, decode, encode,
+                             pack_value, split_frames, unpack_value)
 from broker.wake import Waker
 from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, task_error
 
