@@ -82,6 +82,23 @@ def test_worker_killed_mid_batch_loses_nothing_and_completes_each_task_once(clus
     assert retried == set(lost["requeued"])
 
 
+def test_worker_killed_with_short_tasks_waiting_ahead_of_it_loses_none(cluster, events, tmp_path):
+    # tasks this short are sent ahead to busy workers: a dead worker takes those with it too
+    cluster.start_broker()
+    workers = [cluster.start_worker("--tasks", TASKS) for _ in range(3)]
+    cluster.wait_workers(3)
+    log = events("task.", "worker.")
+    path = tmp_path / "runs"
+    with cluster.client() as c:
+        batch = submit_batch(c, path, 3000, 0.0)
+        wait_until(lambda: len(log.of("task.succeeded")) >= 600, 30, what="a fifth of the batch done")
+        cluster.kill(workers[0])
+        lost = log.wait_for("worker.lost", timeout=15)
+        assert len(lost["requeued"]) > 1, "a one-slot worker runs one task: the others waited ahead of it"
+        assert_each_result_once(batch, log, timeout=60)
+    assert reruns(path, batch) <= set(lost["requeued"])
+
+
 def test_workers_killed_every_second_during_a_long_batch_while_replacements_join(cluster, events, tmp_path):
     cluster.start_broker("--max-retries", "10")
     names = iter(f"chaos-{k}" for k in range(100))
