@@ -99,6 +99,22 @@ def test_worker_killed_with_short_tasks_waiting_ahead_of_it_loses_none(cluster, 
     assert reruns(path, batch) <= set(lost["requeued"])
 
 
+def test_sigterm_worker_with_short_tasks_waiting_ahead_hands_them_back_and_none_runs_twice(cluster, events, tmp_path):
+    cluster.start_broker()
+    workers = [cluster.start_worker("--tasks", TASKS) for _ in range(2)]
+    cluster.wait_workers(2)
+    log = events("task.", "worker.")
+    path = tmp_path / "runs"
+    with cluster.client() as c:
+        batch = submit_batch(c, path, 3000, 0.0)
+        wait_until(lambda: len(log.of("task.succeeded")) >= 600, 30, what="a fifth of the batch done")
+        cluster.kill(workers[0], signal.SIGTERM)
+        log.wait_for("worker.left", timeout=15)
+        assert_each_result_once(batch, log, timeout=60)
+    assert workers[0].returncode == 0 and not log.of("worker.lost")
+    assert reruns(path, batch) == set(), "a worker that stops gracefully hands back unstarted work only"
+
+
 def test_workers_killed_every_second_during_a_long_batch_while_replacements_join(cluster, events, tmp_path):
     cluster.start_broker("--max-retries", "10")
     names = iter(f"chaos-{k}" for k in range(100))
