@@ -115,6 +115,25 @@ def test_sigterm_worker_with_short_tasks_waiting_ahead_hands_them_back_and_none_
     assert reruns(path, batch) == set(), "a worker that stops gracefully hands back unstarted work only"
 
 
+def test_result_finished_while_the_broker_was_down_reaches_its_successor_after_a_long_outage(cluster, tmp_path):
+    # liveness 3: the worker redials every few hundred ms, each redial a fresh socket whose queue dies
+    # with it; the result it finished meanwhile must survive them all and not be run again
+    journal = str(tmp_path / "j.db")
+    cluster.start_broker("--journal", journal, liveness=3)
+    cluster.start_worker("--tasks", TASKS, "--name", "steady", liveness=3)
+    cluster.wait_workers(1)
+    path = tmp_path / "runs"
+    with cluster.client(timeout=1.0, retries=30) as c:
+        f = c.submit("rel.record", str(path), 0, 1.0)
+        wait_until(lambda: c.status()["running"] == 1, 10, what="the task to start")
+        cluster.kill(cluster.broker)
+        wait_until(lambda: executions(path), 10, what="the task to finish with no broker")
+        time.sleep(4.0)  # the outage: the worker's reconnect backoff reaches its cap meanwhile
+        cluster.start_broker("--journal", journal, liveness=3)
+        assert f.result(timeout=30) == 0
+    assert executions(path) == {0: [executions(path)[0][0]]}, "finished once; the worker never died"
+
+
 def test_workers_killed_every_second_during_a_long_batch_while_replacements_join(cluster, events, tmp_path):
     cluster.start_broker("--max-retries", "10")
     names = iter(f"chaos-{k}" for k in range(100))

@@ -79,11 +79,12 @@ class Worker:
         tasks as still running here, and takes a result for them as if it had just come)."""
         self._send(self.announcement())
         if self._unconfirmed:
-            # resent once, not kept: a DONE the broker refused (too big, say) must not make
-            # every later announcement fail the same way
+            # resent with every announcement while the broker stays silent (a fresh socket's
+            # queue dies with it at the next redial); kept with their first send time, so once
+            # the broker is heard again they age out as usual -- a DONE it refuses (too big,
+            # say) cannot make every later announcement fail the same way
             results = [r for _, rs, _ in self._unconfirmed for r in rs]
             frames = [f for _, _, fs in self._unconfirmed for f in fs]
-            self._unconfirmed.clear()
             self._send(Message(Command.DONE, {"log": results}, frames))
 
     # -------------------------------------------------------------- loop
