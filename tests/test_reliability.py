@@ -90,10 +90,11 @@ def test_worker_killed_with_short_tasks_waiting_ahead_of_it_loses_none(cluster, 
     log = events("task.", "worker.")
     path = tmp_path / "runs"
     with cluster.client() as c:
-        batch = submit_batch(c, path, 3000, 0.0)
+        batch = submit_batch(c, path, 3000, 0.001)  # 1 ms: short enough to be sent ahead
         wait_until(lambda: len(log.of("task.succeeded")) >= 600, 30, what="a fifth of the batch done")
         cluster.kill(workers[0])
         lost = log.wait_for("worker.lost", timeout=15)
+        assert len(lost["requeued"]) > 1, "a one-slot worker runs one task: the others waited ahead of it"
         assert_each_result_once(batch, log, timeout=60)
     assert reruns(path, batch) <= set(lost["requeued"])
 
@@ -105,7 +106,7 @@ def test_sigterm_worker_with_short_tasks_waiting_ahead_hands_them_back_and_none_
     log = events("task.", "worker.")
     path = tmp_path / "runs"
     with cluster.client() as c:
-        batch = submit_batch(c, path, 3000, 0.0)
+        batch = submit_batch(c, path, 3000, 0.001)  # 1 ms: short enough to be sent ahead
         wait_until(lambda: len(log.of("task.succeeded")) >= 600, 30, what="a fifth of the batch done")
         cluster.kill(workers[0], signal.SIGTERM)
         log.wait_for("worker.left", timeout=15)
