@@ -93,23 +93,6 @@ def free_ports(count: int) -> list[int]:
             s.close()
 
 
-def _stop_popen(proc: subprocess.Popen) -> None:
-    """SIGTERM by PID, wait, SIGKILL: the bench must never leave a process behind."""
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(STOP_TIMEOUT_S)
-
-
 @dataclass
 class GridqCluster:
     """A gridq broker and its workers started as subprocesses; ``close()`` ends them all by PID."""
@@ -191,7 +174,7 @@ class GridqCluster:
         for proc in self.mp_procs:
             stop_process(proc)
         for _label, proc in reversed(self.procs):  # workers first: they hand back and say goodbye
-            _stop_popen(proc)
+            stop_process(proc, STOP_TIMEOUT_S)
 
     def __enter__(self) -> "GridqCluster":
         return self

@@ -31,6 +31,7 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
 import struct
 import sys
 import time
@@ -190,22 +191,28 @@ def _context():
     return multiprocessing.get_context("spawn")
 
 
-def stop_process(proc) -> None:
-    """SIGTERM by PID, wait, then SIGKILL: a benchmark must never leave a process behind."""
+def stop_process(proc, timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM by PID, wait, then SIGKILL: a benchmark must never leave a process behind.
+
+    ``proc`` is a ``multiprocessing.Process`` or a ``subprocess.Popen``.
+    """
     if proc.pid is None:
         return
-    if proc.exitcode is None:
+    popen = isinstance(proc, subprocess.Popen)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if (proc.poll() if popen else proc.exitcode) is not None:
+            return
         try:
-            os.kill(proc.pid, signal.SIGTERM)
+            os.kill(proc.pid, sig)
         except ProcessLookupError:
-            pass
-        proc.join(STOP_TIMEOUT_S)
-    if proc.exitcode is None:
-        try:
-            os.kill(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.join(STOP_TIMEOUT_S)
+            return
+        if popen:
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        else:
+            proc.join(timeout_s)
 
 
 @dataclass
