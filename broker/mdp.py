@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import structlog
 
-from broker.core import MAX_FETCH_WAIT_S, Core, Outgoing
+from broker.core import MAX_FETCH_WAIT_S, Core
+from broker.events import Outgoing
 from broker.protocol import (
     DISPATCH_FIELDS,
     DONE_FIELDS,

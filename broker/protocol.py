@@ -21,6 +21,7 @@ This module imports nothing else of gridq: clients and workers import it too.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -167,6 +168,26 @@ def check_resources(value) -> dict:
             raise ValueError(f"resource {name!r} must be a number in [0, {MAX_RESOURCE_QTY:g}], got {qty!r}")
         out[name] = qty
     return out
+
+
+def check_name(value, what: str) -> str:
+    """``value`` if it is a valid name (task, worker, session, key, id), else ValueError."""
+    if not isinstance(value, str) or not value or len(value) > MAX_NAME_LEN:
+        raise ValueError(f"{what} must be a non-empty string of at most {MAX_NAME_LEN} characters")
+    return value
+
+
+def check_int(value, what: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def check_seconds(value, what: str) -> float:
+    """A positive, finite number of seconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
+        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+    return float(value)
 
 
 def hold(free: dict, needs: dict, sign: int) -> None:

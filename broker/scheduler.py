@@ -6,6 +6,7 @@ are few, tasks many), served highest priority first.
 Dispatch pops the least-loaded worker with a free slot from a heap and gives it
 the best class head it serves and has room for, so one dispatch costs
 O(log workers + classes), never a scan of every worker per task.
+Short tasks may also be *sent ahead* to busy workers (``SendAhead`` decides which).
 """
 
 from __future__ import annotations
@@ -18,9 +19,19 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from broker.protocol import DEFAULT_RESOURCES
+from broker.states import WorkerState
 
 #: what a task needs when nobody declared anything
 DEFAULT_NEEDS = DEFAULT_RESOURCES
+#: tasks a busy worker may hold ahead of its slots, per slot (sent ahead, started when a slot frees)
+AHEAD_PER_SLOT = 64
+#: only tasks whose name runs shorter than this on average are sent ahead, so a
+#: task never waits long behind another on a busy worker while one is idle
+AHEAD_MAX_RUN_S = 0.005
+#: at most this much (estimated) work waits ahead per slot of a worker
+AHEAD_MAX_WAIT_S = 0.02
+#: weight of the newest run time in a task name's moving average
+RUN_S_WEIGHT = 0.2
 
 
 def fits(needs: dict, free: dict) -> bool:
@@ -89,14 +100,49 @@ def class_key(name: str, override: dict | None) -> tuple:
     return (name, None if override is None else tuple(sorted(override.items())))
 
 
+class SendAhead:
+    """When a task may wait on a busy worker to start as soon as one of its slots frees.
+
+    Only tasks known to be short, only behind short ones (a task never waits ahead behind
+    a long or unknown one), and only as many as amount to AHEAD_MAX_WAIT_S of work per slot.
+    """
+
+    def __init__(self) -> None:
+        self.run_s: dict[str, float] = {}  #: task name -> moving average of its run time
+
+    def observe(self, name: str, run_s: float) -> None:
+        average = self.run_s.get(name)
+        self.run_s[name] = run_s if average is None else (1 - RUN_S_WEIGHT) * average + RUN_S_WEIGHT * run_s
+
+    def wants_refill(self, worker) -> bool:
+        # refill only once half drained: one TASKS message then carries many tasks
+        return worker.state is WorkerState.READY and len(worker.ahead) <= AHEAD_PER_SLOT * worker.slots // 2
+
+    def has_room(self, worker) -> bool:
+        return worker.state is WorkerState.READY and len(worker.ahead) < AHEAD_PER_SLOT * worker.slots
+
+    def allows(self, name: str, worker, name_of: Callable[[str], str | None]) -> bool:
+        """May one more task called ``name`` wait ahead on ``worker``?"""
+        run_s = self.run_s.get(name)
+        if run_s is None or run_s >= AHEAD_MAX_RUN_S or (len(worker.ahead) + 1) * run_s > AHEAD_MAX_WAIT_S * worker.slots:
+            return False
+        for task_id in worker.running:
+            running_name = name_of(task_id)
+            ahead_of = self.run_s.get(running_name) if running_name is not None else None
+            if ahead_of is None or ahead_of >= AHEAD_MAX_RUN_S:
+                return False
+        return True
+
+
 class Scheduler:
-    """Holds the queues; knows nothing of sockets, time or task states."""
+    """Holds the queues and the send-ahead policy; knows nothing of sockets, time or task states."""
 
     def __init__(self) -> None:
         self.classes: dict[tuple, TaskClass] = {}
         #: task name -> resources its @task declares, as announced by workers
         self.declared: dict[str, dict] = {}
         self._seq = itertools.count()
+        self.ahead = SendAhead()
 
     # ----------------------------------------------------------- queues
 
@@ -158,15 +204,17 @@ class Scheduler:
         return self._assign(ready, is_queued, lambda w: w.has_free_slot(), lambda w: w.load(),
                             lambda cls, needs, w: fits(needs, w.free))
 
-    def send_ahead(self, workers: list, is_queued: Callable[[str], bool],
-                   allowed: Callable[[TaskClass, object], bool]) -> Iterator[tuple]:
+    def send_ahead(self, workers: Iterable, is_queued: Callable[[str], bool],
+                   name_of: Callable[[str], str | None]) -> Iterator[tuple]:
         """Yield (worker, task_id, needs) for tasks to queue at busy workers (prefetch).
 
-        Only classes that ``allowed`` admits (short tasks); a worker takes them
-        while it has room ahead; least loaded counting what it holds ahead.
+        Only what ``self.ahead`` admits (short tasks, behind short ones); a worker takes
+        them while it has room ahead; least loaded counting what it holds ahead.
+        ``name_of`` gives the name of a task a worker runs.
         """
-        return self._assign(workers, is_queued, lambda w: w.has_room_ahead(), lambda w: w.load_ahead(),
-                            lambda cls, needs, w: allowed(cls, w))
+        policy = self.ahead
+        return self._assign([w for w in workers if policy.wants_refill(w)], is_queued, policy.has_room,
+                            lambda w: w.load_ahead(), lambda cls, needs, w: policy.allows(cls.name, w, name_of))
 
     def _assign(self, workers: list, is_queued, has_room, load, acceptable) -> Iterator[tuple]:
         if not any(c.queued for c in self.classes.values()):

@@ -1,0 +1,131 @@
+"""What the core hands the loop to send, the event stream, and the statistics it publishes."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from broker.states import TaskState
+
+#: how many recent completions the stats window keeps
+STATS_WINDOW = 2048
+#: seconds between two broker.stats events
+STATS_INTERVAL_S = 1.0
+#: seconds of completions the rate and percentiles of broker.stats cover
+STATS_SPAN_S = 10.0
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """What one flush asks the loop to send."""
+
+    clients: list = field(default_factory=list)  #: (route, Message)
+    workers: list = field(default_factory=list)  #: (wid, Message)
+    events: list = field(default_factory=list)  #: (topic, dict)
+
+    def take(self) -> Outgoing:
+        """Everything gathered so far; this one starts empty again (its parts keep a reference)."""
+        taken = Outgoing(self.clients, self.workers, self.events)
+        self.clients, self.workers, self.events = [], [], []
+        return taken
+
+
+class Events:
+    """Numbers events in order; builds them only while somebody subscribes."""
+
+    def __init__(self, out: Outgoing) -> None:
+        self.out = out
+        self.seq = 0  #: last event sequence number used
+        self.publish = True  #: build event maps (off while nobody subscribes)
+        self.wall = 0.0  #: unix time of the latest call, for event timestamps
+
+    def emit(self, topic: str, **fields) -> None:
+        self.seq += 1  # counted even unpublished: a snapshot's seq must match what subscribers see
+        if self.publish:
+            fields["seq"] = self.seq
+            fields["ts"] = self.wall
+            self.out.events.append((topic, fields))
+
+    def failed(self, task, worker: str | None, error: dict, resources: dict) -> None:
+        # error_type and resources let a subscriber keep per-resource queues and slots exact
+        self.emit("task.failed", task_id=task.task_id, name=task.name, worker=worker, error=error_text(error),
+                  error_type=error.get("type", "Error"), resources=resources)
+
+
+class Stats:
+    """The cluster seen from outside: snapshots for STATUS and the periodic broker.stats event."""
+
+    def __init__(self, events: Events, table, workers, sched) -> None:
+        self.events = events
+        self.table = table
+        self.workers = workers
+        self.sched = sched
+        self.recent: deque = deque(maxlen=STATS_WINDOW)  #: (finished_at, queued_s, run_s)
+        self.last_at: float | None = None  #: when broker.stats last went out
+
+    def finished(self, now: float, queued_s: float, run_s: float) -> None:
+        self.recent.append((now, queued_s, run_s))
+
+    def due(self, now: float) -> bool:
+        if self.last_at is None or now - self.last_at >= STATS_INTERVAL_S:
+            self.last_at = now
+            return True
+        return False
+
+    def emit(self, now: float) -> None:
+        window = [r for r in self.recent if now - r[0] <= STATS_SPAN_S]
+        span = (now - window[0][0]) if len(window) > 1 else 0.0
+        rate = (len(window) - 1) / span if span > 0 else 0.0
+        queue_waits = sorted(r[1] for r in window)
+        run_times = sorted(r[2] for r in window)
+        counts, publish = self.table.counts, self.events.publish
+        self.events.emit(
+            "broker.stats", queued=counts["queued"], running=counts["running"], workers=len(self.workers),
+            done=counts["done"], failed=counts["failed"], rate=round(rate, 1),
+            queued_p50_s=_pct(queue_waits, 50), queued_p99_s=_pct(queue_waits, 99),
+            run_p50_s=_pct(run_times, 50), run_p99_s=_pct(run_times, 99),
+            # per worker: what no event reports (heartbeats, draining, a timed-out task's late result)
+            per_worker={w.name: {"running": len(w.running), "tasks": w.served, "state": w.state.value,
+                                 "heartbeat_age_s": round(max(now - w.last_heard, 0.0), 3)}
+                        for w in self.workers.values()} if publish else {},
+            queues=self.queues() if publish else {})
+
+    def snapshot(self, now: float) -> dict:
+        # copies, not the live dicts: the reply is encoded after later messages of this loop turn
+        workers, running = [], []
+        for w in self.workers.values():
+            workers.append({
+                "name": w.name, "resources": dict(w.resources), "free": dict(w.free), "slots": w.slots,
+                "running": len(w.running), "tasks": w.served, "serves": sorted(w.serves),
+                "state": w.state.value, "heartbeat_age_s": round(max(now - w.last_heard, 0.0), 3),
+            })
+            for task_id, held in w.running.items():
+                task = self.table.get(task_id)
+                if task is not None and task.state is TaskState.RUNNING and task.worker == w.wid:
+                    running.append({"task_id": task_id, "name": task.name, "worker": w.name, "attempt": task.attempts,
+                                    "resources": dict(held), "running_s": round(max(now - (task.started_at or now), 0.0), 3)})
+        return {"seq": self.events.seq, "workers": workers, "queues": self.queues(), **self.table.counts,
+                "running_tasks": running}
+
+    def queues(self) -> dict:
+        """Per resource, how many queued tasks ask for it."""
+        queues: dict = {}
+        for cls in self.sched.pending():
+            for res in cls.needs(self.sched.declared):
+                queues[res] = queues.get(res, 0) + cls.queued
+        for w in self.workers.values():  # sent ahead: still waiting (and counted as queued) until task.started
+            for needs in w.ahead.values():
+                for res in needs:
+                    queues[res] = queues.get(res, 0) + 1
+        return queues
+
+
+def error_text(error: dict) -> str:
+    return f"{error.get('type', 'Error')}: {error.get('message', '')}"
+
+
+def _pct(sorted_values: list, pct: int) -> float | None:
+    if not sorted_values:
+        return None
+    idx = min(len(sorted_values) - 1, int(len(sorted_values) * pct / 100))
+    return round(sorted_values[idx], 6)

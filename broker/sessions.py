@@ -1,0 +1,158 @@
+"""Results on their way to clients: each session's outbox, its parked FETCH, acks and result TTLs."""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from broker.events import Outgoing
+from broker.protocol import Command, Message
+from broker.states import TERMINAL
+
+#: how long a task whose result was fetched is still remembered (to recognise late resends)
+ACKED_GRACE_S = 120.0
+
+
+@dataclass(eq=False, slots=True)
+class Session:
+    """A client's mailbox: finished task ids to deliver, and a parked FETCH."""
+
+    sid: str
+    outbox: OrderedDict = field(default_factory=OrderedDict)  #: task_id -> None
+    fetch: tuple | None = None  #: (route, rid, max, expires_at)
+
+
+class Sessions:
+    """Owns: a finished task is in the outbox of its session and of every watcher until acked
+    or forgotten; a parked FETCH is answered as soon as results arrive or its wait ends; a
+    finished task is forgotten after its TTL (soon after an ack when nothing may ask again)."""
+
+    def __init__(self, table, out: Outgoing, result_ttl_s: float, incarnation: dict) -> None:
+        self.table = table
+        self.out = out
+        self.result_ttl_s = result_ttl_s
+        self.incarnation = incarnation
+        self.sessions: dict[str, Session] = {}
+        self._new_results: set = set()  #: sessions with results since the last flush
+        self._fetch_expiry: list = []  #: (expires_at, seq, sid, rid); seq: rids are peer data, never compared
+        self._fetch_seq = 0
+        #: finished tasks -> when they are forgotten: after the result TTL, or soon after their result
+        #: was fetched; insertion order is expiry order (each delay is a constant)
+        self.expiry: OrderedDict = OrderedDict()
+        self.acked_expiry: OrderedDict = OrderedDict()
+
+    def get(self, sid: str) -> Session:
+        sess = self.sessions.get(sid)
+        if sess is None:
+            sess = self.sessions[sid] = Session(sid)
+        return sess
+
+    # ------------------------------------------------------------ results in
+
+    def deliver(self, task, sid: str) -> None:
+        sess = self.get(sid)
+        sess.outbox[task.task_id] = None
+        self._new_results.add(sess)
+
+    def finished(self, task, now: float, ttl_s: float | None = None, deliver: bool = True) -> None:
+        """``task`` reached a terminal state: to its session and watchers, forgotten after its TTL."""
+        if deliver:
+            for sid in (task.session, *task.watchers):
+                self.deliver(task, sid)
+        self.expiry[task.task_id] = now + (self.result_ttl_s if ttl_s is None else ttl_s)
+
+    # ------------------------------------------------------------ results out
+
+    def fetch(self, sid: str, route: bytes, rid, acks: list, wait_s: float, limit: int, now: float) -> None:
+        sess = self.get(sid)
+        for task_id in acks:
+            if sess.outbox.pop(task_id, 0) is None:
+                self._acked(task_id, sid, now)
+        if sess.fetch is not None:  # a newer fetch replaces a parked one (client resent)
+            old_route, old_rid, _, _ = sess.fetch
+            self._reply_empty(old_route, old_rid)
+            sess.fetch = None
+        if sess.outbox or wait_s <= 0:
+            self._send_results(sess, route, rid, limit)
+        else:
+            sess.fetch = (route, rid, limit, now + wait_s)
+            self._fetch_seq += 1
+            heapq.heappush(self._fetch_expiry, (now + wait_s, self._fetch_seq, sid, rid))
+
+    def flush(self) -> None:
+        """Answer the parked FETCHes of sessions that got results."""
+        for sess in self._new_results:
+            if sess.fetch is not None and sess.outbox:
+                route, rid, limit, _ = sess.fetch
+                sess.fetch = None
+                self._send_results(sess, route, rid, limit)
+        self._new_results.clear()
+
+    def _reply_empty(self, route: bytes, rid) -> None:
+        self.out.clients.append((route, Message(Command.RESULTS, {"rid": rid, "results": [], **self.incarnation})))
+
+    def _send_results(self, sess: Session, route: bytes, rid, limit: int) -> None:
+        records, frames = [], []
+        for task_id in sess.outbox:
+            task = self.table.get(task_id)
+            if task is None or task.result is None:
+                continue
+            status, value, vframes, info = task.result
+            records.append([task_id, status, value, len(vframes), info])
+            frames.extend(vframes)
+            if len(records) >= limit:
+                break
+        self.out.clients.append((route, Message(Command.RESULTS, {"rid": rid, "results": records, **self.incarnation},
+                                                frames)))
+
+    def _acked(self, task_id: str, sid: str, now: float) -> None:
+        """A session confirmed it holds the result: drop the payload unless a key may ask again,
+        and forget the task soon (a resend of its SUBMIT can only come within the client's retries)."""
+        task = self.table.get(task_id)
+        if task is None or task.result is None or task.key is not None:
+            return
+        if task.session == sid and not task.watchers:
+            status, _value, _frames, info = task.result
+            task.result = (status, None, [], info)
+            self.table.mark(task)
+            if self.expiry.pop(task_id, None) is not None:
+                self.acked_expiry[task_id] = now + min(ACKED_GRACE_S, self.result_ttl_s)
+
+    # ------------------------------------------------------------ time
+
+    def expire(self, now: float) -> None:
+        """Answer FETCHes whose wait ended; forget finished tasks past their TTL."""
+        while self._fetch_expiry and self._fetch_expiry[0][0] <= now:
+            _, _, sid, rid = heapq.heappop(self._fetch_expiry)
+            sess = self.sessions.get(sid)
+            if sess is not None and sess.fetch is not None and sess.fetch[1] is rid:  # its own FETCH (a NaN rid != itself)
+                route, _, _, _ = sess.fetch
+                sess.fetch = None
+                self._reply_empty(route, rid)
+        for expiry in (self.expiry, self.acked_expiry):
+            while expiry and next(iter(expiry.values())) <= now:
+                task_id, _ = expiry.popitem(last=False)
+                task = self.table.get(task_id)
+                if task is not None and task.state in TERMINAL:
+                    self.forget(task)
+
+    def forget(self, task) -> None:
+        self.expiry.pop(task.task_id, None)
+        self.acked_expiry.pop(task.task_id, None)
+        self.table.forget(task)
+        for sid in (task.session, *task.watchers):
+            sess = self.sessions.get(sid)
+            if sess is not None:
+                sess.outbox.pop(task.task_id, None)
+
+    def tidy(self) -> None:
+        """Drop fetch timers of FETCHes answered early once they outnumber the live ones, and
+        sessions with nothing to deliver and no parked FETCH (``deliver`` makes them again)."""
+        if len(self._fetch_expiry) > 2 * len(self.sessions) + 1024:
+            self._fetch_expiry = [f for f in self._fetch_expiry if (sess := self.sessions.get(f[2])) is not None
+                                  and sess.fetch is not None and sess.fetch[1] is f[3]]
+            heapq.heapify(self._fetch_expiry)
+        idle = [sid for sid, sess in self.sessions.items() if not sess.outbox and sess.fetch is None]
+        for sid in idle:
+            del self.sessions[sid]
