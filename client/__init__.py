@@ -3,8 +3,9 @@
 from concurrent.futures import CancelledError
 
 from broker.protocol import EncodeError
+from client.aio import AsyncClient, AsyncFuture
 from client.client import Client, GridFuture
 from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, TaskTimeout
 
-__all__ = ["Client", "GridFuture", "TaskError", "TaskLost", "TaskTimeout", "BrokerUnavailable", "GridqError",
-           "EncodeError", "CancelledError"]
+__all__ = ["Client", "GridFuture", "AsyncClient", "AsyncFuture", "TaskError", "TaskLost", "TaskTimeout",
+           "BrokerUnavailable", "GridqError", "EncodeError", "CancelledError"]

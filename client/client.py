@@ -1,43 +1,30 @@
-"""Client: submit tasks, get futures, map, cancel, status; Lazy Pirate retries.
+"""Client: submit tasks, get futures, map, cancel, status: a thread around the protocol engine.
 
 One background I/O thread owns a DEALER socket to the broker's frontend and
-pipelines requests: batched SUBMITs, one long-polling FETCH that acknowledges
-the results it received last time, and STATUS/CANCEL calls. Every request has a
-deadline; a request that misses it is resent, with every other outstanding one,
-on a fresh socket, and after ``retries`` resends fails with BrokerUnavailable.
-Task ids are made here, so a resent SUBMIT can never create a duplicate.
+carries out what ``client.engine.Engine`` decides: batched, pipelined SUBMITs,
+one long-polling FETCH, STATUS/CANCEL calls, Lazy Pirate resends on a fresh
+socket. Callers' threads hand it work through a queue and a wake-up pipe, and
+get ``concurrent.futures`` futures back.
 """
 
 from __future__ import annotations
 
-import itertools
-import os
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import CancelledError, Future
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import structlog
 import zmq
 
-from broker.protocol import (CLIENT_TAG, Command, EncodeError, Message, ProtocolError, check_resources, decode, encode,
-                             pack_value, split_frames, unpack_value)
+from broker.protocol import CLIENT_TAG, Command, EncodeError, encode
 from broker.wake import Waker
-from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, task_error
+from client.engine import FETCH_WAIT_S, Engine, Outbox, settle
+from client.errors import GridqError
 
 log = structlog.get_logger(__name__)
 
-#: most tasks in one SUBMIT message
-SUBMIT_BATCH = 2000
-#: most payload bytes in one SUBMIT message (arrays beyond go in the next one)
-SUBMIT_BATCH_BYTES = 64 << 20
-#: most SUBMIT messages awaiting their ACCEPTED at once
-SUBMIT_PIPELINE = 4
-#: how long one FETCH may wait at the broker for results, at most
-FETCH_WAIT_S = 1.0
 #: default bound on tasks in flight in map()/stream()
 DEFAULT_MAX_IN_FLIGHT = 50_000
 
@@ -61,36 +48,51 @@ class GridFuture(Future):
         return f"<GridFuture {self.task_id} {self._state}>"
 
 
-@dataclass(eq=False)
-class _Request:
-    rid: int
-    command: Command
-    header: dict
-    frames: list = field(default_factory=list)
-    deadline: float = 0.0
-    resends: int = 0
-    waiter: Future | None = None  #: for synchronous calls (status, cancel)
-    task_ids: list = field(default_factory=list)  #: for SUBMIT
-
-
-class Client:
-    """A connection to a gridq broker; safe to share between threads."""
+class BaseClient:
+    """What ``Client`` and ``AsyncClient`` share: their options, the engine, the socket they dial."""
 
     def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float = 2.5, retries: int = 3,
-                 broker_key: str | None = None, secret: str | None = None) -> None:
-        if timeout <= 0 or retries < 0:
-            raise ValueError("timeout must be > 0 and retries >= 0")
+                 broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
+        self._engine = Engine(timeout_s=float(timeout), retries=int(retries), address=address)
         self.address = address
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self.session = os.urandom(8).hex()
-        self._ids = itertools.count()
-        self._id_prefix = os.urandom(6).hex() + "-"
+        self.session = self._engine.session
+        #: close() cancels this client's queued tasks that have no key
+        self.cancel_on_close = cancel_on_close
         self._security = None
         if broker_key is not None or secret is not None:
             from broker.security import CurveClient
 
             self._security = CurveClient.from_files(broker_key, secret)
+        self._sock = None
+
+    def _patience(self) -> float:
+        """How long a call may take, at most, before the engine gives up on the broker."""
+        return (self.timeout + FETCH_WAIT_S) * (self.retries + 2) + 5.0
+
+    def _dial(self, ctx: zmq.Context) -> zmq.Socket:
+        """A fresh DEALER to the broker in place of the old one (Lazy Pirate starts over on a new socket)."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.sndhwm = 0  # sends never wait: the engine bounds what is outstanding
+        sock.rcvhwm = 0
+        if self._security is not None:
+            self._security.apply_client(sock)
+        sock.connect(self.address)
+        self._sock = sock
+        return sock
+
+
+class Client(BaseClient):
+    """A connection to a gridq broker; safe to share between threads."""
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float = 2.5, retries: int = 3,
+                 broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
+        super().__init__(address, timeout=timeout, retries=retries, broker_key=broker_key, secret=secret,
+                         cancel_on_close=cancel_on_close)
         self._ctx = zmq.Context.instance()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waker = Waker()
@@ -104,30 +106,19 @@ class Client:
     def submit(self, name: str, *args, resources: dict | None = None, priority: int = 0, retries: int | None = None,
                timeout: float | None = None, key: str | None = None, **kwargs) -> GridFuture:
         """Submit one task; returns its future at once. Unencodable arguments raise here."""
-        if not isinstance(name, str) or not name:
-            raise ValueError("task name must be a non-empty string")
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if retries is not None and (not isinstance(retries, int) or retries < 0):
-            raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-        if not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        if resources is not None:
-            resources = check_resources(resources)
-        blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
-        task_id = self._id_prefix + format(next(self._ids), "x")
-        future = GridFuture(self, task_id)
-        record = [task_id, name, blob, len(frames), resources, priority, retries, timeout, key]
+        record, frames = self._engine.make_task(name, args, kwargs, resources=resources, priority=priority,
+                                                retries=retries, timeout=timeout, key=key)
+        future = GridFuture(self, record[0])
         self._post(("submit", future, record, frames))
         return future
 
     def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,
-            max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, **options) -> list:
-        """Run ``name(item)`` for every item; results in input order. Raises the first failure."""
+            max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False, **options) -> list:
+        """Run ``name(item)`` for every item; results in input order. Raises the first failure
+        (in input order) unless ``return_exceptions``, which puts errors in place of results."""
         submissions = (((item,), {}) for item in iterable)
         futures = list(self.stream(name, submissions, max_in_flight=max_in_flight, ordered=True, **options))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futures]
+        return self.gather(futures, timeout, return_exceptions=return_exceptions)
 
     def stream(self, name: str | None, submissions: Iterable, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                ordered: bool = False, on_submit=None, **options) -> Iterator[GridFuture]:
@@ -167,31 +158,51 @@ class Client:
             yield done.get()
             in_flight -= 1
 
-    def gather(self, futures: Iterable[Future], timeout: float | None = None) -> list:
-        """Results of ``futures`` in order; raises the first failure."""
+    def gather(self, futures: Iterable[Future], timeout: float | None = None, *, return_exceptions: bool = False) -> list:
+        """Results of ``futures`` in order; raises the first failure unless ``return_exceptions``."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        return [f.result(None if deadline is None else max(0.0, deadline - time.monotonic())) for f in futures]
+        out = []
+        for f in futures:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                out.append(f.result(left))
+            except (GridqError, CancelledError) as exc:
+                if not return_exceptions:
+                    raise
+                out.append(exc)
+        return out
 
-    def cancel(self, future: GridFuture) -> bool:
-        """Cancel a queued task: True where it will never run, False where it runs or ran."""
+    def cancel(self, future: GridFuture | str, terminate: bool = False) -> bool:
+        """Cancel a task (a future or a task id): True where it will never run (queued, or killed
+        where ``terminate`` and the broker can), False where it runs or ran."""
+        if isinstance(future, str):
+            reply = self._call(Command.CANCEL, {"ids": [future], "terminate": bool(terminate)})
+            return future in reply.get("cancelled", ())
         if future.done():
             return future.cancelled()
-        reply = self._call(Command.CANCEL, {"session": self.session, "ids": [future.task_id]})
-        if future.task_id in reply.get("cancelled", ()):
-            future._cancel_locally()
-            return True
-        return future.cancelled()
+        reply = self._call(Command.CANCEL, {"ids": [future.task_id], "terminate": bool(terminate)})
+        return future.task_id in reply.get("cancelled", ()) or future.cancelled()
+
+    def cancel_all(self) -> int:
+        """Cancel every queued task of this client; returns how many were cancelled."""
+        return len(self._call_waiter(("cancel_pending", True))["cancelled"])
 
     def status(self) -> dict:
         """A snapshot of the cluster (see SPEC): seq, workers, queued, running, done, failed."""
         return self._call(Command.STATUS, {})["snapshot"]
 
     def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()
-            self._waker.wake()
-            self._thread.join(timeout=5)
-            self._waker.close()
+        if self._closed.is_set():
+            return
+        if self.cancel_on_close:
+            try:  # abandoned work: queued tasks without a key never run (keyed ones stay, to be collected)
+                self._call_waiter(("cancel_pending", False), patience_s=self.timeout)
+            except (GridqError, TimeoutError):
+                pass  # the broker is away: nothing more to do for them
+        self._closed.set()
+        self._waker.wake()
+        self._thread.join(timeout=5)
+        self._waker.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -200,10 +211,6 @@ class Client:
         self.close()
 
     # ================================================================ plumbing
-
-    def _patience(self) -> float:
-        """How long the I/O thread may take, at most, to give up on the broker."""
-        return (self.timeout + FETCH_WAIT_S) * (self.retries + 2) + 5.0
 
     def _post(self, item) -> None:
         if self._closed.is_set():
@@ -214,64 +221,56 @@ class Client:
             self._waker.wake()
 
     def _call(self, command: Command, header: dict) -> dict:
+        return self._call_waiter(("call", command, header))
+
+    def _call_waiter(self, item: tuple, patience_s: float | None = None) -> dict:
         waiter: Future = Future()
-        self._post(("call", command, header, waiter))
-        return waiter.result(timeout=self._patience())
+        self._post((*item, waiter))
+        return waiter.result(timeout=self._patience() if patience_s is None else patience_s)
 
     # ================================================================ the I/O thread
 
     def _io_loop(self) -> None:
-        self._rid = itertools.count(1)
-        self._requests: dict[int, _Request] = {}
-        self._pending: dict[str, list[GridFuture]] = {}  #: task id -> futures waiting on it
-        self._to_submit: deque = deque()  #: (future, record, frames) not yet sent
-        self._acks: list = []  #: result ids to acknowledge with the next FETCH
-        self._fetching: _Request | None = None
-        self._boot = None  #: the broker incarnation last heard from
-        self._accepted_by: dict[str, str] = {}  #: pending task id -> incarnation that accepted it
-        self._sock = None
+        engine = self._engine
         self._connect()
         try:
             while not self._closed.is_set():
-                timeout_ms = self._next_deadline_ms()
-                events = dict(self._poller.poll(timeout_ms))
+                events = dict(self._poller.poll(self._next_deadline_ms()))
                 if self._waker.fd in events:
                     self._waker.clear()
                 self._wake_pending = False  # before draining: a later post wakes us again
-                self._take_inbox()
+                self._take_inbox(time.monotonic())
                 if self._sock in events:
                     self._drain_socket()
-                self._expire(time.monotonic())
-                self._send_more()
+                now = time.monotonic()
+                engine.on_tick(now)
+                engine.pump(now)
+                self._carry_out(engine.take())
         except Exception:
             log.exception("client_io_thread_crashed")
             raise
         finally:
-            self._fail_everything(GridqError("client closed"))
+            error = GridqError("client closed")
+            engine.fail_everything(error)
+            out = engine.take()
+            out.messages.clear()
+            self._carry_out(out)
+            self._fail_inbox(error)
             self._sock.close(linger=0)
 
     def _connect(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        sock.sndhwm = 0
-        sock.rcvhwm = 0
-        if self._security is not None:
-            self._security.apply_client(sock)
-        sock.connect(self.address)
-        self._sock = sock
+        sock = self._dial(self._ctx)
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
         self._poller.register(self._waker.fd, zmq.POLLIN)
 
     def _next_deadline_ms(self) -> int:
-        if not self._requests:
+        soonest = self._engine.next_deadline()
+        if soonest is None:
             return 1000
-        soonest = min(r.deadline for r in self._requests.values())
         return max(0, int((soonest - time.monotonic()) * 1000) + 1)
 
-    def _take_inbox(self) -> None:
+    def _take_inbox(self, now: float) -> None:
         while True:
             try:
                 item = self._inbox.get_nowait()
@@ -279,196 +278,49 @@ class Client:
                 return
             if item[0] == "submit":
                 _, future, record, frames = item
-                self._to_submit.append((future, record, frames))
+                self._engine.submit(future, record, frames)
+            elif item[0] == "cancel_pending":
+                _, keyed, waiter = item
+                self._engine.cancel_pending(waiter, now, keyed=keyed)
             else:
                 _, command, header, waiter = item
-                if command is Command.CANCEL:
-                    # the broker must have the task before it can cancel it (and say so in a
-                    # task.cancelled event): send what waits here first, on the same socket, in order
-                    self._send_more(pipeline=1 << 30)
-                self._request(command, header, waiter=waiter)
-
-    def _request(self, command: Command, header: dict, frames: list = (), waiter=None, task_ids=(), wait_s=0.0) -> _Request:
-        rid = next(self._rid)
-        req = _Request(rid, command, {**header, "rid": rid}, list(frames), waiter=waiter, task_ids=list(task_ids))
-        req.deadline = time.monotonic() + self.timeout + wait_s
-        self._requests[rid] = req
-        self._transmit(req)
-        return req
-
-    def _transmit(self, req: _Request) -> None:
-        try:  # never block: a socket whose CURVE handshake was refused has no pipe left; Lazy Pirate resends
-            self._sock.send_multipart([b"", *encode(CLIENT_TAG, Message(req.command, req.header, req.frames))],
-                                      zmq.NOBLOCK, copy=False)
-        except zmq.Again:
-            pass
-
-    def _send_more(self, pipeline: int = SUBMIT_PIPELINE) -> None:
-        submits = sum(1 for r in self._requests.values() if r.command is Command.SUBMIT)
-        while self._to_submit and submits < pipeline:
-            records, frames, ids, size = [], [], [], 0
-            while self._to_submit and len(records) < SUBMIT_BATCH and (size < SUBMIT_BATCH_BYTES or not records):
-                future, record, task_frames = self._to_submit.popleft()
-                self._pending.setdefault(future.task_id, []).append(future)
-                records.append(record)
-                frames.extend(task_frames)
-                ids.append(future.task_id)
-                size += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in task_frames)
-            self._request(Command.SUBMIT, {"session": self.session, "tasks": records}, frames, task_ids=ids)
-            submits += 1
-        if self._fetching is None and self._pending:
-            wait_s = min(FETCH_WAIT_S, self.timeout / 2)
-            acks, self._acks = self._acks, []
-            self._fetching = self._request(Command.FETCH, {"session": self.session, "ack": acks,
-                                                           "wait_ms": int(wait_s * 1000)}, wait_s=wait_s)
-        elif self._acks and not self._pending and self._fetching is None:
-            acks, self._acks = self._acks, []
-            self._fetching = self._request(Command.FETCH, {"session": self.session, "ack": acks, "wait_ms": 0})
+                self._engine.call(command, header, waiter, now)
 
     def _drain_socket(self) -> None:
+        now = time.monotonic()
         while True:
             try:
                 raw = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            try:
-                if len(raw) < 4 or raw[0].bytes != b"":
-                    raise ProtocolError("reply without the empty delimiter")
-                msg = decode(raw[1:], CLIENT_TAG)
-            except ProtocolError as exc:
-                log.warning("broker_reply_dropped", error=str(exc))
-                continue
-            req = self._requests.pop(msg.header.get("rid"), None)
-            if req is None:
-                if msg.command is Command.ERROR:
-                    log.warning("broker_error", error=msg.header.get("error"))
-                continue  # a reply to a request we already resent and got answered
-            self._on_reply(req, msg)
+            self._engine.on_frames(raw, now)
 
-    def _on_reply(self, req: _Request, msg: Message) -> None:
-        if req is self._fetching:
-            self._fetching = None
-        if msg.command is Command.ERROR:
-            error = GridqError(f"broker refused the request: {msg.header.get('error')}")
-            if req.waiter is not None:
-                req.waiter.set_exception(error)
-            for task_id in req.task_ids:
-                self._fail(task_id, error)
-            return
-        self._check_boot(msg.header)
-        if msg.command is Command.ACCEPTED:
-            for task_id, reason in msg.header.get("rejected", ()):
-                self._fail(task_id, TaskError("InvalidRequest", str(reason)))
-            for task_id, first_id in msg.header.get("aliases", ()):
-                futures = self._pending.pop(task_id, [])
-                for f in futures:
-                    f.task_id = first_id
-                self._pending.setdefault(first_id, []).extend(futures)
-            boot = msg.header.get("boot")
-            for task_id in req.task_ids:
-                if task_id in self._pending:
-                    self._accepted_by[task_id] = boot
-        elif msg.command is Command.RESULTS:
-            self._on_results(msg)
-        elif req.waiter is not None:
-            req.waiter.set_result(msg.header)
-
-    def _check_boot(self, header: dict) -> None:
-        """A broker that restarted without a journal has forgotten what its predecessor
-        accepted: those tasks can never complete, so they fail now instead of waiting forever."""
-        boot = header.get("boot")
-        if boot is None or boot == self._boot:
-            return
-        old, self._boot = self._boot, boot
-        if old is None or header.get("durable"):
-            return
-        lost = [t for t, b in self._accepted_by.items() if b == old]
-        if lost:
-            log.warning("broker_restarted_without_journal", lost=len(lost))
-        for task_id in lost:
-            self._fail(task_id, TaskLost("TaskLost", f"task {task_id} was accepted by a broker that restarted "
-                                                     "without a journal (--journal): it is gone"))
-
-    def _on_results(self, msg: Message) -> None:
-        records = msg.header.get("results") or []
-        try:
-            per_task = split_frames(msg.frames, [r[3] for r in records])
-        except (ProtocolError, TypeError, IndexError) as exc:
-            log.warning("broker_reply_dropped", error=f"bad RESULTS: {exc}")
-            return
-        for (task_id, status, value, _n, info), frames in zip(records, per_task):
-            self._acks.append(task_id)
-            futures = self._pending.pop(task_id, None)
-            self._accepted_by.pop(task_id, None)
-            if not futures:
-                continue  # delivered twice after a resend: the first delivery won
-            for f in futures:
-                f.info = info
-                if f.done():
-                    continue
-                if status == "succeeded":
-                    try:
-                        f.set_result(unpack_value(value, frames))
-                    except ProtocolError as exc:
-                        f.set_exception(TaskError("ProtocolError", f"result could not be decoded: {exc}"))
-                elif status == "cancelled":
-                    f._cancel_locally()
+    def _carry_out(self, out: Outbox) -> None:
+        if out.reconnect:
+            self._connect()  # Lazy Pirate: a fresh socket; out.messages resends everything outstanding
+        for msg in out.messages:
+            try:  # never block: a socket whose CURVE handshake was refused has no pipe left; Lazy Pirate resends
+                self._sock.send_multipart([b"", *encode(CLIENT_TAG, msg)], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+        for future, kind, value in out.settled:
+            settle(future, kind, value)
+        for waiter, reply in out.replies:
+            if not waiter.done():
+                if isinstance(reply, BaseException):
+                    waiter.set_exception(reply)
                 else:
-                    f.set_exception(task_error(value if isinstance(value, dict) else {"message": str(value)}))
+                    waiter.set_result(reply)
 
-    def _expire(self, now: float) -> None:
-        late = [r for r in self._requests.values() if r.deadline <= now]
-        if not late:
-            return
-        log.info("broker_silent_resending", requests=len(self._requests), address=self.address)
-        self._connect()  # Lazy Pirate: a fresh socket, then resend everything outstanding
-        for req in list(self._requests.values()):
-            if req in late:
-                req.resends += 1
-                if req.resends > self.retries:
-                    self._give_up(req)
-                    continue
-            wait_s = FETCH_WAIT_S if req.command is Command.FETCH else 0.0
-            req.deadline = now + self.timeout + min(wait_s, self.timeout / 2)
-            self._transmit(req)
-
-    def _give_up(self, req: _Request) -> None:
-        del self._requests[req.rid]
-        error = BrokerUnavailable(f"broker at {self.address} did not answer within {self.timeout:g} s "
-                                  f"after {self.retries} retries")
-        if req.waiter is not None:
-            req.waiter.set_exception(error)
-        if req is self._fetching:
-            self._fetching = None
-            for task_id in list(self._pending):  # nobody can tell us how these end
-                self._fail(task_id, error)
-        for task_id in req.task_ids:
-            self._fail(task_id, error)
-
-    def _fail(self, task_id: str, error: Exception) -> None:
-        self._accepted_by.pop(task_id, None)
-        for f in self._pending.pop(task_id, ()):
-            if not f.done():
-                f.set_exception(error)
-
-    def _fail_everything(self, error: Exception) -> None:
-        for task_id in list(self._pending):
-            self._fail(task_id, error)
-        for future, _record, _frames in self._to_submit:
-            if not future.done():
-                future.set_exception(error)
-        for req in self._requests.values():
-            if req.waiter is not None and not req.waiter.done():
-                req.waiter.set_exception(error)
+    def _fail_inbox(self, error: Exception) -> None:
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                break
-            target = item[1] if item[0] == "submit" else item[3]
+                return
+            target = item[1] if item[0] == "submit" else item[-1]
             if not target.done():
                 target.set_exception(error)
 
 
-
-__all__ = ["Client", "GridFuture", "CancelledError", "EncodeError"]
+__all__ = ["BaseClient", "Client", "GridFuture", "CancelledError", "EncodeError", "DEFAULT_MAX_IN_FLIGHT"]

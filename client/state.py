@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import msgpack
 import structlog
@@ -56,6 +56,32 @@ FAILURES_KEPT = 50
 GONE_KEPT = 20
 #: topics a state needs (everything the broker publishes)
 TOPICS = ("task.", "worker.", "broker.")
+
+
+
+def events_address_for(frontend: str) -> str:
+    """Where the broker at ``frontend`` publishes events, by its defaults: the same host, the
+    frontend port + 2 (5555 -> 5557); DEFAULT_EVENTS where the address has no TCP port."""
+    scheme, _, rest = frontend.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme != "tcp" or not host or not port.isdigit():
+        return DEFAULT_EVENTS
+    return f"tcp://{host}:{int(port) + 2}"
+
+
+def subscriber(ctx: zmq.Context, address: str, security=None) -> zmq.Socket:
+    """A SUB socket on ``address`` subscribed to every topic a state needs (made by ``ctx``:
+    a zmq.asyncio context makes an asyncio socket)."""
+    sock = ctx.socket(zmq.SUB)
+    sock.linger = 0
+    sock.rcvhwm = EVENTS_HWM
+    if security is not None:
+        security.apply_client(sock)
+    for topic in TOPICS:
+        sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+    sock.connect(address)
+    return sock
+
 
 _COUNTS = ("queued", "running", "done", "failed", "cancelled")
 
@@ -177,19 +203,34 @@ class ClusterState:
         try:
             snap = self.client.status()
         except (GridqError, TimeoutError) as exc:  # BrokerUnavailable, or a refused request
-            now = self.clock()
-            with self.lock:
-                if self.link is not Link.UNREACHABLE:
-                    log.warning("broker_unreachable", error=str(exc), reason=self.reason)
-                self.link = Link.UNREACHABLE
-                self.error = str(exc) or type(exc).__name__
-                self.down_since = self.down_since or min(self._heard_at, now)  # silent since its last event
-                self._next_try = now + self._retry_s
-                self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+            self.unreachable(exc)
             return False
         log.debug("state_resynced", seq=snap.get("seq"), reason=self.reason)
         self.load(snap)
         return True
+
+    def unreachable(self, exc: Exception) -> None:
+        """The snapshot request failed with ``exc``: say so, and ask again later (backing off)."""
+        now = self.clock()
+        with self.lock:
+            if self.link is not Link.UNREACHABLE:
+                log.warning("broker_unreachable", error=str(exc), reason=self.reason)
+            self.link = Link.UNREACHABLE
+            self.error = str(exc) or type(exc).__name__
+            self.down_since = self.down_since or min(self._heard_at, now)  # silent since its last event
+            self._next_try = now + self._retry_s
+            self._retry_s = min(self._retry_s * 2, RETRY_MAX_S)
+
+    def due(self) -> bool:
+        """True when a fresh snapshot should be taken now."""
+        return self.stale and self.clock() >= self._next_try
+
+    def check_silence(self) -> None:
+        """Distrust the stream where the broker has been silent too long (it publishes stats each second)."""
+        now = self.clock()
+        with self.lock:
+            if self.link is Link.LIVE and now - self._heard_at > self.silent_after_s:
+                self._distrust(f"broker silent for {now - self._heard_at:.1f} s")
 
     def _distrust(self, reason: str) -> None:
         """Stop applying events until a fresh snapshot replaces what we hold."""
@@ -390,15 +431,8 @@ class ClusterState:
         """Subscribe to the broker's events (before the first snapshot, so none is missed)."""
         if self._sock is not None:
             return
-        sock = self._ctx.socket(zmq.SUB)
-        sock.linger = 0
-        sock.rcvhwm = EVENTS_HWM
-        security = getattr(self.client, "_security", None)  # the events socket has the same CURVE policy
-        if security is not None:
-            security.apply_client(sock)
-        for topic in TOPICS:
-            sock.setsockopt_string(zmq.SUBSCRIBE, topic)
-        sock.connect(self.events_address)
+        # the events socket has the same CURVE policy as the client's
+        sock = subscriber(self._ctx, self.events_address, getattr(self.client, "_security", None))
         self._sock = sock
         self._poller = zmq.Poller()
         self._poller.register(sock, zmq.POLLIN)
@@ -411,23 +445,23 @@ class ClusterState:
         """Snapshot when due, then apply the events that arrive within ``timeout_s``; returns how many."""
         if self._sock is None:
             self.connect()
-        now = self.clock()
-        if self.stale and now >= self._next_try:
+        if self.due():
             self.resync()
         applied = 0
         if self._poller.poll(max(timeout_s, 0.0) * 1000):
             applied = self._drain(POLL_BATCH)
-        now = self.clock()
-        with self.lock:
-            if self.link is Link.LIVE and now - self._heard_at > self.silent_after_s:
-                self._distrust(f"broker silent for {now - self._heard_at:.1f} s")
+        self.check_silence()
         return applied
 
     def _drain(self, limit: int) -> int:
-        applied = 0
+        return sum(1 for _ in self.read(self._sock, limit))
+
+    def read(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> Iterator[tuple[str, dict]]:
+        """Receive what waits on ``sock`` (at most ``limit`` messages), apply it, and yield each
+        event applied as ``(topic, fields)``: those are contiguous in ``seq`` since the snapshot."""
         for _ in range(limit):
             try:
-                topic, body = self._sock.recv_multipart(zmq.NOBLOCK)
+                topic, body = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             except ValueError:  # not two frames
@@ -436,9 +470,9 @@ class ClusterState:
                 fields = msgpack.unpackb(body, strict_map_key=False)
             except Exception:  # msgpack raises several unrelated types
                 continue
-            if isinstance(fields, dict) and self.receive(topic.decode("ascii", "replace"), fields):
-                applied += 1
-        return applied
+            topic = topic.decode("ascii", "replace")
+            if isinstance(fields, dict) and self.receive(topic, fields):
+                yield topic, fields
 
     def start(self) -> "ClusterState":
         """Keep the state current on a background thread until ``close()``."""
@@ -504,4 +538,4 @@ _HANDLERS = {
     "broker.stats": ClusterState._on_stats,
 }
 
-__all__ = ["ClusterState", "Link", "WorkerView", "RunningTask", "DEFAULT_EVENTS"]
+__all__ = ["ClusterState", "Link", "WorkerView", "RunningTask", "DEFAULT_EVENTS", "events_address_for"]

@@ -1,0 +1,380 @@
+"""AsyncClient: gridq from asyncio, on the caller's event loop, with no thread of its own.
+
+A zmq.asyncio DEALER socket around the same protocol engine as ``Client``
+(``client.engine``): submits made in one loop turn go out as one batched
+SUBMIT, one reader coroutine polls the socket, feeds replies to the engine
+and resends on deadlines (Lazy Pirate). Nothing here blocks the loop: sends
+never wait (no high-water mark), received batches are handled in slices, and
+``map`` yields to the loop every few hundred submissions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator, Iterable
+
+import structlog
+import zmq
+import zmq.asyncio
+
+from broker.protocol import CLIENT_TAG, Command, encode
+from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
+from client.engine import FAILED, Outbox, settle
+from client.errors import GridqError
+from client.state import ClusterState, events_address_for, subscriber
+
+log = structlog.get_logger(__name__)
+
+#: submissions between two yields to the event loop in map()
+MAP_SLICE = 256
+#: longest the reader handles received messages before it lets other coroutines run
+READ_SLICE_S = 0.005
+
+_PENDING = object()  #: a future's acceptance is not known yet
+
+
+class AsyncFuture(asyncio.Future):
+    """An asyncio.Future for one task, with ``task_id``, ``info`` and ``accepted``.
+
+    ``cancel()`` cancels it here at once and asks the broker to cancel the task
+    (so ``asyncio.wait_for`` timing out, or a cancelled ``gather``, abandons the
+    work too); ``await client.cancel(f)`` says whether the broker did.
+    """
+
+    def __init__(self, client: "AsyncClient", task_id: str, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop=loop)
+        self.task_id = task_id
+        self.info: dict | None = None
+        self._client = client
+        self._accept = _PENDING  #: None once accepted, or the error that refused it
+        self._accepted: asyncio.Future | None = None  #: made on first use: most callers never ask
+
+    @property
+    def accepted(self) -> asyncio.Future:
+        """Resolves (None) once the broker accepted the task (journaled where it keeps a journal);
+        raises the error the task gets where it was refused (or the broker could not be reached)."""
+        if self._accepted is None:
+            self._accepted = self.get_loop().create_future()
+            if self._accept is not _PENDING:
+                _resolve(self._accepted, self._accept)
+        return self._accepted
+
+    def _set_accepted(self, error: Exception | None) -> None:
+        if self._accept is _PENDING:
+            self._accept = error
+            if self._accepted is not None:
+                _resolve(self._accepted, error)
+
+    def cancel(self, msg=None) -> bool:
+        if self.done():
+            return False
+        self._client._abandon(self)
+        return super().cancel(msg)
+
+    def _cancel_locally(self) -> bool:
+        return super().cancel()
+
+    def __repr__(self) -> str:
+        state = "cancelled" if self.cancelled() else "finished" if self.done() else "pending"
+        return f"<AsyncFuture {self.task_id} {state}>"
+
+
+def _resolve(future: asyncio.Future, outcome) -> None:
+    """Set ``future`` to ``outcome`` (an exception is raised from it), unless it is done already."""
+    if not future.done():
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+class AsyncClient(BaseClient):
+    """A connection to a gridq broker for asyncio code; use it from one event loop."""
+
+    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float = 2.5, retries: int = 3,
+                 broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
+        super().__init__(address, timeout=timeout, retries=retries, broker_key=broker_key, secret=secret,
+                         cancel_on_close=cancel_on_close)
+        self._ctx = zmq.asyncio.Context.shadow(zmq.Context.instance().underlying)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sync_sock: zmq.Socket | None = None  #: the same socket, for calls that never wait
+        self._reader: asyncio.Task | None = None
+        self._flush_due = False
+        self._closed = False
+
+    # ================================================================ tasks
+
+    def submit(self, name: str, *args, resources: dict | None = None, priority: int = 0, retries: int | None = None,
+               timeout: float | None = None, key: str | None = None, **kwargs) -> AsyncFuture:
+        """Submit one task; returns its future at once. Bad arguments or options raise here."""
+        loop = self._start()
+        record, frames = self._engine.make_task(name, args, kwargs, resources=resources, priority=priority,
+                                                retries=retries, timeout=timeout, key=key)
+        future = AsyncFuture(self, record[0], loop)
+        self._engine.submit(future, record, frames)
+        self._flush_soon()
+        return future
+
+    async def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,
+                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False, **options) -> list:
+        """Run ``name(item)`` for every item; results in input order. Raises the first failure
+        (in input order) unless ``return_exceptions``; ``timeout`` bounds the whole call."""
+        loop = self._start()
+        deadline = None if timeout is None else loop.time() + timeout
+        futures: list[AsyncFuture] = []
+        in_flight = 0
+        room: asyncio.Future | None = None
+
+        def finished(_f) -> None:
+            nonlocal in_flight
+            in_flight -= 1
+            if room is not None and not room.done():
+                room.set_result(None)
+
+        for i, item in enumerate(iterable, 1):
+            while in_flight >= max_in_flight:
+                room = loop.create_future()
+                await self._until(room, deadline)
+            future = self.submit(name, item, **options)
+            future.add_done_callback(finished)
+            futures.append(future)
+            in_flight += 1
+            if i % MAP_SLICE == 0:
+                await asyncio.sleep(0)  # let the batch go out and replies in; never hold the loop
+        return await self.gather(futures, return_exceptions=return_exceptions,
+                                 timeout=None if deadline is None else deadline - loop.time())
+
+    async def gather(self, futures: Iterable[asyncio.Future], return_exceptions: bool = False, *,
+                     timeout: float | None = None) -> list:
+        """Results of ``futures`` in order; raises the first failure unless ``return_exceptions``."""
+        futures = list(futures)
+        left = [f for f in futures if not f.done()]
+        if left:
+            loop = asyncio.get_running_loop()
+            all_done = loop.create_future()
+            count = len(left)
+
+            def one_done(_f) -> None:
+                nonlocal count
+                count -= 1
+                if not count and not all_done.done():
+                    all_done.set_result(None)
+
+            for f in left:
+                f.add_done_callback(one_done)
+            await self._until(all_done, None if timeout is None else loop.time() + timeout)
+        out = []
+        for f in futures:
+            if not return_exceptions:
+                out.append(f.result())  # raises the failure (asyncio.CancelledError for a cancelled one)
+            elif f.cancelled():
+                out.append(asyncio.CancelledError())
+            else:
+                out.append(f.exception() or f.result())
+        return out
+
+    async def as_completed(self, futures: Iterable[asyncio.Future]) -> AsyncIterator[asyncio.Future]:
+        """The futures, each as it finishes."""
+        finished: asyncio.Queue = asyncio.Queue()
+        futures = list(futures)
+        for f in futures:
+            f.add_done_callback(finished.put_nowait)
+        for _ in futures:
+            yield await finished.get()
+
+    async def cancel(self, future: AsyncFuture | str, terminate: bool = False) -> bool:
+        """Cancel a task (a future or a task id): True where it will never run (queued, or killed
+        where ``terminate`` and the broker can), False where it runs or ran."""
+        task_id = future if isinstance(future, str) else future.task_id
+        if not isinstance(future, str) and future.done():
+            return future.cancelled()
+        reply = await self._call(Command.CANCEL, {"ids": [task_id], "terminate": bool(terminate)})
+        return task_id in reply.get("cancelled", ()) or (not isinstance(future, str) and future.cancelled())
+
+    async def cancel_all(self) -> int:
+        """Cancel every queued task of this client; returns how many were cancelled."""
+        return len((await self._cancel_pending(keyed=True))["cancelled"])
+
+    async def status(self) -> dict:
+        """A snapshot of the cluster, as ``Client.status()``."""
+        return (await self._call(Command.STATUS, {}))["snapshot"]
+
+    # ================================================================ events
+
+    async def events(self, prefix: str = "", events_address: str | None = None) -> AsyncIterator[dict]:
+        """The broker's events whose topic starts with ``prefix``, none missed: first a
+        ``{"topic": "snapshot", "seq": s, "snapshot": status}`` item, then events with seq > s,
+        each ``{"topic": ..., "seq": ..., ...}``; after a gap or a broker restart a new
+        snapshot item, then on. ``events_address`` defaults to the broker's events port
+        (``client.state.events_address_for``)."""
+        self._start()
+        state = ClusterState(self, events_address or events_address_for(self.address))
+        sock = subscriber(self._ctx, state.events_address, self._security)
+        sync_sock = zmq.Socket.shadow(sock.underlying)  # never waits: the asyncio socket is for poll()
+        try:
+            # a SUB connects asynchronously: wait (briefly) for a first event, so the subscription
+            # is live before the snapshot and nothing falls between them
+            await sock.poll(state.silent_after_s * 1000 / 2)
+            while True:
+                if state.due():
+                    try:
+                        snap = await self.status()
+                    except (GridqError, asyncio.TimeoutError) as exc:
+                        state.unreachable(exc)
+                    else:
+                        state.load(snap)
+                        yield {"topic": "snapshot", "seq": snap["seq"], "snapshot": snap}
+                wait_s = 0.1 if state.stale else state.silent_after_s / 2
+                if await sock.poll(wait_s * 1000):
+                    for topic, fields in state.read(sync_sock):
+                        if topic.startswith(prefix):
+                            yield {"topic": topic, **fields}
+                state.check_silence()
+        finally:
+            sock.close(linger=0)
+
+    # ================================================================ closing
+
+    async def close(self) -> None:
+        """Cancel this client's queued tasks without a key (unless ``cancel_on_close=False``), then
+        stop; tasks still waiting fail with GridqError("client closed")."""
+        if self._closed:
+            return
+        if self._reader is not None and self.cancel_on_close:
+            try:  # abandoned work: queued tasks without a key never run (keyed ones stay, to be collected)
+                await asyncio.wait_for(self._cancel_pending(keyed=False), self.timeout)
+            except (GridqError, asyncio.TimeoutError):
+                pass  # the broker is away: nothing more to do for them
+        self._closed = True
+        if self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+        self._stop(GridqError("client closed"))
+
+    async def __aenter__(self) -> "AsyncClient":
+        self._start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    # ================================================================ plumbing
+
+    def _start(self) -> asyncio.AbstractEventLoop:
+        """The running loop; on first use, the socket and the reader coroutine on it."""
+        if self._closed:
+            raise GridqError("client is closed")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("AsyncClient is used from coroutines on a running event loop") from None
+        if self._loop is None:
+            self._loop = loop
+            self._connect()
+            self._reader = loop.create_task(self._read(), name="gridq-async-client")
+        elif loop is not self._loop:
+            raise RuntimeError("this AsyncClient belongs to another event loop")
+        return loop
+
+    def _connect(self) -> None:
+        self._sync_sock = zmq.Socket.shadow(self._dial(self._ctx).underlying)
+
+    async def _until(self, future: asyncio.Future, deadline: float | None) -> None:
+        if deadline is None:
+            await future
+        else:
+            await asyncio.wait_for(future, max(0.0, deadline - asyncio.get_running_loop().time()))
+
+    async def _call(self, command: Command, header: dict) -> dict:
+        loop = self._start()
+        waiter = loop.create_future()
+        self._engine.call(command, header, waiter, time.monotonic())
+        self._carry_out(self._engine.take())
+        return await asyncio.wait_for(waiter, self._patience())
+
+    async def _cancel_pending(self, *, keyed: bool) -> dict:
+        waiter = self._start().create_future()
+        self._engine.cancel_pending(waiter, time.monotonic(), keyed=keyed)
+        self._carry_out(self._engine.take())
+        return await asyncio.wait_for(waiter, self._patience())
+
+    def _abandon(self, future: AsyncFuture) -> None:
+        """A future cancelled here: ask the broker to cancel its task, not waiting for the answer."""
+        if not self._closed and self._loop is not None:
+            self._engine.call(Command.CANCEL, {"ids": [future.task_id]}, None, time.monotonic())
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        if not self._flush_due:  # every submit of this loop turn goes out in one batch
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if not self._closed:
+            self._engine.pump(time.monotonic())
+            self._carry_out(self._engine.take())
+
+    async def _read(self) -> None:
+        engine = self._engine
+        try:
+            while True:
+                soonest = engine.next_deadline()
+                wait_s = self.timeout if soonest is None else min(max(soonest - time.monotonic(), 0.0), self.timeout)
+                if await self._sock.poll(int(wait_s * 1000) + 1, zmq.POLLIN):
+                    await self._drain()
+                now = time.monotonic()
+                engine.on_tick(now)
+                engine.pump(now)
+                self._carry_out(engine.take())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # nothing may wait forever on a reader that is gone
+            log.exception("async_client_reader_crashed")
+            self._closed = True
+            self._stop(GridqError(f"client I/O failed: {type(exc).__name__}: {exc}"))
+
+    async def _drain(self) -> None:
+        started = time.monotonic()
+        while True:
+            try:
+                raw = self._sync_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._engine.on_frames(raw, time.monotonic())
+            self._carry_out(self._engine.take())
+            if time.monotonic() - started > READ_SLICE_S:
+                await asyncio.sleep(0)
+                started = time.monotonic()
+
+    def _carry_out(self, out: Outbox) -> None:
+        if out.reconnect:
+            self._connect()  # Lazy Pirate: a fresh socket; out.messages resends everything outstanding
+        for msg in out.messages:
+            try:  # copied: a zero-copy send would start pyzmq's garbage-collector thread
+                self._sync_sock.send_multipart([b"", *encode(CLIENT_TAG, msg)], zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # no pipe (a refused CURVE handshake): Lazy Pirate resends
+        for future, error in out.accepted:
+            future._set_accepted(error)
+        for future, kind, value in out.settled:
+            future._set_accepted(value if kind == FAILED else None)  # a task that ended was accepted
+            settle(future, kind, value)
+        for waiter, reply in out.replies:
+            _resolve(waiter, reply)
+
+    def _stop(self, error: Exception) -> None:
+        self._engine.fail_everything(error)
+        out = self._engine.take()
+        out.messages.clear()
+        out.reconnect = False
+        self._carry_out(out)
+        if self._sock is not None:
+            self._sock.close(linger=0)
+
+
+__all__ = ["AsyncClient", "AsyncFuture"]

@@ -1,0 +1,375 @@
+"""The sans-IO half of a gridq client: requests, Lazy Pirate resends, batching, long polls, outcomes.
+
+``Engine`` is what ``Client`` (a thread) and ``AsyncClient`` (an event loop)
+share. Like the broker's core it owns no socket and reads no clock: the shell
+hands it what it was asked (``submit``, ``call``), what arrived (``on_frames``)
+and the time (``now``), and carries out what ``take()`` returns: messages to
+send (on a fresh socket first, where ``reconnect`` says so), futures to settle,
+acceptances and call replies. Futures stay the shell's own objects ("handles"):
+the engine only reads and writes their ``task_id`` and ``info``.
+
+What it does: every request gets an id (``rid``) and a deadline; a request
+that misses its deadline is resent, with every other outstanding one, on a
+fresh socket (Lazy Pirate) and after ``retries`` resends fails with
+BrokerUnavailable. SUBMITs go in batches, a few in flight at once; one FETCH
+long-polls for results and acknowledges those received last time. The broker's
+incarnation (``boot``) is watched: tasks accepted by a broker that restarted
+without a journal can never complete, so they fail with TaskLost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections import deque
+from concurrent.futures import InvalidStateError
+from dataclasses import dataclass, field
+
+import structlog
+
+from broker.protocol import (CLIENT_TAG, Command, Message, ProtocolError, check_resources, decode, pack_value,
+                             split_frames, unpack_value)
+from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, task_error
+
+log = structlog.get_logger(__name__)
+
+#: most tasks in one SUBMIT message
+SUBMIT_BATCH = 2000
+#: most payload bytes in one SUBMIT message (arrays beyond go in the next one)
+SUBMIT_BATCH_BYTES = 64 << 20
+#: most SUBMIT messages awaiting their ACCEPTED at once
+SUBMIT_PIPELINE = 4
+#: how long one FETCH may wait at the broker for results, at most
+FETCH_WAIT_S = 1.0
+
+#: how a task ended, as ``take().settled`` reports it
+OK = "ok"  #: value is the task's result
+ERROR = "error"  #: value is the TaskError the task ended with at the broker
+CANCELLED = "cancelled"  #: the broker cancelled it; value is None
+FAILED = "failed"  #: value is an error of the client side: the task's end is not known (or it was refused)
+
+
+def settle(handle, kind: str, value) -> None:
+    """Apply one outcome to a shell's future (a concurrent or asyncio one) unless it is done."""
+    if handle.done():
+        return
+    try:
+        if kind == OK:
+            handle.set_result(value)
+        elif kind == CANCELLED:
+            handle._cancel_locally()
+        else:
+            handle.set_exception(value)
+    except InvalidStateError:
+        pass  # another thread cancelled it just now
+
+
+@dataclass(eq=False)
+class Request:
+    rid: int
+    command: Command
+    header: dict
+    frames: list = field(default_factory=list)
+    deadline: float = 0.0
+    resends: int = 0
+    wait_s: float = 0.0  #: how long the broker may hold it on purpose (a long-polling FETCH)
+    waiter: object = None  #: for calls (status, cancel): the shell's object that gets the reply
+    task_ids: list = field(default_factory=list)  #: for SUBMIT
+
+
+@dataclass
+class Outbox:
+    """What the shell must do next, in this order."""
+
+    reconnect: bool = False  #: close the socket and dial a fresh one before sending
+    messages: list = field(default_factory=list)  #: Messages to send
+    accepted: list = field(default_factory=list)  #: (handle, None or the error that refused it)
+    settled: list = field(default_factory=list)  #: (handle, OK/ERROR/CANCELLED/FAILED, value)
+    replies: list = field(default_factory=list)  #: (waiter, reply header or an exception)
+
+    def __bool__(self) -> bool:
+        return bool(self.reconnect or self.messages or self.accepted or self.settled or self.replies)
+
+
+class Engine:
+    """One client session's protocol state; see the module docstring."""
+
+    def __init__(self, *, timeout_s: float, retries: int, address: str = "", session: str | None = None) -> None:
+        if not timeout_s > 0 or retries < 0:
+            raise ValueError("timeout must be > 0 and retries >= 0")
+        self.session = session or os.urandom(8).hex()
+        self._ids = itertools.count()
+        self._id_prefix = os.urandom(6).hex() + "-"
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.address = address  #: for error messages only
+        self._rid = itertools.count(1)
+        self.requests: dict[int, Request] = {}
+        self.pending: dict[str, list] = {}  #: task id -> handles waiting on it (sent, not finished)
+        self._keyed: set = set()  #: pending task ids submitted with an idempotency key
+        self._to_submit: deque = deque()  #: (handle, record, frames) not yet sent
+        self._acks: list = []  #: result ids to acknowledge with the next FETCH
+        self._fetching: Request | None = None
+        self._boot = None  #: the broker incarnation last heard from
+        self._accepted_by: dict[str, object] = {}  #: pending task id -> incarnation that accepted it
+        self._out = Outbox()
+
+    # ================================================================ input
+
+    def make_task(self, name: str, args: tuple, kwargs: dict, *, resources: dict | None = None, priority: int = 0,
+                  retries: int | None = None, timeout: float | None = None, key: str | None = None) -> tuple[list, list]:
+        """A checked SUBMIT record with a fresh task id, and its array frames; bad input raises here.
+
+        Safe to call from any thread: it touches only the id counter.
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError("task name must be a non-empty string")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+            raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ValueError(f"priority must be an integer, got {priority!r}")
+        if key is not None and (not isinstance(key, str) or not key):
+            raise ValueError(f"key must be a non-empty string, got {key!r}")
+        if resources is not None:
+            resources = check_resources(resources)
+        blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
+        task_id = self._id_prefix + format(next(self._ids), "x")
+        return [task_id, name, blob, len(frames), resources, priority, retries, timeout, key], frames
+
+    def submit(self, handle, record: list, frames: list) -> None:
+        """Queue one task (a SUBMIT_FIELDS record and its array frames); sent by the next ``pump``."""
+        self._to_submit.append((handle, record, frames))
+
+    def call(self, command: Command, header: dict, waiter, now: float) -> None:
+        """Send a request whose reply header goes to ``waiter`` (STATUS, CANCEL)."""
+        if command is Command.CANCEL:
+            # the broker must have the task before it can cancel it (and say so in a
+            # task.cancelled event): send what waits here first, on the same socket, in order
+            self.pump(now, pipeline=1 << 30)
+        self._request(command, {"session": self.session, **header}, now, waiter=waiter)
+
+    def cancel_pending(self, waiter, now: float, *, keyed: bool) -> None:
+        """Cancel this session's unfinished tasks (those with a key too where ``keyed``); the reply
+        goes to ``waiter`` (an empty one where there was nothing to cancel)."""
+        self.pump(now, pipeline=1 << 30)  # what waits here goes first: the broker cancels only what it has
+        ids = list(self.pending) if keyed else [t for t in self.pending if t not in self._keyed]
+        if ids:
+            self.call(Command.CANCEL, {"ids": ids}, waiter, now)
+        elif waiter is not None:
+            self._out.replies.append((waiter, {"cancelled": [], "refused": []}))
+
+    def on_frames(self, raw: list, now: float) -> None:
+        """One multipart message off the DEALER socket (empty delimiter first)."""
+        try:
+            if len(raw) < 4 or bytes(raw[0]) != b"":
+                raise ProtocolError("reply without the empty delimiter")
+            msg = decode(raw[1:], CLIENT_TAG)
+        except ProtocolError as exc:
+            log.warning("broker_reply_dropped", error=str(exc))
+            return
+        req = self.requests.pop(msg.header.get("rid"), None)
+        if req is None:
+            if msg.command is Command.ERROR:
+                log.warning("broker_error", error=msg.header.get("error"))
+            return  # a reply to a request we already resent and got answered
+        self._on_reply(req, msg)
+
+    def on_tick(self, now: float) -> None:
+        """Resend what missed its deadline (Lazy Pirate), give up past ``retries``."""
+        late = [r for r in self.requests.values() if r.deadline <= now]
+        if not late:
+            return
+        log.info("broker_silent_resending", requests=len(self.requests), address=self.address)
+        self._out.reconnect = True
+        self._out.messages = []  # everything outstanding goes again, on the fresh socket
+        for req in list(self.requests.values()):
+            if req in late:
+                req.resends += 1
+                if req.resends > self.retries:
+                    self._give_up(req)
+                    continue
+            req.deadline = now + self.timeout_s + req.wait_s
+            self._out.messages.append(self._message(req))
+
+    def pump(self, now: float, pipeline: int = SUBMIT_PIPELINE) -> None:
+        """Send queued tasks in batches (a few SUBMITs in flight), and keep one FETCH outstanding."""
+        submits = sum(1 for r in self.requests.values() if r.command is Command.SUBMIT)
+        while self._to_submit and submits < pipeline:
+            records, frames, ids, size = [], [], [], 0
+            while self._to_submit and len(records) < SUBMIT_BATCH and (size < SUBMIT_BATCH_BYTES or not records):
+                handle, record, task_frames = self._to_submit.popleft()
+                self.pending.setdefault(handle.task_id, []).append(handle)
+                if record[8] is not None:
+                    self._keyed.add(handle.task_id)
+                records.append(record)
+                frames.extend(task_frames)
+                ids.append(handle.task_id)
+                size += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in task_frames)
+            self._request(Command.SUBMIT, {"session": self.session, "tasks": records}, now, frames, task_ids=ids)
+            submits += 1
+        if self._fetching is None and (self.pending or self._acks):
+            wait_s = min(FETCH_WAIT_S, self.timeout_s / 2) if self.pending else 0.0
+            acks, self._acks = self._acks, []
+            self._fetching = self._request(Command.FETCH, {"session": self.session, "ack": acks,
+                                                          "wait_ms": int(wait_s * 1000)}, now, wait_s=wait_s)
+
+    def take(self) -> Outbox:
+        """What to do now; the engine forgets it."""
+        out, self._out = self._out, Outbox()
+        return out
+
+    # ================================================================ reading
+
+    def next_deadline(self) -> float | None:
+        """The soonest request deadline (a monotonic time), None when nothing is outstanding."""
+        return min((r.deadline for r in self.requests.values()), default=None)
+
+    @property
+    def busy(self) -> bool:
+        """Tasks or requests whose end is not known yet."""
+        return bool(self.requests or self.pending or self._to_submit)
+
+    def fail_unsent(self, error: Exception) -> None:
+        """Fail the tasks not sent yet (they never reached the broker)."""
+        while self._to_submit:
+            handle, _record, _frames = self._to_submit.popleft()
+            self._out.accepted.append((handle, error))
+            self._out.settled.append((handle, FAILED, error))
+
+    def fail_everything(self, error: Exception) -> None:
+        """Closing: every task and call still waiting ends with ``error``."""
+        for task_id in list(self.pending):
+            self._fail(task_id, error)
+        self.fail_unsent(error)
+        for req in self.requests.values():
+            if req.waiter is not None:
+                self._out.replies.append((req.waiter, error))
+        self.requests.clear()
+        self._fetching = None
+
+    # ================================================================ plumbing
+
+    def _request(self, command: Command, header: dict, now: float, frames: list = (), waiter=None, task_ids=(),
+                 wait_s: float = 0.0) -> Request:
+        rid = next(self._rid)
+        req = Request(rid, command, {**header, "rid": rid}, list(frames), now + self.timeout_s + wait_s, 0, wait_s,
+                      waiter, list(task_ids))
+        self.requests[rid] = req
+        self._out.messages.append(self._message(req))
+        return req
+
+    @staticmethod
+    def _message(req: Request) -> Message:
+        return Message(req.command, req.header, req.frames)
+
+    def _on_reply(self, req: Request, msg: Message) -> None:
+        if req is self._fetching:
+            self._fetching = None
+        if msg.command is Command.ERROR:
+            error = GridqError(f"broker refused the request: {msg.header.get('error')}")
+            if req.waiter is not None:
+                self._out.replies.append((req.waiter, error))
+            for task_id in req.task_ids:
+                self._fail(task_id, error)
+            return
+        self._check_boot(msg.header)
+        if msg.command is Command.ACCEPTED:
+            self._on_accepted(req, msg.header)
+        elif msg.command is Command.RESULTS:
+            self._on_results(msg)
+            return
+        if msg.command is Command.CANCELLED:
+            for task_id in msg.header.get("cancelled") or ():
+                self._settle(task_id, CANCELLED, None)  # its "cancelled" result, when fetched, finds none waiting
+        if req.waiter is not None:
+            self._out.replies.append((req.waiter, msg.header))
+
+    def _on_accepted(self, req: Request, header: dict) -> None:
+        for task_id, reason in header.get("rejected", ()):
+            self._fail(task_id, TaskError("InvalidRequest", str(reason)))
+        for task_id, first_id in header.get("aliases", ()):
+            handles = self.pending.pop(task_id, [])
+            if task_id in self._keyed:
+                self._keyed.discard(task_id)
+                self._keyed.add(first_id)
+            for h in handles:
+                h.task_id = first_id
+            self.pending.setdefault(first_id, []).extend(handles)
+            self._out.accepted.extend((h, None) for h in handles)
+        boot = header.get("boot")
+        for task_id in req.task_ids:
+            handles = self.pending.get(task_id)
+            if handles is not None:
+                self._accepted_by[task_id] = boot
+                self._out.accepted.extend((h, None) for h in handles)
+
+    def _check_boot(self, header: dict) -> None:
+        """A broker that restarted without a journal has forgotten what its predecessor
+        accepted: those tasks can never complete, so they fail now instead of waiting forever."""
+        boot = header.get("boot")
+        if boot is None or boot == self._boot:
+            return
+        old, self._boot = self._boot, boot
+        if old is None or header.get("durable"):
+            return
+        lost = [t for t, b in self._accepted_by.items() if b == old]
+        if lost:
+            log.warning("broker_restarted_without_journal", lost=len(lost))
+        for task_id in lost:
+            self._fail(task_id, TaskLost("TaskLost", f"task {task_id} was accepted by a broker that restarted "
+                                                     "without a journal (--journal): it is gone"))
+
+    def _on_results(self, msg: Message) -> None:
+        records = msg.header.get("results") or []
+        try:
+            per_task = split_frames(msg.frames, [r[3] for r in records])
+        except (ProtocolError, TypeError, IndexError) as exc:
+            log.warning("broker_reply_dropped", error=f"bad RESULTS: {exc}")
+            return
+        for (task_id, status, value, _n, info), frames in zip(records, per_task):
+            self._acks.append(task_id)
+            if task_id not in self.pending:
+                continue  # delivered twice after a resend (or cancelled): the first delivery won
+            if status == "succeeded":
+                try:
+                    kind, outcome = OK, unpack_value(value, frames)
+                except ProtocolError as exc:
+                    kind, outcome = ERROR, TaskError("ProtocolError", f"result could not be decoded: {exc}")
+            elif status == "cancelled":
+                kind, outcome = CANCELLED, None
+            else:
+                kind, outcome = ERROR, task_error(value if isinstance(value, dict) else {"message": str(value)})
+            self._settle(task_id, kind, outcome, info)
+
+    def _give_up(self, req: Request) -> None:
+        del self.requests[req.rid]
+        error = BrokerUnavailable(f"broker at {self.address} did not answer within {self.timeout_s:g} s "
+                                  f"after {self.retries} retries")
+        if req.waiter is not None:
+            self._out.replies.append((req.waiter, error))
+        if req is self._fetching:
+            self._fetching = None
+            for task_id in list(self.pending):  # nobody can tell us how these end
+                self._fail(task_id, error)
+        for task_id in req.task_ids:
+            self._fail(task_id, error)
+
+    def _fail(self, task_id: str, error: Exception) -> None:
+        for h in self.pending.get(task_id, ()):
+            self._out.accepted.append((h, error))  # the shell ignores this where it was accepted already
+        self._settle(task_id, FAILED, error)
+
+    def _settle(self, task_id: str, kind: str, value, info: dict | None = None) -> None:
+        self._accepted_by.pop(task_id, None)
+        self._keyed.discard(task_id)
+        for h in self.pending.pop(task_id, ()):
+            if info is not None:
+                h.info = info
+            self._out.settled.append((h, kind, value))
+
+
+__all__ = ["Engine", "Outbox", "Request", "settle", "OK", "ERROR", "CANCELLED", "FAILED", "SUBMIT_BATCH", "SUBMIT_PIPELINE",
+           "FETCH_WAIT_S"]
