@@ -9,6 +9,7 @@ import sys
 import structlog
 
 from broker.logs import add_logging_flags, configure_logging
+from broker.protocol import DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND
 from broker.server import Broker, BrokerConfig
 
 log = structlog.get_logger("broker")
@@ -16,9 +17,9 @@ log = structlog.get_logger("broker")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gridq-broker", description="Run a gridq broker.")
-    p.add_argument("--frontend", default="tcp://127.0.0.1:5555", help="client endpoint (ROUTER)")
-    p.add_argument("--backend", default="tcp://127.0.0.1:5556", help="worker endpoint (ROUTER)")
-    p.add_argument("--events", default="tcp://127.0.0.1:5557", help="event endpoint (PUB)")
+    p.add_argument("--frontend", default=DEFAULT_FRONTEND, help="client endpoint (ROUTER)")
+    p.add_argument("--backend", default=DEFAULT_BACKEND, help="worker endpoint (ROUTER)")
+    p.add_argument("--events", default=DEFAULT_EVENTS, help="event endpoint (PUB)")
     p.add_argument("--heartbeat", type=float, default=1.0, metavar="SECONDS", help="heartbeat interval")
     p.add_argument("--liveness", type=int, default=3, metavar="N", help="missed heartbeats before a worker is dead")
     p.add_argument("--max-retries", type=int, default=3, metavar="N", help="times a task may lose its worker")

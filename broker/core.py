@@ -23,9 +23,8 @@ import structlog
 
 from broker.events import Events, Outgoing, Stats
 from broker.lifecycle import Lifecycle
-from broker.protocol import (SUBMIT_FIELDS, Command, Message, ProtocolError, check_int, check_name, check_resources,
-                             check_seconds, split_frames)
-from broker.scheduler import AHEAD_MAX_WAIT_S, AHEAD_PER_SLOT, DEFAULT_NEEDS, Scheduler  # noqa: F401 (tests)
+from broker.protocol import Command, Message, ProtocolError, Topic, check_int, check_name, records
+from broker.scheduler import AHEAD_MAX_WAIT_S, AHEAD_PER_SLOT, Scheduler  # noqa: F401 (tests)
 from broker.sessions import ACKED_GRACE_S, Sessions  # noqa: F401 (tests)
 from broker.states import TERMINAL, TaskState, WorkerState
 from broker.tasks import Task, TaskTable
@@ -37,8 +36,6 @@ log = structlog.get_logger(__name__)
 MAX_RESULTS_PER_REPLY = 5000
 #: longest a FETCH may wait for results, in seconds
 MAX_FETCH_WAIT_S = 60.0
-#: highest retries a submission may ask for
-MAX_RETRIES = 100
 
 
 class Core:
@@ -114,35 +111,14 @@ class Core:
 
     def _on_submit(self, route: bytes, rid, msg: Message, now: float) -> None:
         session = check_name(msg.header.get("session"), "session")
-        records = msg.header.get("tasks")
-        if not isinstance(records, list):
-            raise ProtocolError("SUBMIT needs a list 'tasks'")
-        counts = []
-        for rec in records:
-            if not isinstance(rec, list) or len(rec) != len(SUBMIT_FIELDS):
-                raise ProtocolError(f"each task is a list of {len(SUBMIT_FIELDS)} fields {SUBMIT_FIELDS}")
-            if isinstance(rec[3], bool) or not isinstance(rec[3], int) or rec[3] < 0:
-                raise ProtocolError("nframes must be a non-negative integer")
-            counts.append(rec[3])
-        per_task = split_frames(msg.frames, counts)
         rejected, aliases = [], []
-        for rec, frames in zip(records, per_task):
-            task_id, name, args, _n, resources, priority, retries, timeout_s, key = rec
+        for raw, frames in records(msg):
             try:
-                task_id = check_name(task_id, "task_id")
-                name = check_name(name, "task name")
-                if not isinstance(args, bytes):
-                    raise ValueError("args must be a msgpack blob (bytes)")
-                override = None if resources is None else check_resources(resources)
-                priority = check_int(priority, "priority", -(2**31), 2**31)
-                retries = self.max_retries if retries is None else check_int(retries, "retries", 0, MAX_RETRIES)
-                if timeout_s is not None:
-                    timeout_s = check_seconds(timeout_s, "timeout")
-                if key is not None:
-                    key = check_name(key, "key")
+                rec = raw.checked(self.max_retries)
             except ValueError as exc:
-                rejected.append([task_id if isinstance(task_id, str) else None, str(exc)])
+                rejected.append([raw.task_id if isinstance(raw.task_id, str) else None, str(exc)])
                 continue
+            task_id, key = rec.task_id, rec.key
             existing = self.tasks.get(task_id)
             if existing is not None:
                 if existing.session != session:
@@ -157,13 +133,12 @@ class Core:
                 if first.result is not None:  # to this session too: it may have fetched it already
                     self.results.deliver(first, session)
                 continue
-            task = Task(task_id, session, name, args, frames, override, priority, retries, timeout_s, key, now,
-                        wall_submitted=self.wall)
+            task = Task(task_id, session, rec.name, rec.args, frames, rec.resources, rec.priority, rec.retries,
+                        rec.timeout_s, key, now, wall_submitted=self.wall)
             self.table.add(task)
             self.moves.enqueue(task, now)
-            self.events.emit("task.submitted", task_id=task_id, name=name,
-                             resources=override if override is not None else self.sched.declared.get(name, DEFAULT_NEEDS),
-                             priority=priority)
+            self.events.emit(Topic.TASK_SUBMITTED, task_id=task_id, name=task.name, resources=self.moves.needs_of(task),
+                             priority=task.priority)
         self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases,
                                               **self._incarnation})
 
@@ -242,29 +217,18 @@ class Core:
     def _on_done(self, worker: Worker, msg: Message, now: float) -> None:
         """The worker's log since its last message, in order: ids of tasks sent ahead that
         started, and results ``[task_id, ok, value, nframes, run_s]``."""
-        entries = msg.header.get("log", msg.header.get("results"))
-        if not isinstance(entries, list):
-            raise ProtocolError("DONE needs a list 'log'")
-        counts = []
-        for rec in entries:
-            if isinstance(rec, str):
+        for entry in records(msg):
+            if isinstance(entry, str):
+                self.moves.started_ahead(worker, entry, now)
                 continue
-            if not isinstance(rec, list) or len(rec) != 5 or isinstance(rec[3], bool) or not isinstance(rec[3], int) \
-                    or rec[3] < 0:
-                raise ProtocolError("each result is [task_id, ok, value, nframes, run_s]")
-            counts.append(rec[3])
-        per_task = iter(split_frames(msg.frames, counts))
-        for rec in entries:
-            if isinstance(rec, str):
-                self.moves.started_ahead(worker, rec, now)
-                continue
-            task_id, ok, value, _n, run_s = rec
+            rec, frames = entry
+            task_id = rec.task_id
             if isinstance(task_id, str) and task_id in worker.ahead:
                 self.moves.started_ahead(worker, task_id, now)  # a worker that does not report starts
             elif isinstance(task_id, str) and task_id not in worker.running:
                 # finished while this broker was down, the first DONE lost with the old one: resent now
                 self.leases.reclaim(task_id, worker, now)
-            self.moves.result(worker, task_id, ok, value, run_s, next(per_task), now)
+            self.moves.result(worker, rec, frames, now)
 
     def _on_return(self, worker: Worker, msg: Message, now: float) -> None:
         """Tasks handed back unstarted; with draining, the worker takes nothing new."""

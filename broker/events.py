@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from broker.protocol import Topic
 from broker.states import TaskState
 
 #: how many recent completions the stats window keeps
@@ -48,7 +49,7 @@ class Events:
 
     def failed(self, task, worker: str | None, error: dict, resources: dict) -> None:
         # error_type and resources let a subscriber keep per-resource queues and slots exact
-        self.emit("task.failed", task_id=task.task_id, name=task.name, worker=worker, error=error_text(error),
+        self.emit(Topic.TASK_FAILED, task_id=task.task_id, name=task.name, worker=worker, error=error_text(error),
                   error_type=error.get("type", "Error"), resources=resources)
 
 
@@ -80,7 +81,7 @@ class Stats:
         run_times = sorted(r[2] for r in window)
         counts, publish = self.table.counts, self.events.publish
         self.events.emit(
-            "broker.stats", queued=counts["queued"], running=counts["running"], workers=len(self.workers),
+            Topic.BROKER_STATS, queued=counts["queued"], running=counts["running"], workers=len(self.workers),
             done=counts["done"], failed=counts["failed"], rate=round(rate, 1),
             queued_p50_s=_pct(queue_waits, 50), queued_p99_s=_pct(queue_waits, 99),
             run_p50_s=_pct(run_times, 50), run_p99_s=_pct(run_times, 99),

@@ -13,7 +13,7 @@ import math
 import structlog
 
 from broker.events import Events, Stats
-from broker.protocol import Command, Message, hold
+from broker.protocol import Command, DispatchRecord, DoneRecord, ErrorType, Message, Topic, hold
 from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, missing
 from broker.sessions import Sessions
 from broker.states import TaskState, WorkerState
@@ -54,7 +54,7 @@ class Lifecycle:
     def cancel(self, task: Task, now: float) -> None:
         self.sched.discard(task.cls)
         self.finish(task, TaskState.CANCELLED, None, [], now)
-        self.events.emit("task.cancelled", task_id=task.task_id, name=task.name, resources=self.needs_of(task))
+        self.events.emit(Topic.TASK_CANCELLED, task_id=task.task_id, name=task.name, resources=self.needs_of(task))
 
     # ------------------------------------------------------------ on a worker
 
@@ -92,7 +92,7 @@ class Lifecycle:
         if task.timeout_s is not None:
             heapq.heappush(self.deadlines, (now + task.timeout_s, task.task_id, task.attempts))
         if announce:
-            self.events.emit("task.started", task_id=task.task_id, name=task.name, worker=worker.name,
+            self.events.emit(Topic.TASK_STARTED, task_id=task.task_id, name=task.name, worker=worker.name,
                              attempt=task.attempts, resources=needs)
 
     def started_ahead(self, worker, task_id: str, now: float) -> None:
@@ -119,7 +119,7 @@ class Lifecycle:
         if lost:
             task.lost_on.append(task.worker_name)
         if lost and len(task.lost_on) > task.retries:
-            error = {"type": "TaskLost", "traceback": "",
+            error = {"type": ErrorType.TASK_LOST, "traceback": "",
                      "message": f"task {task.task_id} lost its worker {len(task.lost_on)} times "
                                 f"(retries={task.retries}); workers: {', '.join(task.lost_on)}"}
             self.fail(task, task.worker_name, error, now, 0.0)
@@ -128,7 +128,7 @@ class Lifecycle:
         task.worker = None
         task.submitted_at = now  # queued_s counts from the latest queueing
         self.enqueue(task, now)
-        self.events.emit("task.retried", task_id=task.task_id, name=task.name, reason=reason)
+        self.events.emit(Topic.TASK_RETRIED, task_id=task.task_id, name=task.name, reason=reason)
 
     def unsend(self, worker, task_id: str, now: float) -> bool:
         """A task sent ahead comes back unstarted: queue it again as if never sent."""
@@ -144,8 +144,9 @@ class Lifecycle:
 
     # ------------------------------------------------------------ finished
 
-    def result(self, worker, task_id, ok, value, run_s, frames: list, now: float) -> None:
+    def result(self, worker, rec: DoneRecord, frames: list, now: float) -> None:
         """A result from ``worker``; late ones (the task timed out meanwhile) only free the slot."""
+        task_id, run_s = rec.task_id, rec.run_s
         held = worker.running.pop(task_id, None) if isinstance(task_id, str) else None
         if held is None:
             log.warning("result_for_task_not_held", worker=worker.name, task_id=task_id)
@@ -157,11 +158,12 @@ class Lifecycle:
             return  # timed out meanwhile: its slot is free again, the result is late
         run_s = float(run_s) if isinstance(run_s, (int, float)) and 0 <= run_s < math.inf else 0.0
         self.sched.ahead.observe(task.name, run_s)
-        if ok:
-            self.finish(task, TaskState.SUCCEEDED, value, frames, now, self.info(task, run_s))
-            self.events.emit("task.succeeded", task_id=task_id, name=task.name, worker=worker.name, run_s=run_s)
+        if rec.ok:
+            self.finish(task, TaskState.SUCCEEDED, rec.value, frames, now, self.info(task, run_s))
+            self.events.emit(Topic.TASK_SUCCEEDED, task_id=task_id, name=task.name, worker=worker.name, run_s=run_s)
         else:
-            error = value if isinstance(value, dict) else {"type": "TaskError", "message": str(value)}
+            value = rec.value
+            error = value if isinstance(value, dict) else {"type": ErrorType.TASK_ERROR, "message": str(value)}
             self.fail(task, worker.name, error, now, run_s)
         self.stats.finished(now, task.queued_s, run_s)
 
@@ -190,7 +192,7 @@ class Lifecycle:
             _, task_id, attempt = heapq.heappop(self.deadlines)
             task = self.table.get(task_id)
             if task is not None and task.state is TaskState.RUNNING and task.attempts == attempt:
-                error = {"type": "TaskTimeout", "traceback": "",
+                error = {"type": ErrorType.TASK_TIMEOUT, "traceback": "",
                          "message": f"task {task_id} ran past its timeout of {task.timeout_s} s"}
                 self.fail(task, task.worker_name, error, now, now - (task.started_at or now))
 
@@ -213,7 +215,7 @@ class Lifecycle:
                 continue
             if now - cls.unservable_since < self.no_worker_timeout_s:
                 continue
-            error = {"type": "NoWorkerAvailable", "message": self._why_unservable(cls), "traceback": ""}
+            error = {"type": ErrorType.NO_WORKER, "message": self._why_unservable(cls), "traceback": ""}
             for _, _, task_id in cls.entries():
                 task = self.table.get(task_id)
                 if task is not None and task.state is TaskState.QUEUED:
@@ -253,19 +255,14 @@ class Lifecycle:
             if not worker.has_free_slot():
                 self.ready.pop(worker.wid, None)
         if table.counts["queued"] > table.ahead:  # something is queued that is not sent ahead yet
-            for worker, task_id, needs in self.sched.send_ahead(self.workers.values(), table.is_queued,
-                                                                self._name_of):
+            for worker, task_id, needs in self.sched.send_ahead(self.workers.values(), table.is_queued, table.tasks):
                 task = table.tasks[task_id]
                 self.send_ahead(task, worker, needs)
                 batches.setdefault(worker.wid, []).append((task, True))
         for wid, tasks in batches.items():
             records, frames = [], []
             for t, ahead in tasks:
-                records.append([t.task_id, t.name, t.args, len(t.frames), t.attempts, t.needs, ahead])
+                records.append(DispatchRecord(t.task_id, t.name, t.args, len(t.frames), t.attempts, t.needs, ahead))
                 frames.extend(t.frames)
             self.out.workers.append((wid, Message(Command.TASKS, {"tasks": records}, frames)))
             self.workers[wid].last_sent = now
-
-    def _name_of(self, task_id: str) -> str | None:
-        task = self.table.get(task_id)
-        return None if task is None else task.name

@@ -29,20 +29,19 @@ import structlog
 from broker.core import MAX_FETCH_WAIT_S, Core
 from broker.events import Outgoing
 from broker.protocol import (
-    DISPATCH_FIELDS,
-    DONE_FIELDS,
     MAX_NAME_LEN,
     MDP_CLIENT_TAG,
     MDP_WORKER_TAG,
-    RESULT_FIELDS,
-    SUBMIT_FIELDS,
     Command,
+    DoneRecord,
+    ErrorType,
     Message,
     ProtocolError,
+    SubmitRecord,
     as_bytes,
     frame_buffer,
     pack_value,
-    split_frames,
+    records,
     unpack_value,
 )
 from broker.states import TaskState, WorkerState
@@ -155,13 +154,13 @@ class MdpBridge:
             log.info("mdp_client_message_dropped", error=str(exc))
             return
         task_id = next(self._task_ids)
-        record = {"task_id": task_id, "name": name, "args": blob, "nframes": len(payload), "resources": None,
-                  "priority": 0, "retries": None, "timeout_s": None, "key": None}
+        record = SubmitRecord(task_id, name, blob, len(payload), resources=None, priority=0, retries=None,
+                              timeout_s=None, key=None)
         self.requests[task_id] = _Request(route, service)
         rid = next(self._rids)
         self._submits[rid] = task_id
         self._call(Message(Command.SUBMIT, {"rid": rid, "session": self.session,
-                                            "tasks": [[record[f] for f in SUBMIT_FIELDS]]}, payload), now)
+                                            "tasks": [record]}, payload), now)
         if self._fetch_rid is None:
             self._fetch(now)
 
@@ -259,8 +258,8 @@ class MdpBridge:
         task = self.core.tasks.get(task_id)
         started_at = task.started_at if task is not None and task.started_at is not None else now
         blob, payload = pack_value(_as_arrays(frames[4:]))
-        record = {"task_id": task_id, "ok": True, "value": blob, "nframes": len(payload), "run_s": now - started_at}
-        self._to_core(wid, Message(Command.DONE, {"results": [[record[f] for f in DONE_FIELDS]]}, payload), now)
+        record = DoneRecord(task_id, ok=True, value=blob, nframes=len(payload), run_s=now - started_at)
+        self._to_core(wid, Message(Command.DONE, {"log": [record]}, payload), now)
         self._send_next(wid, worker, now)
 
     def _registered(self, wid: bytes) -> bool:
@@ -346,9 +345,8 @@ class MdpBridge:
             log.error("mdp_bridge_request_refused", error=msg.header.get("error"))
 
     def _deliver(self, msg: Message) -> None:
-        records = [dict(zip(RESULT_FIELDS, r)) for r in msg.header["results"]]
-        for rec, frames in zip(records, split_frames(msg.frames, [r["nframes"] for r in records])):
-            task_id, status, value = rec["task_id"], rec["status"], rec["value"]
+        for rec, frames in records(msg):
+            task_id, status, value = rec.task_id, rec.status, rec.value
             self._acks.append(task_id)
             request = self.requests.pop(task_id, None)
             if request is None:
@@ -367,15 +365,14 @@ class MdpBridge:
     def _to_worker(self, wid: bytes, msg: Message, now: float) -> None:
         worker = self.workers[wid]
         if msg.command is Command.TASKS:
-            records = [dict(zip(DISPATCH_FIELDS, r)) for r in msg.header["tasks"]]
-            for rec, frames in zip(records, split_frames(msg.frames, [r["nframes"] for r in records])):
-                task_id, name = rec["task_id"], rec["name"]
+            for rec, frames in records(msg):
+                task_id, name = rec.task_id, rec.name
                 try:
-                    body = _request_body(rec["args"], frames)
+                    body = _request_body(rec.args, frames)
                 except (ProtocolError, ValueError) as exc:
                     self._refuse(wid, task_id, f"arguments of {name!r} cannot travel to an MDP worker: {exc}", now)
                     continue
-                worker.waiting.append((task_id, body, bool(rec.get("ahead"))))
+                worker.waiting.append((task_id, body, bool(rec.ahead)))
             self._send_next(wid, worker, now)
         elif msg.command is Command.HEARTBEAT:
             self.wire.backend.append([wid, _EMPTY, MDP_WORKER_TAG, _HEARTBEAT])
@@ -398,9 +395,9 @@ class MdpBridge:
 
     def _refuse(self, wid: bytes, task_id: str, error: str, now: float) -> None:
         """Fail a task that cannot be put into MDP frames, as if the worker had answered with the error."""
-        record = {"task_id": task_id, "ok": False, "value": {"type": "ProtocolError", "message": error, "traceback": ""},
-                  "nframes": 0, "run_s": 0.0}
-        self._to_core(wid, Message(Command.DONE, {"results": [[record[f] for f in DONE_FIELDS]]}), now)
+        record = DoneRecord(task_id, ok=False, value={"type": ErrorType.PROTOCOL, "message": error, "traceback": ""},
+                            nframes=0, run_s=0.0)
+        self._to_core(wid, Message(Command.DONE, {"log": [record]}), now)
 
 
 # ==================================================================== bodies

@@ -23,10 +23,15 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import msgpack
 import numpy as np
+
+#: Where a broker listens unless told otherwise: clients (ROUTER), workers (ROUTER), events (XPUB).
+DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
+DEFAULT_BACKEND = "tcp://127.0.0.1:5556"
+DEFAULT_EVENTS = "tcp://127.0.0.1:5557"
 
 #: First frame of a gridq client message (after the REQ/DEALER empty delimiter).
 CLIENT_TAG = b"GQC1"
@@ -44,6 +49,34 @@ MAX_FRAMES = 100_000
 NAME_IN_USE = "worker name in use"
 #: msgpack extension code of an array reference inside a value blob.
 ARRAY_EXT = 1
+
+
+class Topic:
+    """Event topics on the broker's events socket; every event map also carries ``seq`` and ``ts``."""
+
+    TASK_SUBMITTED = "task.submitted"  #: task_id, name, resources, priority
+    TASK_STARTED = "task.started"  #: task_id, name, worker, attempt, resources
+    TASK_SUCCEEDED = "task.succeeded"  #: task_id, name, worker, run_s
+    TASK_FAILED = "task.failed"  #: task_id, name, worker, error, error_type, resources
+    TASK_RETRIED = "task.retried"  #: task_id, name, reason
+    TASK_CANCELLED = "task.cancelled"  #: task_id, name, resources
+    WORKER_JOINED = "worker.joined"  #: worker, resources, slots, tasks
+    WORKER_LOST = "worker.lost"  #: worker, requeued
+    WORKER_LEFT = "worker.left"  #: worker
+    BROKER_STATS = "broker.stats"  #: counters, rate, percentiles, per_worker, queues (about once a second)
+    ALL = (TASK_SUBMITTED, TASK_STARTED, TASK_SUCCEEDED, TASK_FAILED, TASK_RETRIED, TASK_CANCELLED,
+           WORKER_JOINED, WORKER_LOST, WORKER_LEFT, BROKER_STATS)
+
+
+class ErrorType:
+    """``type`` of the error map of a failed task, set by the broker; a task that raised carries
+    its exception's class name instead."""
+
+    TASK_ERROR = "TaskError"  #: a worker reported a failure without an error map
+    TASK_LOST = "TaskLost"  #: its worker died more often than its retries allow
+    TASK_TIMEOUT = "TaskTimeout"  #: it ran past its timeout_s
+    NO_WORKER = "NoWorkerAvailable"  #: no connected worker could serve it for --no-worker-timeout
+    PROTOCOL = "ProtocolError"  #: it cannot travel to the worker that took it (an MDP worker: frames only)
 
 
 class ProtocolError(ValueError):
@@ -79,20 +112,6 @@ class Command(enum.IntEnum):
 _COMMAND_BYTES = {c: bytes([c]) for c in Command}
 _BYTES_COMMAND = {bytes([c]): c for c in Command}
 
-# Field order of the records that travel in lists inside headers. Lists, not
-# maps, because a batch of thousands of tasks is decoded on the hot path.
-
-#: SUBMIT header["tasks"] item
-SUBMIT_FIELDS = ("task_id", "name", "args", "nframes", "resources", "priority", "retries", "timeout_s", "key")
-#: TASKS header["tasks"] item; ``ahead``: sent before a slot is free (report its start)
-DISPATCH_FIELDS = ("task_id", "name", "args", "nframes", "attempt", "needs", "ahead")
-#: DONE header["log"] item that is a list: ok is True/False; value is a blob or an error map.
-#: A plain string item in the log is the id of a task sent ``ahead`` that just started.
-DONE_FIELDS = ("task_id", "ok", "value", "nframes", "run_s")
-#: RESULTS header["results"] item: status is a TaskState value
-RESULT_FIELDS = ("task_id", "status", "value", "nframes", "info")
-
-
 @dataclass(slots=True)
 class Message:
     """One decoded gridq message: a command, its header map and payload frames."""
@@ -100,6 +119,8 @@ class Message:
     command: Command
     header: dict = field(default_factory=dict)
     frames: list = field(default_factory=list)
+    #: the header's typed records, each with its payload frames, once ``records()`` read them
+    typed: list | None = None
 
 
 def encode(tag: bytes, message: Message) -> list:
@@ -154,6 +175,8 @@ DEFAULT_RESOURCES = {"cpu": 1}
 MAX_RESOURCE_QTY = 1e15
 #: longest name of a task, worker, session, key or resource
 MAX_NAME_LEN = 256
+#: highest retries a submission may ask for
+MAX_RETRIES = 100
 
 
 def check_resources(value) -> dict:
@@ -196,6 +219,129 @@ def hold(free: dict, needs: dict, sign: int) -> None:
     task needing the whole resource never fits again."""
     for res, qty in needs.items():
         free[res] = round(free.get(res, 0) + sign * qty, 9)
+
+
+# --------------------------------------------------------------------- records
+# Records travel in lists inside headers, not maps: a batch of thousands of tasks is
+# decoded on the hot path. Each is a NamedTuple, so it packs as that list as it is
+# (writing one costs nothing) and every reader uses names. ``records(message)`` is how
+# they are read: it checks their shape once, pairs each with its own payload frames and
+# keeps the result in ``Message.typed``; a field's meaning is checked by its reader
+# (``SubmitRecord.checked``), so one bad task is refused alone, not its whole batch.
+
+
+_new_record = tuple.__new__  #: a record from a sequence of all its fields, at the cost of a plain tuple
+
+
+class SubmitRecord(NamedTuple):
+    """SUBMIT header["tasks"] item: one task a client asks the broker to accept."""
+
+    task_id: str
+    name: str
+    args: bytes  #: msgpack blob of ``[args, kwargs]``
+    nframes: int  #: payload frames the blob references
+    resources: dict | None  #: overrides what the task's @task declares
+    priority: int
+    retries: int | None  #: None: the broker's --max-retries
+    timeout_s: float | None
+    key: str | None  #: idempotency key
+
+    def checked(self, default_retries: int) -> SubmitRecord:
+        """This record with its fields validated (ValueError: the task is rejected, not the batch)."""
+        override = None if self.resources is None else check_resources(self.resources)
+        if not isinstance(self.args, bytes):
+            raise ValueError("args must be a msgpack blob (bytes)")
+        return _new_record(SubmitRecord, (  # as SubmitRecord(...) does, without its keyword handling
+            check_name(self.task_id, "task_id"), check_name(self.name, "task name"), self.args, self.nframes,
+            override, check_int(self.priority, "priority", -(2**31), 2**31),
+            default_retries if self.retries is None else check_int(self.retries, "retries", 0, MAX_RETRIES),
+            None if self.timeout_s is None else check_seconds(self.timeout_s, "timeout"),
+            None if self.key is None else check_name(self.key, "key")))
+
+
+class DispatchRecord(NamedTuple):
+    """TASKS header["tasks"] item: one task for a worker to run."""
+
+    task_id: str
+    name: str
+    args: bytes
+    nframes: int
+    attempt: int
+    needs: dict | None  #: resources the broker holds for it on this worker
+    ahead: bool  #: sent before a slot is free: report its start in the DONE log
+
+
+class DoneRecord(NamedTuple):
+    """DONE header["log"] item that is a list; a plain string item is the id of a task sent
+    ``ahead`` that just started."""
+
+    task_id: str
+    ok: bool
+    value: Any  #: result blob, or an error map when not ok
+    nframes: int
+    run_s: float
+
+
+class ResultRecord(NamedTuple):
+    """RESULTS header["results"] item."""
+
+    task_id: str
+    status: str  #: a TaskState value
+    value: Any  #: result blob, error map, or None once acknowledged
+    nframes: int
+    info: dict  #: worker, attempts, queued_s, run_s
+
+
+#: field names, as they are on the wire
+SUBMIT_FIELDS = SubmitRecord._fields
+DISPATCH_FIELDS = DispatchRecord._fields
+DONE_FIELDS = DoneRecord._fields
+RESULT_FIELDS = ResultRecord._fields
+
+#: command -> (header key of its record list, record type); DONE also reads "results", its older key
+_RECORDS = {
+    Command.SUBMIT: ("tasks", SubmitRecord),
+    Command.TASKS: ("tasks", DispatchRecord),
+    Command.DONE: ("log", DoneRecord),
+    Command.RESULTS: ("results", ResultRecord),
+}
+
+
+def records(message: Message) -> list:
+    """``message``'s records, each as ``(record, its payload frames)`` (a started id in a DONE log
+    stays a string). ProtocolError where their shape is wrong; commands without records get []."""
+    if message.typed is None:
+        message.typed = _parse_records(message)
+    return message.typed
+
+
+def _parse_records(message: Message) -> list:
+    spec = _RECORDS.get(message.command)
+    if spec is None:
+        return []
+    key, kind = spec
+    items = message.header.get(key)
+    if items is None and kind is DoneRecord:
+        items = message.header.get("results")
+    if not isinstance(items, list):
+        raise ProtocolError(f"{message.command.name} needs a list {key!r}")
+    width, make = len(kind._fields), _new_record
+    typed, counts = [], []
+    for item in items:
+        if type(item) is str and kind is DoneRecord:
+            typed.append(item)
+            continue
+        if not isinstance(item, (list, tuple)) or len(item) != width:
+            raise ProtocolError(f"each {message.command.name} record is a list of {width} fields {kind._fields}")
+        n = item[3]  # nframes, the fourth field of every record
+        if type(n) is not int or n < 0:
+            raise ProtocolError("nframes must be a non-negative integer")
+        typed.append(make(kind, item))
+        counts.append(n)
+    if not message.frames and not any(counts):  # the common case: no arrays travel
+        return [item if type(item) is str else (item, []) for item in typed]
+    per_record = iter(split_frames(message.frames, counts))
+    return [item if type(item) is str else (item, next(per_record)) for item in typed]
 
 
 # --------------------------------------------------------------------- values

@@ -16,7 +16,7 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 from broker.protocol import DEFAULT_RESOURCES
 from broker.states import WorkerState
@@ -121,14 +121,14 @@ class SendAhead:
     def has_room(self, worker) -> bool:
         return worker.state is WorkerState.READY and len(worker.ahead) < AHEAD_PER_SLOT * worker.slots
 
-    def allows(self, name: str, worker, name_of: Callable[[str], str | None]) -> bool:
-        """May one more task called ``name`` wait ahead on ``worker``?"""
+    def allows(self, name: str, worker, tasks: Mapping) -> bool:
+        """May one more task called ``name`` wait ahead on ``worker``? ``tasks``: id -> task."""
         run_s = self.run_s.get(name)
         if run_s is None or run_s >= AHEAD_MAX_RUN_S or (len(worker.ahead) + 1) * run_s > AHEAD_MAX_WAIT_S * worker.slots:
             return False
         for task_id in worker.running:
-            running_name = name_of(task_id)
-            ahead_of = self.run_s.get(running_name) if running_name is not None else None
+            task = tasks.get(task_id)
+            ahead_of = self.run_s.get(task.name) if task is not None else None
             if ahead_of is None or ahead_of >= AHEAD_MAX_RUN_S:
                 return False
         return True
@@ -204,17 +204,16 @@ class Scheduler:
         return self._assign(ready, is_queued, lambda w: w.has_free_slot(), lambda w: w.load(),
                             lambda cls, needs, w: fits(needs, w.free))
 
-    def send_ahead(self, workers: Iterable, is_queued: Callable[[str], bool],
-                   name_of: Callable[[str], str | None]) -> Iterator[tuple]:
+    def send_ahead(self, workers: Iterable, is_queued: Callable[[str], bool], tasks: Mapping) -> Iterator[tuple]:
         """Yield (worker, task_id, needs) for tasks to queue at busy workers (prefetch).
 
         Only what ``self.ahead`` admits (short tasks, behind short ones); a worker takes
         them while it has room ahead; least loaded counting what it holds ahead.
-        ``name_of`` gives the name of a task a worker runs.
+        ``tasks`` maps the id of a task a worker runs to the task (its ``name`` is read).
         """
         policy = self.ahead
         return self._assign([w for w in workers if policy.wants_refill(w)], is_queued, policy.has_room,
-                            lambda w: w.load_ahead(), lambda cls, needs, w: policy.allows(cls.name, w, name_of))
+                            lambda w: w.load_ahead(), lambda cls, needs, w: policy.allows(cls.name, w, tasks))
 
     def _assign(self, workers: list, is_queued, has_room, load, acceptable) -> Iterator[tuple]:
         if not any(c.queued for c in self.classes.values()):

@@ -17,8 +17,8 @@ import zmq
 
 from broker.core import Core
 from broker.mdp import MdpBridge
-from broker.protocol import (CLIENT_TAG, MDP_CLIENT_TAG, MDP_WORKER_TAG, WORKER_TAG, Command, Message, ProtocolError,
-                             decode, encode)
+from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, MDP_CLIENT_TAG,
+                             MDP_WORKER_TAG, WORKER_TAG, Command, Message, ProtocolError, Topic, decode, encode)
 from broker.security import is_loopback
 
 log = structlog.get_logger(__name__)
@@ -26,8 +26,7 @@ log = structlog.get_logger(__name__)
 #: most messages taken from one socket per loop iteration, so no socket starves the others
 DRAIN_BATCH = 2000
 #: encoded event topics (the hot ones; any other is encoded when sent)
-_TOPICS = {t: t.encode() for t in ("task.submitted", "task.started", "task.succeeded", "task.failed", "task.retried",
-                                   "task.cancelled", "worker.joined", "worker.lost", "worker.left", "broker.stats")}
+_TOPICS = {t: t.encode() for t in Topic.ALL}
 #: message cap with --journal: a task's arrays become one SQLite value, and SQLite refuses
 #: values over 1e9 bytes (a refused message is answered; a failed commit would stop the broker)
 MAX_JOURNALED_MESSAGE_BYTES = 990_000_000
@@ -37,9 +36,9 @@ STOP_LINGER_MS = 300
 
 @dataclass
 class BrokerConfig:
-    frontend: str = "tcp://127.0.0.1:5555"
-    backend: str = "tcp://127.0.0.1:5556"
-    events: str = "tcp://127.0.0.1:5557"
+    frontend: str = DEFAULT_FRONTEND
+    backend: str = DEFAULT_BACKEND
+    events: str = DEFAULT_EVENTS
     heartbeat_s: float = 1.0
     liveness: int = 3
     max_retries: int = 3

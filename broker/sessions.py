@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from broker.events import Outgoing
-from broker.protocol import Command, Message
+from broker.protocol import Command, Message, ResultRecord
 from broker.states import TERMINAL
 
 #: how long a task whose result was fetched is still remembered (to recognise late resends)
@@ -99,7 +99,7 @@ class Sessions:
             if task is None or task.result is None:
                 continue
             status, value, vframes, info = task.result
-            records.append([task_id, status, value, len(vframes), info])
+            records.append(ResultRecord(task_id, status, value, len(vframes), info))
             frames.extend(vframes)
             if len(records) >= limit:
                 break

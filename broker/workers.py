@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.lifecycle import Lifecycle
-from broker.protocol import (NAME_IN_USE, Command, Message, ProtocolError, check_int, check_name, check_resources,
-                             hold)
+from broker.protocol import (NAME_IN_USE, Command, Message, ProtocolError, Topic, check_int, check_name,
+                             check_resources, hold)
 from broker.scheduler import DEFAULT_NEEDS, fits, missing
 from broker.states import TaskState, WorkerState, check_worker_move
 
@@ -123,7 +123,7 @@ class Workers:
             self.reclaim(task_id, worker, now, may_wait=True)
         self.moves.ready[wid] = worker
         self.moves.dirty = True
-        self.moves.events.emit("worker.joined", worker=worker_name, resources=resources, slots=slots,
+        self.moves.events.emit(Topic.WORKER_JOINED, worker=worker_name, resources=resources, slots=slots,
                                tasks=sorted(serves))
         log.info("worker_joined", worker=worker_name, resources=resources, slots=slots)
 
@@ -197,9 +197,9 @@ class Workers:
                 requeued.append(task_id)
         worker.running.clear()
         if lost:
-            self.moves.events.emit("worker.lost", worker=worker.name, requeued=requeued)
+            self.moves.events.emit(Topic.WORKER_LOST, worker=worker.name, requeued=requeued)
         else:
-            self.moves.events.emit("worker.left", worker=worker.name)
+            self.moves.events.emit(Topic.WORKER_LEFT, worker=worker.name)
         self.moves.dirty = True
 
     def drain(self, worker: Worker) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import zmq
 
 from broker.logs import configure_logging
-from broker.protocol import EncodeError, check_resources, pack_value
+from broker.protocol import DEFAULT_FRONTEND, EncodeError, Topic, check_resources, pack_value
 from client.client import Client, GridFuture
 from client.errors import BrokerUnavailable, TaskError
 
@@ -397,7 +397,7 @@ class StartedWatcher:
         self._sock.linger = 0
         if security is not None:  # the events socket has the same CURVE policy as the frontend
             security.apply_client(self._sock)
-        self._sock.setsockopt(zmq.SUBSCRIBE, b"task.started")
+        self._sock.setsockopt(zmq.SUBSCRIBE, Topic.TASK_STARTED.encode())
         self._sock.connect(address)
         self._thread = threading.Thread(target=self._run, name="gridq-submit-events", daemon=True)
         self._thread.start()
@@ -578,7 +578,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                "Exit status: 0 when every line was good and every task succeeded, 1 otherwise, "
                "2 for usage errors or no broker, 130 when interrupted.")
     p.add_argument("file", metavar="FILE.jsonl", help="task lines; - reads standard input")
-    p.add_argument("--broker", default="tcp://127.0.0.1:5555", metavar="ADDR", help="broker frontend")
+    p.add_argument("--broker", default=DEFAULT_FRONTEND, metavar="ADDR", help="broker frontend")
     p.add_argument("--out", default=None, metavar="RESULTS.jsonl",
                    help="result lines go here (standard output when absent); replaced unless --resume")
     p.add_argument("--resume", action="store_true",

@@ -18,12 +18,13 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.logs import add_logging_flags, configure_logging
+from broker.protocol import DEFAULT_FRONTEND
 from client.client import Client
 from client.errors import GridqError
 from client.state import DEFAULT_EVENTS, ClusterState
 
 #: where a broker takes clients unless told otherwise
-DEFAULT_BROKER = "tcp://127.0.0.1:5555"
+DEFAULT_BROKER = DEFAULT_FRONTEND
 #: how long one status request waits before its one resend: short, so an unreachable broker shows quickly
 CLIENT_TIMEOUT_S = 1.0
 #: seconds between two redraws of the live view

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from broker.protocol import ErrorType
+
 
 class GridqError(Exception):
     """Base of every gridq client error."""
@@ -34,10 +36,10 @@ class TaskTimeout(TaskError):
 
 
 #: remote error type -> the exception class the client raises for it
-ERROR_CLASSES = {"TaskLost": TaskLost, "TaskTimeout": TaskTimeout}
+ERROR_CLASSES = {ErrorType.TASK_LOST: TaskLost, ErrorType.TASK_TIMEOUT: TaskTimeout}
 
 
 def task_error(error: dict) -> TaskError:
-    kind = str(error.get("type", "TaskError"))
+    kind = str(error.get("type", ErrorType.TASK_ERROR))
     cls = ERROR_CLASSES.get(kind, TaskError)
     return cls(kind, str(error.get("message", "")), str(error.get("traceback", "")))

@@ -34,13 +34,11 @@ import msgpack
 import structlog
 import zmq
 
-from broker.protocol import hold
+from broker.protocol import DEFAULT_EVENTS, ErrorType, Topic, hold
 from client.errors import GridqError
 
 log = structlog.get_logger(__name__)
 
-#: where a broker publishes its events unless told otherwise
-DEFAULT_EVENTS = "tcp://127.0.0.1:5557"
 #: a broker publishes broker.stats about once a second: this long without any event means it is gone
 SILENT_AFTER_S = 3.0
 #: first pause before asking an unreachable broker again, doubled up to RETRY_MAX_S
@@ -340,13 +338,13 @@ class ClusterState:
             self._queue(f.get("resources") or {}, -1)
             return
         task = self.running.get(f["task_id"])
-        if task is not None and f.get("error_type") == "TaskTimeout":
+        if task is not None and f.get("error_type") == ErrorType.TASK_TIMEOUT:
             # the broker stops counting it as running but its worker holds the slot until the late result
             task.timed_out = True
             self.counts["running"] -= 1
             self.counts["failed"] += 1
             return
-        served = f.get("error_type") != "TaskLost"  # lost: its worker is being removed, no result came
+        served = f.get("error_type") != ErrorType.TASK_LOST  # lost: its worker is being removed, no result came
         if self._finished_running(f, served=served) is not None:
             self.counts["failed"] += 1
 
@@ -526,16 +524,16 @@ class ClusterState:
 
 
 _HANDLERS = {
-    "task.submitted": ClusterState._on_submitted,
-    "task.started": ClusterState._on_started,
-    "task.succeeded": ClusterState._on_succeeded,
-    "task.failed": ClusterState._on_failed,
-    "task.retried": ClusterState._on_retried,
-    "task.cancelled": ClusterState._on_cancelled,
-    "worker.joined": ClusterState._on_joined,
-    "worker.lost": lambda self, f: self._on_gone(f, "lost"),
-    "worker.left": lambda self, f: self._on_gone(f, "left"),
-    "broker.stats": ClusterState._on_stats,
+    Topic.TASK_SUBMITTED: ClusterState._on_submitted,
+    Topic.TASK_STARTED: ClusterState._on_started,
+    Topic.TASK_SUCCEEDED: ClusterState._on_succeeded,
+    Topic.TASK_FAILED: ClusterState._on_failed,
+    Topic.TASK_RETRIED: ClusterState._on_retried,
+    Topic.TASK_CANCELLED: ClusterState._on_cancelled,
+    Topic.WORKER_JOINED: ClusterState._on_joined,
+    Topic.WORKER_LOST: lambda self, f: self._on_gone(f, "lost"),
+    Topic.WORKER_LEFT: lambda self, f: self._on_gone(f, "left"),
+    Topic.BROKER_STATS: ClusterState._on_stats,
 }
 
 __all__ = ["ClusterState", "Link", "WorkerView", "RunningTask", "DEFAULT_EVENTS", "events_address_for"]

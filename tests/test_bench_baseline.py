@@ -1,11 +1,12 @@
-"""The benchmark's baseline broker is itself correct: every task comes back exactly once."""
+"""The benchmark's baseline broker is itself correct: every task comes back exactly once; its sections are found."""
 
 from __future__ import annotations
 
 import struct
 
-from client import bench_baseline
-from client.bench_baseline import BaselineClient, start_cluster
+from scripts.benchmarks import baseline as bench_baseline, sections
+from scripts.benchmarks.baseline import BaselineClient, start_cluster
+from scripts.benchmarks.common import BenchConfig
 
 
 def test_baseline_broker_with_two_workers_answers_every_task_exactly_once():
@@ -32,3 +33,12 @@ def test_baseline_worker_sums_a_payload_array_sent_as_a_frame():
         assert {struct.unpack("<d", r)[0] for r in results} == {float(array.sum())}
     finally:
         cluster.close()
+
+
+def test_every_benchmark_section_is_found_in_order_and_says_whether_it_can_run_here():
+    found = sections.discover()
+    assert list(found)[:1] == ["compare"] and "gpu" in found
+    cfg = BenchConfig.quick_config()
+    for section in found.values():
+        reason = section.skip_reason(cfg)
+        assert reason is None or isinstance(reason, str) and reason

@@ -10,6 +10,7 @@ import sys
 import structlog
 
 from broker.logs import add_logging_flags, configure_logging
+from broker.protocol import DEFAULT_BACKEND
 from worker.registry import REGISTRY, load_modules
 from worker.worker import DEFAULT_DRAIN_S, Worker, WorkerConfig
 
@@ -32,7 +33,7 @@ def parse_resources(text: str) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gridq-worker", description="Run a gridq worker.")
-    p.add_argument("--broker", default="tcp://127.0.0.1:5556", help="broker backend endpoint")
+    p.add_argument("--broker", default=DEFAULT_BACKEND, help="broker backend endpoint")
     p.add_argument("--tasks", default="", metavar="MODULE[,MODULE...]", help="modules whose @task functions to serve")
     p.add_argument("--slots", type=int, default=1, metavar="N", help="tasks run at once")
     p.add_argument("--gpu", nargs="*", type=int, default=None, metavar="DEVICE", help="serve GPU tasks on these CUDA devices")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -313,44 +312,3 @@ def register_gpu_builtins() -> None:
     task(name="gpu.matmul", resources=GPU_NEEDS)(gpu_matmul)
     task(name="gpu.sum", resources=GPU_NEEDS)(gpu_sum)
     task(name="gpu.fft", resources=GPU_NEEDS)(gpu_fft)
-
-
-# ================================================================== benchmark helpers
-
-
-def staging_bandwidth(nbytes: int, device: int = 0, repeats: int = 5) -> float:
-    """Host->device GB/s of the worker's staging path: a pageable numpy array to a new cupy array."""
-    pool = GpuPool([device])
-    dev = pool._devices[0]
-    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
-
-    def measure() -> float:
-        dev.array_to_device(src)  # warm: buffers allocated, memory pool filled
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            dev.array_to_device(src)
-            times.append(time.perf_counter() - started)
-        return float(np.median(times))
-
-    try:
-        return nbytes / dev.executor.submit(measure).result() / 1e9
-    finally:
-        pool.close()
-
-
-def direct_matmul_seconds(n: int = 4096, repeats: int = 5, device: int = 0) -> float:
-    """Median seconds of the same float32 matmul done in-process with CuPy, host<->device copies included."""
-    cupy = _import_cupy()
-    rng = np.random.default_rng(0)
-    a = rng.random((n, n), dtype=np.float32)
-    b = rng.random((n, n), dtype=np.float32)
-    times = []
-    with cupy.cuda.Device(device):
-        for i in range(repeats + 1):
-            started = time.perf_counter()
-            c = cupy.asnumpy(cupy.asarray(a) @ cupy.asarray(b))
-            if i:  # the first one warms up cuBLAS and the memory pool
-                times.append(time.perf_counter() - started)
-    del c
-    return float(np.median(times))

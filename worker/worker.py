@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 import structlog
 import zmq
 
-from broker.protocol import NAME_IN_USE, WORKER_TAG, Command, Message, ProtocolError, decode, encode, split_frames
+from broker.protocol import (DEFAULT_BACKEND, NAME_IN_USE, WORKER_TAG, Command, Message, ProtocolError, decode, encode,
+                             records)
 from worker.executors import Runner
 from worker.registry import TaskSpec
 
@@ -33,7 +34,7 @@ DEFAULT_DRAIN_S = 30.0
 
 @dataclass
 class WorkerConfig:
-    broker: str = "tcp://127.0.0.1:5556"
+    broker: str = DEFAULT_BACKEND
     slots: int = 1
     resources: dict = field(default_factory=dict)
     name: str | None = None
@@ -223,14 +224,13 @@ class Worker:
         return announce
 
     def _on_tasks(self, msg: Message) -> None:
-        records = msg.header.get("tasks")
         try:
-            per_task = split_frames(msg.frames, [r[3] for r in records])
-        except (ProtocolError, TypeError, IndexError) as exc:
+            batch = records(msg)
+        except ProtocolError as exc:
             self.log.warning("broker_message_dropped", error=f"bad TASKS batch: {exc}")
             return
         if self._stopping:
-            self._send(Message(Command.RETURN, {"ids": [r[0] for r in records]}))
+            self._send(Message(Command.RETURN, {"ids": [record.task_id for record, _ in batch]}))
             return
-        for record, frames in zip(records, per_task):
+        for record, frames in batch:
             self.runner.submit(record, frames)

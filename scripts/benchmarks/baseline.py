@@ -380,7 +380,7 @@ def _check_exactly_once(replies: collections.Counter, n: int) -> None:
 
 def main(argv=None) -> int:
     """Run the baseline's three measurements once and print them as JSON (the full report is scripts/bench)."""
-    p = argparse.ArgumentParser(prog="python -m client.bench_baseline", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m scripts.benchmarks.baseline", description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=10_000, help="no-op tasks for the throughput run")
     p.add_argument("--latency-n", type=int, default=500, help="round trips for the latency run")
     args = p.parse_args(argv)

@@ -1,7 +1,8 @@
-"""GPU part of the benchmark: gpu.matmul end to end against the same CuPy work in one process.
+"""GPU part: gpu.matmul end to end against the same CuPy work in one process, and the worker's staging.
 
-Run by ``scripts/bench`` where CuPy sees a CUDA device, and by ``scripts/gpu-check``
-(``python -m client.bench_gpu``). Needs no psutil: the lent GPU machine has none.
+Runs where CuPy sees a CUDA device; ``scripts/gpu-check`` runs it alone
+(``python -m scripts.benchmarks.sections.gpu``). Needs no psutil: the lent GPU
+machine has none.
 """
 
 from __future__ import annotations
@@ -16,9 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.benchmarks.common import MIB, BenchConfig
+
+TITLE = "GPU part"
+ORDER = 90
+#: the GPU part's own limit: a cold CUDA start and cuBLAS warm-up take a while
+TIMEOUT_S = 1800.0
 #: repetitions of each timing; the median is reported
 REPS = 5
-MIB = 1 << 20
 
 
 def gpu_available() -> bool:
@@ -30,12 +36,54 @@ def gpu_available() -> bool:
         return False
 
 
-def run(n: int = 4096, reps: int = REPS) -> dict:
+def skip_reason(cfg: BenchConfig) -> str | None:
+    if gpu_available():
+        return None
+    return "no CuPy or no CUDA device here; scripts/gpu-check runs it on a GPU machine"
+
+
+def staging_bandwidth(nbytes: int, device: int = 0, repeats: int = REPS) -> float:
+    """Host->device GB/s of the worker's staging path (its PinnedStaging, as a --gpu worker uses it):
+    a pageable numpy array into a cupy array."""
+    import cupy
+
+    from worker.gpu import PinnedStaging
+
+    src = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+    with cupy.cuda.Device(device):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        staging = PinnedStaging(cupy, stream)
+        staging.to_device(src, cupy.empty(nbytes, np.uint8).data.ptr)  # warm: buffers allocated, memory pool filled
+        times = []
+        for _ in range(repeats):  # as the worker stages an argument: a new device array, filled (to_device waits)
+            started = time.perf_counter()
+            staging.to_device(src, cupy.empty(nbytes, np.uint8).data.ptr)
+            times.append(time.perf_counter() - started)
+    return nbytes / float(np.median(times)) / 1e9
+
+
+def direct_matmul_seconds(n: int = 4096, repeats: int = REPS, device: int = 0) -> float:
+    """Median seconds of the same float32 matmul done in-process with CuPy, host<->device copies included."""
+    import cupy
+
+    rng = np.random.default_rng(0)
+    a = rng.random((n, n), dtype=np.float32)
+    b = rng.random((n, n), dtype=np.float32)
+    times = []
+    with cupy.cuda.Device(device):
+        for i in range(repeats + 1):
+            started = time.perf_counter()
+            cupy.asnumpy(cupy.asarray(a) @ cupy.asarray(b))
+            if i:  # the first one warms up cuBLAS and the memory pool
+                times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def run(cfg: BenchConfig | None = None, n: int = 4096, reps: int = REPS) -> dict:
     """Figures: end-to-end vs in-process matmul of two n x n float32 arrays, staging GB/s."""
     import cupy
 
-    from client.bench import GridqCluster
-    from worker.gpu import direct_matmul_seconds, staging_bandwidth
+    from scripts.benchmarks.cluster import GridqCluster
 
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"]
     staging = {mib: staging_bandwidth(mib * MIB) for mib in (1, 64, 256)}
@@ -71,11 +119,11 @@ def run(n: int = 4096, reps: int = REPS) -> dict:
     }
 
 
-def report(figures: dict) -> str:
+def report(figures: dict, cfg: BenchConfig | None = None) -> str:
     staging = ", ".join(f"{k} {v:.1f} GB/s" for k, v in figures["staging_h2d_gb_s"].items())
     n = figures["matmul_n"]
     return "\n".join([
-        f"GPU part on {figures['device']}: gpu.matmul {n}x{n} float32, median of {REPS}",
+        f"on {figures['device']}: gpu.matmul {n}x{n} float32, median of {REPS}",
         f"  end to end (client -> broker -> --gpu worker -> client): {figures['matmul_end_to_end_s'] * 1e3:8.1f} ms",
         f"  in-process CuPy incl. host<->device copies:              {figures['matmul_direct_s'] * 1e3:8.1f} ms",
         f"  ratio end-to-end / direct:                               {figures['matmul_ratio']:8.2f} x",
@@ -85,14 +133,15 @@ def report(figures: dict) -> str:
 
 
 def main() -> int:
+    """The GPU part alone, for scripts/gpu-check: exit 2 without a usable GPU."""
     if not gpu_available():
-        print("bench_gpu: CuPy or a CUDA device is not usable here", file=sys.stderr)
+        print("bench gpu: CuPy or a CUDA device is not usable here", file=sys.stderr)
         return 2
     from broker.logs import configure_logging
 
     configure_logging("console", "warning")
-    figures = run(int(os.environ.get("GRIDQ_GPU_BENCH_N", "4096")))
-    print(report(figures))
+    figures = run(n=int(os.environ.get("GRIDQ_GPU_BENCH_N", "4096")))
+    print(f"{TITLE} {report(figures)}")
     if os.environ.get("GRIDQ_GPU_REPORT"):
         Path(os.environ["GRIDQ_GPU_REPORT"]).write_text(json.dumps(figures, indent=2))
     print("FIGURES " + json.dumps(figures))
