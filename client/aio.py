@@ -1,16 +1,20 @@
 """AsyncClient: gridq from asyncio, on the caller's event loop, with no thread of its own.
 
-A zmq.asyncio DEALER socket around the same protocol engine as ``Client``
-(``client.engine``): submits made in one loop turn go out as one batched
-SUBMIT, one reader coroutine polls the socket, feeds replies to the engine
-and resends on deadlines (Lazy Pirate). Nothing here blocks the loop: sends
-never wait (no high-water mark), received batches are handled in slices, and
-``map`` yields to the loop every few hundred submissions.
+A DEALER socket around the same protocol engine as ``Client``
+(``client.engine``), serviced by the event loop itself: the loop watches the
+socket's file descriptor and calls back, as zmq.asyncio does inside, but with
+no Future per wait (half the round-trip cost). Submits made in one loop turn
+go out as one batched SUBMIT; a timer at the engine's next deadline resends
+what is late (Lazy Pirate). Nothing here blocks the loop: sends never wait (no
+high-water mark), replies are handled a few milliseconds at a time, and
+``map`` yields to the loop every few hundred submissions. ``events()`` reads a
+zmq.asyncio SUB socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from typing import AsyncIterator, Iterable
 
@@ -41,6 +45,8 @@ class AsyncFuture(asyncio.Future):
     (so ``asyncio.wait_for`` timing out, or a cancelled ``gather``, abandons the
     work too); ``await client.cancel(f)`` says whether the broker did.
     """
+
+    __slots__ = ("task_id", "info", "_client", "_accept", "_accepted")  # no __dict__: less for the GC to walk
 
     def __init__(self, client: "AsyncClient", task_id: str, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
@@ -92,14 +98,21 @@ def _resolve(future: asyncio.Future, outcome) -> None:
 class AsyncClient(BaseClient):
     """A connection to a gridq broker for asyncio code; use it from one event loop."""
 
+    #: a reply of this many results, or a SUBMIT of this many tasks, takes a few milliseconds of
+    #: the loop: never long enough to hold it up
+    FETCH_MAX = 1000
+    SUBMIT_BATCH = 500
+
     def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float = 2.5, retries: int = 3,
                  broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
         super().__init__(address, timeout=timeout, retries=retries, broker_key=broker_key, secret=secret,
                          cancel_on_close=cancel_on_close)
-        self._ctx = zmq.asyncio.Context.shadow(zmq.Context.instance().underlying)
+        self._ctx = zmq.Context.instance()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._sync_sock: zmq.Socket | None = None  #: the same socket, for calls that never wait
-        self._reader: asyncio.Task | None = None
+        self._fd = None  #: the socket's file descriptor, watched by the loop
+        self._timer: asyncio.TimerHandle | None = None  #: calls _service at the engine's next deadline
+        self._timer_at = 0.0
+        self._service_due = False
         self._flush_due = False
         self._closed = False
 
@@ -124,26 +137,29 @@ class AsyncClient(BaseClient):
         deadline = None if timeout is None else loop.time() + timeout
         futures: list[AsyncFuture] = []
         in_flight = 0
-        room: asyncio.Future | None = None
+        wake: asyncio.Future | None = None
+        context = contextvars.copy_context()  # one for every callback, not a copy per task
 
         def finished(_f) -> None:
             nonlocal in_flight
             in_flight -= 1
-            if room is not None and not room.done():
-                room.set_result(None)
+            if wake is not None and not wake.done():
+                wake.set_result(None)
 
         for i, item in enumerate(iterable, 1):
             while in_flight >= max_in_flight:
-                room = loop.create_future()
-                await self._until(room, deadline)
+                wake = loop.create_future()
+                await self._until(wake, deadline)
             future = self.submit(name, item, **options)
-            future.add_done_callback(finished)
+            future.add_done_callback(finished, context=context)
             futures.append(future)
             in_flight += 1
             if i % MAP_SLICE == 0:
                 await asyncio.sleep(0)  # let the batch go out and replies in; never hold the loop
-        return await self.gather(futures, return_exceptions=return_exceptions,
-                                 timeout=None if deadline is None else deadline - loop.time())
+        while in_flight:
+            wake = loop.create_future()
+            await self._until(wake, deadline)
+        return await self.gather(futures, return_exceptions=return_exceptions)
 
     async def gather(self, futures: Iterable[asyncio.Future], return_exceptions: bool = False, *,
                      timeout: float | None = None) -> list:
@@ -154,6 +170,7 @@ class AsyncClient(BaseClient):
             loop = asyncio.get_running_loop()
             all_done = loop.create_future()
             count = len(left)
+            context = contextvars.copy_context()
 
             def one_done(_f) -> None:
                 nonlocal count
@@ -162,7 +179,7 @@ class AsyncClient(BaseClient):
                     all_done.set_result(None)
 
             for f in left:
-                f.add_done_callback(one_done)
+                f.add_done_callback(one_done, context=context)
             await self._until(all_done, None if timeout is None else loop.time() + timeout)
         out = []
         for f in futures:
@@ -210,7 +227,7 @@ class AsyncClient(BaseClient):
         (``client.state.events_address_for``)."""
         self._start()
         state = ClusterState(self, events_address or events_address_for(self.address))
-        sock = subscriber(self._ctx, state.events_address, self._security)
+        sock = subscriber(zmq.asyncio.Context.shadow(self._ctx.underlying), state.events_address, self._security)
         sync_sock = zmq.Socket.shadow(sock.underlying)  # never waits: the asyncio socket is for poll()
         try:
             # a SUB connects asynchronously: wait (briefly) for a first event, so the subscription
@@ -241,18 +258,12 @@ class AsyncClient(BaseClient):
         stop; tasks still waiting fail with GridqError("client closed")."""
         if self._closed:
             return
-        if self._reader is not None and self.cancel_on_close:
+        if self._loop is not None and self.cancel_on_close:
             try:  # abandoned work: queued tasks without a key never run (keyed ones stay, to be collected)
                 await asyncio.wait_for(self._cancel_pending(keyed=False), self.timeout)
             except (GridqError, asyncio.TimeoutError):
                 pass  # the broker is away: nothing more to do for them
         self._closed = True
-        if self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
         self._stop(GridqError("client closed"))
 
     async def __aenter__(self) -> "AsyncClient":
@@ -265,7 +276,7 @@ class AsyncClient(BaseClient):
     # ================================================================ plumbing
 
     def _start(self) -> asyncio.AbstractEventLoop:
-        """The running loop; on first use, the socket and the reader coroutine on it."""
+        """The running loop; on first use, the socket, watched by the loop."""
         if self._closed:
             raise GridqError("client is closed")
         try:
@@ -275,13 +286,17 @@ class AsyncClient(BaseClient):
         if self._loop is None:
             self._loop = loop
             self._connect()
-            self._reader = loop.create_task(self._read(), name="gridq-async-client")
         elif loop is not self._loop:
             raise RuntimeError("this AsyncClient belongs to another event loop")
         return loop
 
     def _connect(self) -> None:
-        self._sync_sock = zmq.Socket.shadow(self._dial(self._ctx).underlying)
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+        sock = self._dial(self._ctx)
+        self._fd = sock.FD
+        self._loop.add_reader(self._fd, self._service)
+        self._service_soon()  # ZeroMQ's descriptor signals edges: look once, whatever it says
 
     async def _until(self, future: asyncio.Future, deadline: float | None) -> None:
         if deadline is None:
@@ -293,13 +308,13 @@ class AsyncClient(BaseClient):
         loop = self._start()
         waiter = loop.create_future()
         self._engine.call(command, header, waiter, time.monotonic())
-        self._carry_out(self._engine.take())
+        self._send_now()
         return await asyncio.wait_for(waiter, self._patience())
 
     async def _cancel_pending(self, *, keyed: bool) -> dict:
         waiter = self._start().create_future()
         self._engine.cancel_pending(waiter, time.monotonic(), keyed=keyed)
-        self._carry_out(self._engine.take())
+        self._send_now()
         return await asyncio.wait_for(waiter, self._patience())
 
     def _abandon(self, future: AsyncFuture) -> None:
@@ -317,52 +332,77 @@ class AsyncClient(BaseClient):
         self._flush_due = False
         if not self._closed:
             self._engine.pump(time.monotonic())
-            self._carry_out(self._engine.take())
+            self._send_now()
 
-    async def _read(self) -> None:
+    def _send_now(self) -> None:
+        """Carry out what the engine decided, and be back at its next deadline."""
+        self._carry_out(self._engine.take())
+        self._arm_timer()
+
+    def _service_soon(self) -> None:
+        if not self._service_due:
+            self._service_due = True
+            self._loop.call_soon(self._service)
+
+    def _service(self) -> None:
+        """The socket is readable, a deadline passed, or input may wait: handle what came, a slice
+        at a time, then resend what is late and send what is due."""
+        self._service_due = False
+        if self._closed:
+            return
         engine = self._engine
         try:
+            started = time.monotonic()
             while True:
-                soonest = engine.next_deadline()
-                wait_s = self.timeout if soonest is None else min(max(soonest - time.monotonic(), 0.0), self.timeout)
-                if await self._sock.poll(int(wait_s * 1000) + 1, zmq.POLLIN):
-                    await self._drain()
-                now = time.monotonic()
-                engine.on_tick(now)
-                engine.pump(now)
+                try:
+                    raw = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                engine.on_frames(raw, time.monotonic())
                 self._carry_out(engine.take())
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # nothing may wait forever on a reader that is gone
-            log.exception("async_client_reader_crashed")
+                if time.monotonic() - started > READ_SLICE_S:
+                    self._service_soon()  # more later: other coroutines run first
+                    break
+            now = time.monotonic()
+            engine.on_tick(now)
+            engine.pump(now)
+            self._send_now()
+        except Exception as exc:  # nothing may wait forever on a client that cannot read
+            log.exception("async_client_io_failed")
             self._closed = True
             self._stop(GridqError(f"client I/O failed: {type(exc).__name__}: {exc}"))
 
-    async def _drain(self) -> None:
-        started = time.monotonic()
-        while True:
-            try:
-                raw = self._sync_sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._engine.on_frames(raw, time.monotonic())
-            self._carry_out(self._engine.take())
-            if time.monotonic() - started > READ_SLICE_S:
-                await asyncio.sleep(0)
-                started = time.monotonic()
+    def _arm_timer(self) -> None:
+        """Be called back at the engine's next deadline (a timer already due sooner will do)."""
+        soonest = self._engine.next_deadline()
+        if soonest is None or (self._timer is not None and self._timer_at <= soonest):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = soonest
+        self._timer = self._loop.call_later(max(soonest - time.monotonic(), 0.0), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._service()
 
     def _carry_out(self, out: Outbox) -> None:
         if out.reconnect:
             self._connect()  # Lazy Pirate: a fresh socket; out.messages resends everything outstanding
-        for msg in out.messages:
-            try:  # copied: a zero-copy send would start pyzmq's garbage-collector thread
-                self._sync_sock.send_multipart([b"", *encode(CLIENT_TAG, msg)], zmq.NOBLOCK)
-            except zmq.Again:
-                pass  # no pipe (a refused CURVE handshake): Lazy Pirate resends
+        if out.messages:
+            for msg in out.messages:
+                try:  # copied: a zero-copy send would start pyzmq's garbage-collector thread
+                    self._sock.send_multipart([b"", *encode(CLIENT_TAG, msg)], zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # no pipe (a refused CURVE handshake): Lazy Pirate resends
+            if self._sock.get(zmq.EVENTS) & zmq.POLLIN:
+                self._service_soon()  # a send can take the descriptor's edge: a reply already in would wait
         for future, error in out.accepted:
-            future._set_accepted(error)
+            if future._accept is _PENDING:
+                future._set_accepted(error)
         for future, kind, value in out.settled:
-            future._set_accepted(value if kind == FAILED else None)  # a task that ended was accepted
+            if future._accept is _PENDING:  # a task that ended was accepted, unless it failed here
+                future._set_accepted(value if kind == FAILED else None)
             settle(future, kind, value)
         for waiter, reply in out.replies:
             _resolve(waiter, reply)
@@ -373,6 +413,10 @@ class AsyncClient(BaseClient):
         out.messages.clear()
         out.reconnect = False
         self._carry_out(out)
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
         if self._sock is not None:
             self._sock.close(linger=0)
 

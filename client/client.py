@@ -20,7 +20,7 @@ import zmq
 
 from broker.protocol import CLIENT_TAG, Command, EncodeError, encode
 from broker.wake import Waker
-from client.engine import FETCH_WAIT_S, Engine, Outbox, settle
+from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox, settle
 from client.errors import GridqError
 
 log = structlog.get_logger(__name__)
@@ -51,9 +51,15 @@ class GridFuture(Future):
 class BaseClient:
     """What ``Client`` and ``AsyncClient`` share: their options, the engine, the socket they dial."""
 
+    #: most results per FETCH reply (None: as many as the broker sends at once)
+    FETCH_MAX: int | None = None
+    #: most tasks per SUBMIT message
+    SUBMIT_BATCH = SUBMIT_BATCH
+
     def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float = 2.5, retries: int = 3,
                  broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
-        self._engine = Engine(timeout_s=float(timeout), retries=int(retries), address=address)
+        self._engine = Engine(timeout_s=float(timeout), retries=int(retries), address=address,
+                              fetch_max=self.FETCH_MAX, submit_batch=self.SUBMIT_BATCH)
         self.address = address
         self.timeout = float(timeout)
         self.retries = int(retries)

@@ -64,6 +64,22 @@ def settle(handle, kind: str, value) -> None:
         pass  # another thread cancelled it just now
 
 
+def _check_options(resources, priority, retries, timeout, key) -> dict | None:
+    """Refuse bad task options (ValueError); returns the checked resources."""
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
+        raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    if key is not None and (not isinstance(key, str) or not key):
+        raise ValueError(f"key must be a non-empty string, got {key!r}")
+    if resources is not None:
+        resources = check_resources(resources)
+    return resources
+
+
 @dataclass(eq=False)
 class Request:
     rid: int
@@ -94,9 +110,14 @@ class Outbox:
 class Engine:
     """One client session's protocol state; see the module docstring."""
 
-    def __init__(self, *, timeout_s: float, retries: int, address: str = "", session: str | None = None) -> None:
+    def __init__(self, *, timeout_s: float, retries: int, address: str = "", session: str | None = None,
+                 fetch_max: int | None = None, submit_batch: int = SUBMIT_BATCH) -> None:
         if not timeout_s > 0 or retries < 0:
             raise ValueError("timeout must be > 0 and retries >= 0")
+        #: most results one FETCH reply may carry (None: the broker's limit); smaller replies are shorter to handle
+        self.fetch_max = fetch_max
+        #: most tasks per SUBMIT message (a smaller one is quicker to encode)
+        self.submit_batch = submit_batch
         self.session = session or os.urandom(8).hex()
         self._ids = itertools.count()
         self._id_prefix = os.urandom(6).hex() + "-"
@@ -105,7 +126,9 @@ class Engine:
         self.address = address  #: for error messages only
         self._rid = itertools.count(1)
         self.requests: dict[int, Request] = {}
-        self.pending: dict[str, list] = {}  #: task id -> handles waiting on it (sent, not finished)
+        #: task id -> the handle waiting on it (a tuple of them where keys aliased several): sent, not finished.
+        #: One object per task, no list: a map of many thousands keeps the garbage collector's work small.
+        self.pending: dict[str, object] = {}
         self._keyed: set = set()  #: pending task ids submitted with an idempotency key
         self._to_submit: deque = deque()  #: (handle, record, frames) not yet sent
         self._acks: list = []  #: result ids to acknowledge with the next FETCH
@@ -117,29 +140,22 @@ class Engine:
     # ================================================================ input
 
     def make_task(self, name: str, args: tuple, kwargs: dict, *, resources: dict | None = None, priority: int = 0,
-                  retries: int | None = None, timeout: float | None = None, key: str | None = None) -> tuple[list, list]:
+                  retries: int | None = None, timeout: float | None = None, key: str | None = None) -> tuple:
         """A checked SUBMIT record with a fresh task id, and its array frames; bad input raises here.
 
         Safe to call from any thread: it touches only the id counter.
         """
         if not isinstance(name, str) or not name:
             raise ValueError("task name must be a non-empty string")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
-            raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ValueError(f"priority must be an integer, got {priority!r}")
-        if key is not None and (not isinstance(key, str) or not key):
-            raise ValueError(f"key must be a non-empty string, got {key!r}")
-        if resources is not None:
-            resources = check_resources(resources)
+        if (type(priority) is not int or priority or retries is not None or timeout is not None or key is not None
+                or resources is not None):
+            resources = _check_options(resources, priority, retries, timeout, key)  # most tasks have none
         blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
         task_id = self._id_prefix + format(next(self._ids), "x")
-        return [task_id, name, blob, len(frames), resources, priority, retries, timeout, key], frames
+        # a tuple of atoms, and no empty list: the garbage collector stops tracking them
+        return (task_id, name, blob, len(frames), resources, priority, retries, timeout, key), frames or ()
 
-    def submit(self, handle, record: list, frames: list) -> None:
+    def submit(self, handle, record: tuple, frames) -> None:
         """Queue one task (a SUBMIT_FIELDS record and its array frames); sent by the next ``pump``."""
         self._to_submit.append((handle, record, frames))
 
@@ -199,9 +215,9 @@ class Engine:
         submits = sum(1 for r in self.requests.values() if r.command is Command.SUBMIT)
         while self._to_submit and submits < pipeline:
             records, frames, ids, size = [], [], [], 0
-            while self._to_submit and len(records) < SUBMIT_BATCH and (size < SUBMIT_BATCH_BYTES or not records):
+            while self._to_submit and len(records) < self.submit_batch and (size < SUBMIT_BATCH_BYTES or not records):
                 handle, record, task_frames = self._to_submit.popleft()
-                self.pending.setdefault(handle.task_id, []).append(handle)
+                self._wait(handle.task_id, (handle,))
                 if record[8] is not None:
                     self._keyed.add(handle.task_id)
                 records.append(record)
@@ -213,8 +229,10 @@ class Engine:
         if self._fetching is None and (self.pending or self._acks):
             wait_s = min(FETCH_WAIT_S, self.timeout_s / 2) if self.pending else 0.0
             acks, self._acks = self._acks, []
-            self._fetching = self._request(Command.FETCH, {"session": self.session, "ack": acks,
-                                                          "wait_ms": int(wait_s * 1000)}, now, wait_s=wait_s)
+            header = {"session": self.session, "ack": acks, "wait_ms": int(wait_s * 1000)}
+            if self.fetch_max is not None:
+                header["max"] = self.fetch_max
+            self._fetching = self._request(Command.FETCH, header, now, wait_s=wait_s)
 
     def take(self) -> Outbox:
         """What to do now; the engine forgets it."""
@@ -291,20 +309,24 @@ class Engine:
         for task_id, reason in header.get("rejected", ()):
             self._fail(task_id, TaskError("InvalidRequest", str(reason)))
         for task_id, first_id in header.get("aliases", ()):
-            handles = self.pending.pop(task_id, [])
+            handles = self._pop(task_id)
             if task_id in self._keyed:
                 self._keyed.discard(task_id)
                 self._keyed.add(first_id)
             for h in handles:
                 h.task_id = first_id
-            self.pending.setdefault(first_id, []).extend(handles)
+            self._wait(first_id, handles)
             self._out.accepted.extend((h, None) for h in handles)
-        boot = header.get("boot")
+        boot, pending, accepted = header.get("boot"), self.pending, self._out.accepted
         for task_id in req.task_ids:
-            handles = self.pending.get(task_id)
-            if handles is not None:
-                self._accepted_by[task_id] = boot
-                self._out.accepted.extend((h, None) for h in handles)
+            h = pending.get(task_id)
+            if h is None:
+                continue
+            self._accepted_by[task_id] = boot
+            if isinstance(h, tuple):
+                accepted.extend((x, None) for x in h)
+            else:
+                accepted.append((h, None))
 
     def _check_boot(self, header: dict) -> None:
         """A broker that restarted without a journal has forgotten what its predecessor
@@ -329,9 +351,10 @@ class Engine:
         except (ProtocolError, TypeError, IndexError) as exc:
             log.warning("broker_reply_dropped", error=f"bad RESULTS: {exc}")
             return
+        pending = self.pending
         for (task_id, status, value, _n, info), frames in zip(records, per_task):
             self._acks.append(task_id)
-            if task_id not in self.pending:
+            if task_id not in pending:
                 continue  # delivered twice after a resend (or cancelled): the first delivery won
             if status == "succeeded":
                 try:
@@ -358,18 +381,32 @@ class Engine:
             self._fail(task_id, error)
 
     def _fail(self, task_id: str, error: Exception) -> None:
-        for h in self.pending.get(task_id, ()):
+        for h in self._handles(task_id):
             self._out.accepted.append((h, error))  # the shell ignores this where it was accepted already
         self._settle(task_id, FAILED, error)
+
+    def _wait(self, task_id: str, handles: tuple) -> None:
+        old = self._handles(task_id)
+        self.pending[task_id] = handles[0] if not old and len(handles) == 1 else (*old, *handles)
+
+    def _handles(self, task_id: str) -> tuple:
+        h = self.pending.get(task_id)
+        return () if h is None else h if isinstance(h, tuple) else (h,)
+
+    def _pop(self, task_id: str) -> tuple:
+        handles = self._handles(task_id)
+        self.pending.pop(task_id, None)
+        return handles
 
     def _settle(self, task_id: str, kind: str, value, info: dict | None = None) -> None:
         self._accepted_by.pop(task_id, None)
         self._keyed.discard(task_id)
-        for h in self.pending.pop(task_id, ()):
+        h = self.pending.pop(task_id, None)
+        for x in h if isinstance(h, tuple) else () if h is None else (h,):
             if info is not None:
-                h.info = info
-            self._out.settled.append((h, kind, value))
+                x.info = info
+            self._out.settled.append((x, kind, value))
 
 
-__all__ = ["Engine", "Outbox", "Request", "settle", "OK", "ERROR", "CANCELLED", "FAILED", "SUBMIT_BATCH", "SUBMIT_PIPELINE",
-           "FETCH_WAIT_S"]
+__all__ = ["Engine", "Outbox", "Request", "settle", "OK", "ERROR", "CANCELLED", "FAILED", "SUBMIT_BATCH",
+           "SUBMIT_PIPELINE", "FETCH_WAIT_S"]

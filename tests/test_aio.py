@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import threading
 import time
 
 import numpy as np
@@ -208,5 +210,98 @@ def test_events_start_with_a_snapshot_and_then_miss_none(running):
             assert [(await anext(tasks))["topic"] for _ in range(3)] == ["task.submitted", "task.started",
                                                                          "task.succeeded"]
             await tasks.aclose()
+
+    run(main())
+
+
+def test_events_after_a_broker_restart_start_over_with_a_fresh_snapshot(cluster):
+    cluster.start_broker()
+
+    async def main():
+        async with aclient(cluster, timeout=0.5, retries=2) as c:
+            stream = c.events(events_address=cluster.events)
+            first = await anext(stream)
+            assert first["topic"] == "snapshot"
+            assert (await anext(stream))["topic"] == "broker.stats"  # live
+            cluster.kill(cluster.broker)
+            cluster.start_broker()
+            async for ev in stream:
+                if ev["topic"] == "snapshot":
+                    break
+            assert ev["seq"] < first["seq"] + 10  # the new broker's own count
+            after = await anext(stream)
+            assert after["seq"] == ev["seq"] + 1  # and on from there, none missed
+            await stream.aclose()
+
+    run(main())
+
+
+def test_a_20000_task_map_never_holds_the_loop_for_50_ms_and_starts_no_thread(running):
+    threads = threading.active_count()
+
+    async def main():
+        held = []  # CPU seconds the loop thread spent between two ticks: time it was not free
+        done = asyncio.Event()
+
+        async def ticker():
+            last = time.thread_time()  # CPU time, so a machine busy with other work does not count
+            while not done.is_set():
+                await asyncio.sleep(0.002)
+                now = time.thread_time()
+                held.append(now - last)
+                last = now
+
+        async with aclient(running) as c:
+            tick = asyncio.create_task(ticker())
+            out = await c.map("noop", range(20_000))
+            done.set()
+            await tick
+            assert threading.active_count() == threads
+        return out, held
+
+    # Every full garbage collection walks the whole heap: pytest's and numpy's objects, ~50,000,
+    # cost ~20 ms of a loaded 2-core machine whatever the client does. Frozen, they are out of the
+    # measure; the client's own objects (one per task in flight) are collected and counted.
+    gc.collect()
+    gc.freeze()
+    try:
+        out, held = run(main(), timeout=120)
+    finally:
+        gc.unfreeze()
+    assert out == [None] * 20_000
+    assert len(held) > 50 and max(held) < 0.050, f"loop held for {max(held) * 1000:.1f} ms"
+    assert threading.active_count() == threads
+
+
+def test_closing_cancels_queued_tasks_without_a_key_and_keeps_the_keyed_ones(cluster, events):
+    cluster.start_broker()  # no worker: every task stays queued
+    log = events("task.")
+
+    async def main(cancel_on_close: bool):
+        async with aclient(cluster, cancel_on_close=cancel_on_close) as c:
+            plain, keyed = c.submit("square", 1), c.submit("square", 2, key=f"stays-{cancel_on_close}")
+            await plain.accepted
+            await keyed.accepted
+        assert plain.done() and keyed.done()  # nothing is left waiting on a closed client
+        return plain.task_id
+
+    kept = run(main(cancel_on_close=False))
+    gone = run(main(cancel_on_close=True))
+    log.wait_for("task.cancelled", lambda e: e["task_id"] == gone)
+    assert [e["task_id"] for e in log.of("task.cancelled")] == [gone]
+    with cluster.client() as c:
+        assert c.status()["queued"] == 3  # both keyed ones, and the plain one of cancel_on_close=False
+    assert kept not in {e["task_id"] for e in log.of("task.cancelled")}
+
+
+def test_cancel_all_cancels_every_queued_task_keyed_or_not(cluster):
+    cluster.start_broker()
+
+    async def main():
+        async with aclient(cluster) as c:
+            fs = [c.submit("square", i) for i in range(5)] + [c.submit("square", 9, key="k-all")]
+            assert await c.cancel_all() == 6
+            assert all(f.cancelled() for f in fs)
+            assert (await c.status())["queued"] == 0
 
     run(main())
