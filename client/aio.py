@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+from functools import partial
 import time
 from typing import AsyncIterator, Iterable
 
@@ -84,6 +85,34 @@ class AsyncFuture(asyncio.Future):
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled() else "finished" if self.done() else "pending"
         return f"<AsyncFuture {self.task_id} {state}>"
+
+
+async def _follow(client: "AsyncClient", prefix: str, address: str) -> AsyncIterator[dict]:
+    """``AsyncClient.events``: ClusterState's seq logic over a zmq.asyncio SUB socket."""
+    state = ClusterState(client, address)
+    sock = subscriber(zmq.asyncio.Context.shadow(client._ctx.underlying), address, client._security)
+    sync_sock = zmq.Socket.shadow(sock.underlying)  # never waits: the asyncio socket is for poll()
+    try:
+        # a SUB connects asynchronously: wait (briefly) for a first event, so the subscription
+        # is live before the snapshot and nothing falls between them
+        await sock.poll(state.silent_after_s * 1000 / 2)
+        while not client._closed:
+            if state.due():
+                try:
+                    snap = await client.status()
+                except (GridqError, asyncio.TimeoutError) as exc:
+                    state.unreachable(exc)
+                else:
+                    state.load(snap)
+                    yield {"topic": "snapshot", "seq": snap["seq"], "snapshot": snap}
+            wait_s = 0.1 if state.stale else state.silent_after_s / 2
+            if await sock.poll(wait_s * 1000):
+                for topic, fields in state.read(sync_sock):
+                    if topic.startswith(prefix):
+                        yield {"topic": topic, **fields}
+            state.check_silence()
+    finally:
+        sock.close(linger=0)
 
 
 def _resolve(future: asyncio.Future, outcome) -> None:
@@ -211,7 +240,7 @@ class AsyncClient(BaseClient):
 
     async def cancel_all(self) -> int:
         """Cancel every queued task of this client; returns how many were cancelled."""
-        return len((await self._cancel_pending(keyed=True))["cancelled"])
+        return len((await self._do(partial(self._engine.cancel_pending, keyed=True)))["cancelled"])
 
     async def status(self) -> dict:
         """A snapshot of the cluster, as ``Client.status()``."""
@@ -219,37 +248,14 @@ class AsyncClient(BaseClient):
 
     # ================================================================ events
 
-    async def events(self, prefix: str = "", events_address: str | None = None) -> AsyncIterator[dict]:
+    def events(self, prefix: str = "", events_address: str | None = None) -> AsyncIterator[dict]:
         """The broker's events whose topic starts with ``prefix``, none missed: first a
         ``{"topic": "snapshot", "seq": s, "snapshot": status}`` item, then events with seq > s,
         each ``{"topic": ..., "seq": ..., ...}``; after a gap or a broker restart a new
         snapshot item, then on. ``events_address`` defaults to the broker's events port
         (``client.state.events_address_for``)."""
         self._start()
-        state = ClusterState(self, events_address or events_address_for(self.address))
-        sock = subscriber(zmq.asyncio.Context.shadow(self._ctx.underlying), state.events_address, self._security)
-        sync_sock = zmq.Socket.shadow(sock.underlying)  # never waits: the asyncio socket is for poll()
-        try:
-            # a SUB connects asynchronously: wait (briefly) for a first event, so the subscription
-            # is live before the snapshot and nothing falls between them
-            await sock.poll(state.silent_after_s * 1000 / 2)
-            while True:
-                if state.due():
-                    try:
-                        snap = await self.status()
-                    except (GridqError, asyncio.TimeoutError) as exc:
-                        state.unreachable(exc)
-                    else:
-                        state.load(snap)
-                        yield {"topic": "snapshot", "seq": snap["seq"], "snapshot": snap}
-                wait_s = 0.1 if state.stale else state.silent_after_s / 2
-                if await sock.poll(wait_s * 1000):
-                    for topic, fields in state.read(sync_sock):
-                        if topic.startswith(prefix):
-                            yield {"topic": topic, **fields}
-                state.check_silence()
-        finally:
-            sock.close(linger=0)
+        return _follow(self, prefix, events_address or events_address_for(self.address))
 
     # ================================================================ closing
 
@@ -258,11 +264,13 @@ class AsyncClient(BaseClient):
         stop; tasks still waiting fail with GridqError("client closed")."""
         if self._closed:
             return
-        if self._loop is not None and self.cancel_on_close:
-            try:  # abandoned work: queued tasks without a key never run (keyed ones stay, to be collected)
-                await asyncio.wait_for(self._cancel_pending(keyed=False), self.timeout)
+        if self._loop is not None:
+            try:
+                if self.cancel_on_close:  # abandoned work: queued tasks without a key never run (keyed ones stay)
+                    await self._do(partial(self._engine.cancel_pending, keyed=False), self.timeout)
+                await self._do(self._engine.flush_acks, self.timeout)  # the broker may drop what we hold
             except (GridqError, asyncio.TimeoutError):
-                pass  # the broker is away: nothing more to do for them
+                pass  # the broker is away: nothing more to do
         self._closed = True
         self._stop(GridqError("client closed"))
 
@@ -305,17 +313,14 @@ class AsyncClient(BaseClient):
             await asyncio.wait_for(future, max(0.0, deadline - asyncio.get_running_loop().time()))
 
     async def _call(self, command: Command, header: dict) -> dict:
-        loop = self._start()
-        waiter = loop.create_future()
-        self._engine.call(command, header, waiter, time.monotonic())
-        self._send_now()
-        return await asyncio.wait_for(waiter, self._patience())
+        return await self._do(partial(self._engine.call, command, header))
 
-    async def _cancel_pending(self, *, keyed: bool) -> dict:
+    async def _do(self, action, patience_s: float | None = None) -> dict:
+        """Call ``action(waiter, now)`` on the engine, send what it decided, await the reply."""
         waiter = self._start().create_future()
-        self._engine.cancel_pending(waiter, time.monotonic(), keyed=keyed)
+        action(waiter, time.monotonic())
         self._send_now()
-        return await asyncio.wait_for(waiter, self._patience())
+        return await asyncio.wait_for(waiter, self._patience() if patience_s is None else patience_s)
 
     def _abandon(self, future: AsyncFuture) -> None:
         """A future cancelled here: ask the broker to cancel its task, not waiting for the answer."""

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from concurrent.futures import CancelledError, Future
+from functools import partial
 from typing import Iterable, Iterator
 
 import structlog
@@ -191,7 +192,7 @@ class Client(BaseClient):
 
     def cancel_all(self) -> int:
         """Cancel every queued task of this client; returns how many were cancelled."""
-        return len(self._call_waiter(("cancel_pending", True))["cancelled"])
+        return len(self._do(partial(self._engine.cancel_pending, keyed=True))["cancelled"])
 
     def status(self) -> dict:
         """A snapshot of the cluster (see SPEC): seq, workers, queued, running, done, failed."""
@@ -200,11 +201,12 @@ class Client(BaseClient):
     def close(self) -> None:
         if self._closed.is_set():
             return
-        if self.cancel_on_close:
-            try:  # abandoned work: queued tasks without a key never run (keyed ones stay, to be collected)
-                self._call_waiter(("cancel_pending", False), patience_s=self.timeout)
-            except (GridqError, TimeoutError):
-                pass  # the broker is away: nothing more to do for them
+        try:
+            if self.cancel_on_close:  # abandoned work: queued tasks without a key never run (keyed ones stay)
+                self._do(partial(self._engine.cancel_pending, keyed=False), patience_s=self.timeout)
+            self._do(self._engine.flush_acks, patience_s=self.timeout)  # the broker may drop what we hold
+        except (GridqError, TimeoutError):
+            pass  # the broker is away: nothing more to do
         self._closed.set()
         self._waker.wake()
         self._thread.join(timeout=5)
@@ -227,11 +229,12 @@ class Client(BaseClient):
             self._waker.wake()
 
     def _call(self, command: Command, header: dict) -> dict:
-        return self._call_waiter(("call", command, header))
+        return self._do(partial(self._engine.call, command, header))
 
-    def _call_waiter(self, item: tuple, patience_s: float | None = None) -> dict:
+    def _do(self, action, patience_s: float | None = None) -> dict:
+        """Have the I/O thread call ``action(waiter, now)`` on the engine; wait for the reply it gets."""
         waiter: Future = Future()
-        self._post((*item, waiter))
+        self._post(("do", action, waiter))
         return waiter.result(timeout=self._patience() if patience_s is None else patience_s)
 
     # ================================================================ the I/O thread
@@ -285,12 +288,9 @@ class Client(BaseClient):
             if item[0] == "submit":
                 _, future, record, frames = item
                 self._engine.submit(future, record, frames)
-            elif item[0] == "cancel_pending":
-                _, keyed, waiter = item
-                self._engine.cancel_pending(waiter, now, keyed=keyed)
             else:
-                _, command, header, waiter = item
-                self._engine.call(command, header, waiter, now)
+                _, action, waiter = item
+                action(waiter, now)
 
     def _drain_socket(self) -> None:
         now = time.monotonic()

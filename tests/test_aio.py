@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from client import AsyncClient, BrokerUnavailable, EncodeError, GridqError, TaskError, TaskLost
+from client import AsyncClient, BrokerUnavailable, EncodeError, TaskError, TaskLost
 from tests.conftest import free_port
 from tests.test_end_to_end import running  # noqa: F401 -- the same two-worker cluster fixture
 
@@ -209,7 +209,9 @@ def test_events_start_with_a_snapshot_and_then_miss_none(running):
             c.submit("square", 2)
             assert [(await anext(tasks))["topic"] for _ in range(3)] == ["task.submitted", "task.started",
                                                                          "task.succeeded"]
-            await tasks.aclose()
+            await c.close()
+            async for _ in tasks:  # a closed client's stream ends (run() fails the test if it did not)
+                pass
 
     run(main())
 

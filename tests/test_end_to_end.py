@@ -211,3 +211,28 @@ def test_a_second_worker_with_a_taken_name_is_refused_and_exits(cluster):
     with cluster.client() as c:
         assert [w["name"] for w in c.status()["workers"]] == ["only-one"]
         assert c.submit("square", 4).result(timeout=10) == 16
+
+
+def test_map_and_gather_put_errors_in_place_with_return_exceptions(running):
+    with running.client() as c:
+        out = c.map("sleep", [0, "x", 0], return_exceptions=True)
+        assert out[0] == 0 and out[2] == 0 and isinstance(out[1], TaskError)
+        out = c.gather([c.submit("square", 3), c.submit("sleep", "y")], timeout=10, return_exceptions=True)
+        assert out[0] == 9 and isinstance(out[1], TaskError)
+
+
+def test_closing_a_client_cancels_its_queued_tasks_without_a_key_unless_told_not_to(cluster, events):
+    cluster.start_broker()  # no worker: every task stays queued
+    log = events("task.")
+    with cluster.client() as c:
+        plain, keyed = c.submit("square", 1), c.submit("square", 2, key="stays")
+        wait_until(lambda: c.status()["queued"] == 2, what="both tasks accepted")
+    assert plain.cancelled()
+    log.wait_for("task.cancelled", lambda e: e["task_id"] == plain.task_id)
+    with cluster.client(cancel_on_close=False) as c:
+        kept = c.submit("square", 3)
+        wait_until(lambda: c.status()["queued"] == 2, what="the task accepted")
+    with cluster.client() as c:
+        assert c.status()["queued"] == 2  # the keyed one, and the one of cancel_on_close=False
+    assert [e["task_id"] for e in log.of("task.cancelled")] == [plain.task_id]
+    assert kept.task_id != keyed.task_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from broker.protocol import CLIENT_TAG, Command, EncodeError, Message, encode, pack_value
-from client.engine import CANCELLED, FAILED, OK, SUBMIT_BATCH, SUBMIT_PIPELINE, Engine
+from client.engine import ACK_DELAY_S, CANCELLED, FAILED, OK, SUBMIT_BATCH, SUBMIT_PIPELINE, Engine
 from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost
 
 
@@ -126,10 +126,32 @@ def test_results_settle_their_handles_are_acknowledged_by_the_next_fetch_and_a_d
     assert out.settled[0] == (ok, OK, 49) and ok.info["worker"] == "w1"
     assert out.settled[1][1] == "error" and isinstance(out.settled[1][2], TaskError)
     assert str(out.settled[1][2]) == "ValueError: no" and out.settled[1][2].traceback == "tb"
-    [ack] = sent(out, Command.FETCH)
+    assert not sent(out, Command.FETCH) and e.next_deadline() == ACK_DELAY_S  # a new task's FETCH may take them
+    e.pump(ACK_DELAY_S)
+    [ack] = sent(e.take(), Command.FETCH)
     assert ack.header["ack"] == [ok.task_id, bad.task_id] and ack.header["wait_ms"] == 0  # nothing left to wait for
     reply(e, Command.RESULTS, {"rid": ack.header["rid"], "results": results, "boot": "b"})
     assert e.take().settled == []
+
+
+def finished_one(e: Engine) -> Handle:
+    """A task submitted, accepted and finished: its result is received, not yet acknowledged."""
+    h = submit(e)
+    [fetch] = accept_all(e, "b")
+    blob, frames = pack_value(1)
+    reply(e, Command.RESULTS, {"rid": fetch.header["rid"], "boot": "b",
+                               "results": [[h.task_id, "succeeded", blob, len(frames), {}]]})
+    e.take()
+    return h
+
+
+def test_acknowledgements_ride_on_the_fetch_of_a_task_submitted_soon_after():
+    e = make()
+    first = finished_one(e)
+    submit(e)
+    e.pump(0.01)
+    [fetch] = sent(e.take(), Command.FETCH)
+    assert fetch.header["ack"] == [first.task_id] and fetch.header["wait_ms"] > 0
 
 
 def test_an_alias_moves_the_handle_to_the_first_task_id_and_counts_as_accepted():
@@ -176,9 +198,23 @@ def test_cancelling_pending_tasks_sends_what_waits_first_skips_keyed_ones_and_se
     reply(e, Command.CANCELLED, {"rid": cancel.header["rid"], "cancelled": [plain.task_id], "refused": []})
     out = e.take()
     assert out.settled == [(plain, CANCELLED, None)] and out.replies[0][0] == "w"
-    assert list(e.pending) == [keyed.task_id]
+    assert set(e.pending) == {plain.task_id, keyed.task_id}  # until its "cancelled" result is fetched and acknowledged
+    e.pending.pop(plain.task_id)
     e.cancel_pending("w2", 0.0, keyed=False)
     assert e.take().replies == [("w2", {"cancelled": [], "refused": []})]  # nothing to cancel: no request
+
+
+def test_closing_acknowledges_what_it_received_and_replies_once_the_broker_has_it():
+    e = make()
+    h = finished_one(e)
+    e.flush_acks("w", 0.0)
+    [ack] = e.take().messages
+    assert ack.command is Command.FETCH and ack.header["ack"] == [h.task_id] and ack.header["wait_ms"] == 0
+    reply(e, Command.RESULTS, {"rid": ack.header["rid"], "results": [], "boot": "b"})
+    assert [w for w, _ in e.take().replies] == ["w"]
+    e.flush_acks("w2", 0.0)
+    out = e.take()
+    assert not out.messages and [w for w, _ in out.replies] == ["w2"]
 
 
 def test_bad_task_options_and_values_are_refused_before_anything_is_queued():
