@@ -23,7 +23,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from broker.protocol import CLIENT_TAG, Command, encode
+from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, encode
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
 from client.engine import FAILED, Outbox, settle
 from client.errors import GridqError
@@ -132,7 +132,7 @@ class AsyncClient(BaseClient):
     FETCH_MAX = 1000
     SUBMIT_BATCH = 500
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float = 2.5, retries: int = 3,
+    def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float = 2.5, retries: int = 3,
                  broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
         super().__init__(address, timeout=timeout, retries=retries, broker_key=broker_key, secret=secret,
                          cancel_on_close=cancel_on_close)

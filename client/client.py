@@ -19,7 +19,7 @@ from typing import Iterable, Iterator
 import structlog
 import zmq
 
-from broker.protocol import CLIENT_TAG, Command, EncodeError, encode
+from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
 from broker.wake import Waker
 from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox, settle
 from client.errors import GridqError
@@ -57,7 +57,7 @@ class BaseClient:
     #: most tasks per SUBMIT message
     SUBMIT_BATCH = SUBMIT_BATCH
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float = 2.5, retries: int = 3,
+    def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float = 2.5, retries: int = 3,
                  broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
         self._engine = Engine(timeout_s=float(timeout), retries=int(retries), address=address,
                               fetch_max=self.FETCH_MAX, submit_batch=self.SUBMIT_BATCH)
@@ -96,7 +96,7 @@ class BaseClient:
 class Client(BaseClient):
     """A connection to a gridq broker; safe to share between threads."""
 
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", *, timeout: float = 2.5, retries: int = 3,
+    def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float = 2.5, retries: int = 3,
                  broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
         super().__init__(address, timeout=timeout, retries=retries, broker_key=broker_key, secret=secret,
                          cancel_on_close=cancel_on_close)
@@ -165,7 +165,8 @@ class Client(BaseClient):
             yield done.get()
             in_flight -= 1
 
-    def gather(self, futures: Iterable[Future], timeout: float | None = None, *, return_exceptions: bool = False) -> list:
+    def gather(self, futures: Iterable[Future], timeout: float | None = None, *,
+               return_exceptions: bool = False) -> list:
         """Results of ``futures`` in order; raises the first failure unless ``return_exceptions``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         out = []

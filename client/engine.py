@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from broker.protocol import (CLIENT_TAG, Command, Message, ProtocolError, check_resources, decode, pack_value,
-                             split_frames, unpack_value)
+from broker.protocol import (CLIENT_TAG, MAX_RETRIES, Command, Message, ProtocolError, SubmitRecord, check_int,
+                             check_name, check_resources, check_seconds, decode, pack_value, records, unpack_value)
 from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, task_error
 
 log = structlog.get_logger(__name__)
@@ -68,19 +68,15 @@ def settle(handle, kind: str, value) -> None:
 
 
 def _check_options(resources, priority, retries, timeout, key) -> dict | None:
-    """Refuse bad task options (ValueError); returns the checked resources."""
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                or not timeout > 0):
-        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
-        raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise ValueError(f"priority must be an integer, got {priority!r}")
-    if key is not None and (not isinstance(key, str) or not key):
-        raise ValueError(f"key must be a non-empty string, got {key!r}")
-    if resources is not None:
-        resources = check_resources(resources)
-    return resources
+    """Refuse bad task options (ValueError) as the broker would; returns the checked resources."""
+    check_int(priority, "priority", -(2**31), 2**31)
+    if retries is not None:
+        check_int(retries, "retries", 0, MAX_RETRIES)
+    if timeout is not None:
+        check_seconds(timeout, "timeout")
+    if key is not None:
+        check_name(key, "key")
+    return None if resources is None else check_resources(resources)
 
 
 @dataclass(eq=False)
@@ -144,7 +140,8 @@ class Engine:
     # ================================================================ input
 
     def make_task(self, name: str, args: tuple, kwargs: dict, *, resources: dict | None = None, priority: int = 0,
-                  retries: int | None = None, timeout: float | None = None, key: str | None = None) -> tuple:
+                  retries: int | None = None, timeout: float | None = None,
+                  key: str | None = None) -> tuple[SubmitRecord, tuple | list]:
         """A checked SUBMIT record with a fresh task id, and its array frames; bad input raises here.
 
         Safe to call from any thread: it touches only the id counter.
@@ -157,9 +154,10 @@ class Engine:
         blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
         task_id = self._id_prefix + format(next(self._ids), "x")
         # a tuple of atoms, and no empty list: the garbage collector stops tracking them
-        return (task_id, name, blob, len(frames), resources, priority, retries, timeout, key), frames or ()
+        record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key)
+        return record, frames or ()
 
-    def submit(self, handle, record: tuple, frames) -> None:
+    def submit(self, handle, record: SubmitRecord, frames) -> None:
         """Queue one task (a SUBMIT_FIELDS record and its array frames); sent by the next ``pump``."""
         self._to_submit.append((handle, record, frames))
 
@@ -232,7 +230,7 @@ class Engine:
             while self._to_submit and len(records) < self.submit_batch and (size < SUBMIT_BATCH_BYTES or not records):
                 handle, record, task_frames = self._to_submit.popleft()
                 self._wait(handle.task_id, (handle,))
-                if record[8] is not None:
+                if record.key is not None:
                     self._keyed.add(handle.task_id)
                 records.append(record)
                 frames.extend(task_frames)
@@ -369,14 +367,13 @@ class Engine:
                                                      "without a journal (--journal): it is gone"))
 
     def _on_results(self, msg: Message) -> None:
-        records = msg.header.get("results") or []
         try:
-            per_task = split_frames(msg.frames, [r[3] for r in records])
-        except (ProtocolError, TypeError, IndexError) as exc:
+            results = records(msg)
+        except ProtocolError as exc:
             log.warning("broker_reply_dropped", error=f"bad RESULTS: {exc}")
             return
         pending = self.pending
-        for (task_id, status, value, _n, info), frames in zip(records, per_task):
+        for (task_id, status, value, _n, info), frames in results:
             self._acks.append(task_id)
             if task_id not in pending:
                 continue  # delivered twice after a resend (or cancelled): the first delivery won
