@@ -3,7 +3,7 @@
 A DEALER socket around the same protocol engine as ``Client``
 (``client.engine``), serviced by the event loop itself: the loop watches the
 socket's file descriptor and calls back, as zmq.asyncio does inside, but with
-no Future per wait (half the round-trip cost). Submits made in one loop turn
+no Future and no Poller per wait. Submits made in one loop turn
 go out as one batched SUBMIT; a timer at the engine's next deadline resends
 what is late (Lazy Pirate). Nothing here blocks the loop: sends never wait (no
 high-water mark), replies are handled a few milliseconds at a time, and
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from functools import partial
 import time
+from functools import partial
 from typing import AsyncIterator, Iterable
 
 import structlog
@@ -153,7 +153,7 @@ class AsyncClient(BaseClient):
         loop = self._start()
         record, frames = self._engine.make_task(name, args, kwargs, resources=resources, priority=priority,
                                                 retries=retries, timeout=timeout, key=key)
-        future = AsyncFuture(self, record[0], loop)
+        future = AsyncFuture(self, record.task_id, loop)
         self._engine.submit(future, record, frames)
         self._flush_soon()
         return future

@@ -115,7 +115,7 @@ class Client(BaseClient):
         """Submit one task; returns its future at once. Unencodable arguments raise here."""
         record, frames = self._engine.make_task(name, args, kwargs, resources=resources, priority=priority,
                                                 retries=retries, timeout=timeout, key=key)
-        future = GridFuture(self, record[0])
+        future = GridFuture(self, record.task_id)
         self._post(("submit", future, record, frames))
         return future
 
