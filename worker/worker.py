@@ -3,7 +3,8 @@
 One thread owns the socket. Tasks run on the Runner's slot threads; the loop
 wakes on the broker socket, on the Runner's pipe, and on heartbeat deadlines.
 A broker silent for heartbeat x liveness means a fresh socket, exponential
-backoff, and a new READY that claims the tasks still running here.
+backoff, and a new READY that claims the tasks still running here. When to do
+which is decided by ``worker.liveness.Liveness`` (pure, tested with a fake clock).
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ import zmq
 from broker.protocol import (DEFAULT_BACKEND, NAME_IN_USE, WORKER_TAG, Command, Message, ProtocolError, decode, encode,
                              records)
 from worker.executors import Runner
+from worker.liveness import Liveness
 from worker.registry import TaskSpec
 
 log = structlog.get_logger(__name__)
 
-#: longest pause between two reconnect attempts, in heartbeats
-MAX_BACKOFF_HEARTBEATS = 8
-#: longest finished work (a result, an ahead task's start) waits here before it is reported
-REPORT_START_S = 0.002
 #: how long a stopping worker waits for its running tasks before handing them back
 DEFAULT_DRAIN_S = 30.0
 
@@ -59,7 +57,7 @@ class Worker:
         self.sock: zmq.Socket | None = None
         self._stopping = False
         self.refused: str | None = None  #: why the broker refused this worker for good, if it did
-        self._stop_deadline = 0.0
+        self.liveness: Liveness | None = None  #: set while run() runs
         #: (sent_at, results, frames) of DONEs that a broker may have lost with a crash: sent, but
         #: nothing heard from it since that it could only have sent after committing them
         self._unconfirmed: deque = deque()
@@ -92,64 +90,58 @@ class Worker:
 
     def run(self) -> None:
         cfg = self.config
-        silence_s = cfg.heartbeat_s * cfg.liveness
-        backoff_s = cfg.heartbeat_s
         self._connect()
-        heard_at = sent_at = time.monotonic()
-        drain_sent = False
+        self.liveness = live = Liveness(cfg.heartbeat_s, cfg.liveness, cfg.drain_s, time.monotonic())
         try:
             while True:
                 now = time.monotonic()
-                if self._stopping:
-                    if not drain_sent:
-                        self._stop_deadline = now + cfg.drain_s
-                        self._send(Message(Command.RETURN, {"draining": True, "ids": self.runner.take_unstarted()}))
-                        drain_sent = True
-                    if not self.runner.busy() and not self.runner.has_output():
-                        self._send(Message(Command.DISCONNECT, {}))
-                        self.log.info("worker_left")
-                        return
-                    if now >= self._stop_deadline:
-                        if self.runner.has_output():
-                            self._send_done()  # finished work is reported, never handed back to run again
-                        unfinished = self.runner.unfinished()
-                        self._send(Message(Command.RETURN, {"ids": unfinished}))
-                        self._send(Message(Command.DISCONNECT, {}))
-                        self.log.warning("worker_drain_timeout", handed_back=unfinished)
-                        return
-                wait_s = max(0.0, min(sent_at + cfg.heartbeat_s, heard_at + silence_s) - now)
-                if self.runner.has_output():
-                    wait_s = min(wait_s, REPORT_START_S)  # a start to report, no result to carry it yet
-                events = dict(self._poller.poll(min(wait_s, 0.25) * 1000))
+                if self._stopping and self._drain_step(now):
+                    return
+                events = dict(self._poller.poll(live.wait_s(now, self.runner.has_output()) * 1000))
                 now = time.monotonic()
                 if self.sock in events:
-                    heard_at = now
-                    backoff_s = cfg.heartbeat_s
+                    live.heard(now)
                     if not self._drain_socket():
-                        # the broker commits its journal before it sends anything: what it sent this
-                        # long after a DONE went out comes after that DONE was made durable
-                        while self._unconfirmed and self._unconfirmed[0][0] + 2 * cfg.heartbeat_s <= heard_at:
+                        while self._unconfirmed and live.confirmed(self._unconfirmed[0][0]):
                             self._unconfirmed.popleft()
                 if self.runner.waker.fd in events:
                     self.runner.waker.clear()
                 if self.runner.has_output():
                     self._send_done()
-                    sent_at = now
-                if now - sent_at >= cfg.heartbeat_s:
+                    live.sent(now)
+                if live.heartbeat_due(now):
                     self._send(Message(Command.HEARTBEAT, {}))
-                    sent_at = now
-                if now - heard_at >= silence_s:
+                    live.sent(now)
+                if live.broker_silent(now):
                     # a fresh socket at once, READY queued on it: ZeroMQ keeps dialling underneath, so
                     # a restarted broker hears us the moment it is up (its claim-back grace is short);
                     # the backoff only spaces out the fresh sockets while it stays away
-                    self.log.warning("broker_silent", silent_s=round(now - heard_at, 2), next_try_in_s=backoff_s)
+                    self.log.warning("broker_silent", silent_s=round(now - live.heard_at, 2),
+                                     next_try_in_s=live.backoff_s)
                     self._connect()
-                    heard_at = sent_at = time.monotonic()
-                    heard_at += backoff_s - silence_s if backoff_s > silence_s else 0.0
-                    backoff_s = min(backoff_s * 2, cfg.heartbeat_s * MAX_BACKOFF_HEARTBEATS)
+                    live.redialled(time.monotonic())
         finally:
             self._close()
             self.runner.close()
+
+    def _drain_step(self, now: float) -> bool:
+        """One look at a stopping worker: hand back what has not started (once), say goodbye when
+        nothing runs, or hand back the rest when the drain time is over. True once it said goodbye."""
+        if self.liveness.start_drain(now):
+            self._send(Message(Command.RETURN, {"draining": True, "ids": self.runner.take_unstarted()}))
+        if not self.runner.busy() and not self.runner.has_output():
+            self._send(Message(Command.DISCONNECT, {}))
+            self.log.info("worker_left")
+            return True
+        if self.liveness.drain_over(now):
+            if self.runner.has_output():
+                self._send_done()  # finished work is reported, never handed back to run again
+            unfinished = self.runner.unfinished()
+            self._send(Message(Command.RETURN, {"ids": unfinished}))
+            self._send(Message(Command.DISCONNECT, {}))
+            self.log.warning("worker_drain_timeout", handed_back=unfinished)
+            return True
+        return False
 
     def _sleep_interruptibly(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
