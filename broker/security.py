@@ -26,6 +26,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from broker.shared import CurveClient, load_pair  # noqa: F401 (CurveClient: its old home, still imported there)
+
 log = structlog.get_logger(__name__)
 
 #: ZAP domain of each role; a socket's role picks the allowlist its peers must be in
@@ -131,7 +133,7 @@ class CurveServer:
     @classmethod
     def from_files(cls, secret_file: str | os.PathLike, client_keys: str | os.PathLike,
                    worker_keys: str | os.PathLike) -> "CurveServer":
-        public, secret = _load_pair(secret_file, "--curve-secret")
+        public, secret = load_pair(secret_file, "--curve-secret")
         return cls(public, secret, KeyDir("client", client_keys), KeyDir("worker", worker_keys))
 
     def start(self, context: zmq.Context) -> None:
@@ -164,40 +166,6 @@ class CurveServer:
         if self._auth is not None:
             self._auth.stop()
             self._auth = None
-
-
-class CurveClient:
-    """A client's or worker's key pair and the broker's public key."""
-
-    def __init__(self, server_key: bytes, public: bytes, secret: bytes) -> None:
-        if not zmq.has("curve"):
-            raise RuntimeError("this libzmq was built without CURVE support")
-        self.server_key = server_key
-        self.public = public
-        self.secret = secret
-
-    @classmethod
-    def from_files(cls, broker_key: str | os.PathLike | None, secret: str | os.PathLike | None) -> "CurveClient":
-        """``broker_key``: the broker's ``.key`` file; ``secret``: own ``.key_secret`` file."""
-        if not broker_key or not secret:
-            raise ValueError("CURVE needs both the broker's public key file (broker_key / --broker-key) "
-                             "and your own secret key file (secret / --curve-secret)")
-        server_key, _ = zmq.auth.load_certificate(broker_key)
-        public, secret_key = _load_pair(secret, "secret")
-        return cls(server_key, public, secret_key)
-
-    def apply_client(self, sock: zmq.Socket) -> None:
-        """Make ``sock`` (not yet connected) a CURVE client of the broker."""
-        sock.curve_serverkey = self.server_key
-        sock.curve_publickey = self.public
-        sock.curve_secretkey = self.secret
-
-
-def _load_pair(path: str | os.PathLike, what: str) -> tuple[bytes, bytes]:
-    public, secret = zmq.auth.load_certificate(path)
-    if secret is None:
-        raise ValueError(f"{what} {path}: holds no secret key (pass the NAME.key_secret file, not NAME.key)")
-    return public, secret
 
 
 # ------------------------------------------------------------------ exposure

@@ -17,7 +17,8 @@ import zmq.auth
 from structlog.testing import capture_logs
 
 from broker.__main__ import parse_args as broker_args
-from broker.security import CurveClient, CurveServer, KeyDir, is_loopback
+from broker.security import CurveServer, KeyDir, is_loopback
+from broker.shared import CurveClient
 from broker.server import Broker, BrokerConfig
 from client import BrokerUnavailable
 from tests.conftest import wait_until

@@ -81,7 +81,7 @@ def main(argv=None) -> int:
                           heartbeat_s=args.heartbeat, liveness=args.liveness, drain_s=args.drain_timeout)
     security = None
     if args.curve_secret:
-        from broker.security import CurveClient
+        from broker.shared import CurveClient
 
         try:
             security = CurveClient.from_files(args.broker_key, args.curve_secret)

@@ -1,0 +1,73 @@
+"""What the broker's peers share with it beyond the wire format: the waker that lets threads
+interrupt a poll loop, and the client side of CURVE. Clients and workers import ``broker.protocol``
+and this module of the broker, nothing else (see docs/ARCHITECTURE.md)."""
+
+from __future__ import annotations
+
+import os
+
+import zmq
+import zmq.auth
+
+
+class Waker:
+    """A pipe that lets threads wake a zmq.Poller loop (the poller watches its read end)."""
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe()
+        os.set_blocking(self.fd, False)
+        os.set_blocking(self._w, False)
+
+    def wake(self) -> None:
+        try:
+            os.write(self._w, b"!")
+        except (BlockingIOError, OSError):
+            pass  # already full of wakeups, or closed while stopping
+
+    def clear(self) -> None:
+        try:
+            while os.read(self.fd, 65536):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def close(self) -> None:
+        for fd in (self.fd, self._w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class CurveClient:
+    """A client's or worker's key pair and the broker's public key."""
+
+    def __init__(self, server_key: bytes, public: bytes, secret: bytes) -> None:
+        if not zmq.has("curve"):
+            raise RuntimeError("this libzmq was built without CURVE support")
+        self.server_key = server_key
+        self.public = public
+        self.secret = secret
+
+    @classmethod
+    def from_files(cls, broker_key: str | os.PathLike | None, secret: str | os.PathLike | None) -> "CurveClient":
+        """``broker_key``: the broker's ``.key`` file; ``secret``: own ``.key_secret`` file."""
+        if not broker_key or not secret:
+            raise ValueError("CURVE needs both the broker's public key file (broker_key / --broker-key) "
+                             "and your own secret key file (secret / --curve-secret)")
+        server_key, _ = zmq.auth.load_certificate(broker_key)
+        public, secret_key = load_pair(secret, "secret")
+        return cls(server_key, public, secret_key)
+
+    def apply_client(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` (not yet connected) a CURVE client of the broker."""
+        sock.curve_serverkey = self.server_key
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+
+
+def load_pair(path: str | os.PathLike, what: str) -> tuple[bytes, bytes]:
+    public, secret = zmq.auth.load_certificate(path)
+    if secret is None:
+        raise ValueError(f"{what} {path}: holds no secret key (pass the NAME.key_secret file, not NAME.key)")
+    return public, secret
