@@ -17,19 +17,34 @@ arrays. Going back out, each item of the list becomes one frame: ``bytes``,
 
 from __future__ import annotations
 
-import enum
 import itertools
 import os
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
 import structlog
 
 from broker.core import MAX_FETCH_WAIT_S, Core
 from broker.events import Outgoing
+from broker.mdp_wire import (
+    DISCONNECT,
+    EMPTY,
+    HEARTBEAT,
+    MDP_COMMANDS,
+    MMI_FOUND,
+    MMI_NOT_FOUND,
+    MMI_NOT_IMPLEMENTED,
+    MMI_PREFIX,
+    MMI_SERVICE,
+    REQUEST,
+    MdpCommand,
+    as_arrays,
+    frames_of,
+    request_body,
+    service_name,
+    worker_name,
+)
 from broker.protocol import (
-    MAX_NAME_LEN,
     MDP_CLIENT_TAG,
     MDP_WORKER_TAG,
     Command,
@@ -39,7 +54,6 @@ from broker.protocol import (
     ProtocolError,
     SubmitRecord,
     as_bytes,
-    frame_buffer,
     pack_value,
     records,
     unpack_value,
@@ -49,36 +63,11 @@ from broker.states import TaskState, WorkerState
 log = structlog.get_logger(__name__)
 
 
-class MdpCommand(enum.IntEnum):
-    """MDP/Worker commands, one byte on the wire. B: broker, W: worker."""
-
-    READY = 1  #: W->B register for one service
-    REQUEST = 2  #: B->W one request: client address, empty frame, body
-    REPLY = 3  #: W->B the answer: the same client address, empty frame, body
-    HEARTBEAT = 4  #: both ways, proof of life
-    DISCONNECT = 5  #: both ways, the end of the conversation
-
-
-_MDP_COMMANDS = {bytes([c]): c for c in MdpCommand}
-
-#: services in this namespace are answered by the broker itself (8/MMI); workers may not register them
-MMI_PREFIX = b"mmi."
-#: the one MMI service implemented: is any live worker serving the service named in the body?
-MMI_SERVICE = b"mmi.service"
-MMI_FOUND = b"200"
-MMI_NOT_FOUND = b"404"
-MMI_NOT_IMPLEMENTED = b"501"
-
 #: what an MDP worker offers and what one request of its service holds there: one request at a time
 MDP_WORKER_RESOURCES = {"cpu": 1}
 #: the frontend route the bridge uses for its own requests to the core. It cannot be a
 #: real peer's: ids that ROUTER generates are 5 bytes, ids that peers set never start with 0
 BRIDGE_ROUTE = b"\x00gridq.mdp.bridge"
-
-_EMPTY = b""
-_REQUEST = bytes([MdpCommand.REQUEST])
-_HEARTBEAT = bytes([MdpCommand.HEARTBEAT])
-_DISCONNECT = bytes([MdpCommand.DISCONNECT])
 
 
 @dataclass(slots=True)
@@ -148,8 +137,8 @@ class MdpBridge:
             self._reply(route, service, [self._mmi(service, body)])
             return
         try:
-            name = _service_name(service)
-            blob, payload = pack_value([_as_arrays(body), {}])
+            name = service_name(service)
+            blob, payload = pack_value([as_arrays(body), {}])
         except ValueError as exc:
             log.info("mdp_client_message_dropped", error=str(exc))
             return
@@ -177,7 +166,7 @@ class MdpBridge:
 
     def _reply(self, route: bytes, service: bytes, body: list) -> None:
         # 7/MDP: a reply carries at least one body frame
-        self.wire.frontend.append([route, _EMPTY, MDP_CLIENT_TAG, service, *(body or [_EMPTY])])
+        self.wire.frontend.append([route, EMPTY, MDP_CLIENT_TAG, service, *(body or [EMPTY])])
 
     def _fetch(self, now: float) -> None:
         """Ask the core for finished MDP tasks, acknowledging the ones already answered."""
@@ -198,10 +187,10 @@ class MdpBridge:
         try:
             self._on_worker(wid, frames, now)
         except Exception as exc:  # a bridge bug that a peer's input reached: keep serving everyone else
-            log.exception("peer_input_crashed", peer="mdp_worker", worker=_worker_name(wid), error=repr(exc))
+            log.exception("peer_input_crashed", peer="mdp_worker", worker=worker_name(wid), error=repr(exc))
 
     def _on_worker(self, wid: bytes, frames: list, now: float) -> None:
-        command = _MDP_COMMANDS.get(as_bytes(frames[1])) if len(frames) > 1 else None
+        command = MDP_COMMANDS.get(as_bytes(frames[1])) if len(frames) > 1 else None
         if command is None:
             self._invalid(wid, "missing or unknown MDP/Worker command", now)
             return
@@ -235,18 +224,18 @@ class MdpBridge:
             self._disconnect(wid, f"service {service[:64]!r} is in the broker's mmi. namespace", now)
             return
         try:
-            name = _service_name(service)
+            name = service_name(service)
         except ValueError as exc:
             self._disconnect(wid, str(exc), now)
             return
         self.workers[wid] = _MdpWorker(service)
         self._to_core(wid, Message(Command.READY, {
-            "name": _worker_name(wid), "slots": 1, "resources": dict(MDP_WORKER_RESOURCES),
+            "name": worker_name(wid), "slots": 1, "resources": dict(MDP_WORKER_RESOURCES),
             "tasks": {name: dict(MDP_WORKER_RESOURCES)}}), now)
-        log.info("mdp_worker_ready", worker=_worker_name(wid), service=name)
+        log.info("mdp_worker_ready", worker=worker_name(wid), service=name)
 
     def _on_reply(self, wid: bytes, frames: list, now: float) -> None:
-        if len(frames) < 4 or as_bytes(frames[3]) != _EMPTY:
+        if len(frames) < 4 or as_bytes(frames[3]) != EMPTY:
             self._invalid(wid, "REPLY needs a client address frame and an empty frame", now)
             return
         worker = self.workers[wid]
@@ -257,7 +246,7 @@ class MdpBridge:
         worker.current = None
         task = self.core.tasks.get(task_id)
         started_at = task.started_at if task is not None and task.started_at is not None else now
-        blob, payload = pack_value(_as_arrays(frames[4:]))
+        blob, payload = pack_value(as_arrays(frames[4:]))
         record = DoneRecord(task_id, ok=True, value=blob, nframes=len(payload), run_s=now - started_at)
         self._to_core(wid, Message(Command.DONE, {"log": [record]}, payload), now)
         self._send_next(wid, worker, now)
@@ -265,7 +254,7 @@ class MdpBridge:
     def _registered(self, wid: bytes) -> bool:
         """Whether ``wid`` sent READY and the core still counts it as live."""
         worker = self.core.workers.get(wid)
-        return wid in self.workers and worker is not None and worker.name == _worker_name(wid)
+        return wid in self.workers and worker is not None and worker.name == worker_name(wid)
 
     def _to_core(self, wid: bytes, msg: Message, now: float) -> None:
         self.core.on_worker(wid, msg, now)
@@ -278,15 +267,15 @@ class MdpBridge:
 
     def _disconnect(self, wid: bytes, reason: str, now: float) -> None:
         """7/MDP: a valid but unexpected command gets DISCONNECT, then silence."""
-        log.warning("mdp_worker_disconnected", worker=_worker_name(wid), reason=reason)
+        log.warning("mdp_worker_disconnected", worker=worker_name(wid), reason=reason)
         if self._registered(wid):
             self._unregister(wid, now)
         self.workers.pop(wid, None)
-        self.wire.backend.append([wid, _EMPTY, MDP_WORKER_TAG, _DISCONNECT])
+        self.wire.backend.append([wid, EMPTY, MDP_WORKER_TAG, DISCONNECT])
 
     def _invalid(self, wid: bytes, reason: str, now: float) -> None:
         """7/MDP: an invalid message is dropped and its sender treated as invalid (forgotten)."""
-        log.warning("mdp_worker_message_dropped", worker=_worker_name(wid), error=reason)
+        log.warning("mdp_worker_message_dropped", worker=worker_name(wid), error=reason)
         if self._registered(wid):
             self._unregister(wid, now)
         self.workers.pop(wid, None)
@@ -356,7 +345,7 @@ class MdpBridge:
                 log.info("mdp_request_failed", task_id=task_id, error=value)
                 continue
             try:
-                body = _frames_of(unpack_value(value, frames))
+                body = frames_of(unpack_value(value, frames))
             except (ProtocolError, ValueError) as exc:
                 log.warning("mdp_reply_dropped", task_id=task_id, error=str(exc))
                 continue
@@ -368,19 +357,19 @@ class MdpBridge:
             for rec, frames in records(msg):
                 task_id, name = rec.task_id, rec.name
                 try:
-                    body = _request_body(rec.args, frames)
+                    body = request_body(rec.args, frames)
                 except (ProtocolError, ValueError) as exc:
                     self._refuse(wid, task_id, f"arguments of {name!r} cannot travel to an MDP worker: {exc}", now)
                     continue
                 worker.waiting.append((task_id, body, bool(rec.ahead)))
             self._send_next(wid, worker, now)
         elif msg.command is Command.HEARTBEAT:
-            self.wire.backend.append([wid, _EMPTY, MDP_WORKER_TAG, _HEARTBEAT])
+            self.wire.backend.append([wid, EMPTY, MDP_WORKER_TAG, HEARTBEAT])
         elif msg.command is Command.DISCONNECT:  # the broker is stopping
             self.workers.pop(wid, None)
-            self.wire.backend.append([wid, _EMPTY, MDP_WORKER_TAG, _DISCONNECT])
+            self.wire.backend.append([wid, EMPTY, MDP_WORKER_TAG, DISCONNECT])
         else:
-            log.error("mdp_worker_message_unexpected", worker=_worker_name(wid), command=msg.command.name)
+            log.error("mdp_worker_message_unexpected", worker=worker_name(wid), command=msg.command.name)
 
     def _send_next(self, wid: bytes, worker: _MdpWorker, now: float) -> None:
         """REQUEST the next waiting task, if the worker is free: 7/MDP workers take one at a time."""
@@ -388,8 +377,8 @@ class MdpBridge:
             return
         task_id, body, sent_ahead = worker.waiting.popleft()
         worker.current = task_id
-        self.wire.backend.append([wid, _EMPTY, MDP_WORKER_TAG, _REQUEST, task_id.encode(), _EMPTY,
-                                  *(body or [_EMPTY])])
+        self.wire.backend.append([wid, EMPTY, MDP_WORKER_TAG, REQUEST, task_id.encode(), EMPTY,
+                                  *(body or [EMPTY])])
         if sent_ahead:  # the core counts it as started from now on (a start entry in the worker's log)
             self._to_core(wid, Message(Command.DONE, {"log": [task_id]}), now)
 
@@ -398,57 +387,3 @@ class MdpBridge:
         record = DoneRecord(task_id, ok=False, value={"type": ErrorType.PROTOCOL, "message": error, "traceback": ""},
                             nframes=0, run_s=0.0)
         self._to_core(wid, Message(Command.DONE, {"log": [record]}), now)
-
-
-# ==================================================================== bodies
-
-
-def _as_arrays(frames: list) -> list:
-    """Body frames as read-only uint8 arrays over the received bytes: no copy."""
-    return [np.frombuffer(frame_buffer(f), np.uint8) for f in frames]
-
-
-def _frames_of(value) -> list:
-    """A task result as reply frames: a list of frames, or one frame, or None for an empty body."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
-    return [_frame(item) for item in items]
-
-
-def _request_body(blob, frames: list) -> list:
-    """A task's arguments as request frames: positional only, one frame each."""
-    value = unpack_value(blob, frames)
-    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], list)):
-        raise ProtocolError("arguments are not [args, kwargs]")
-    args, kwargs = value
-    if kwargs:
-        raise ValueError(f"MDP requests take positional frames only, got keywords {sorted(kwargs)}")
-    return [_frame(a) for a in args]
-
-
-def _frame(item):
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return item
-    if isinstance(item, str):
-        return item.encode()
-    if isinstance(item, np.ndarray) and item.dtype.kind in "biufc":
-        if item.flags.c_contiguous or item.flags.f_contiguous:
-            return memoryview(item.reshape(-1, order="A").view(np.uint8))  # zero copy, memory order
-        return item.tobytes()
-    raise ValueError(f"a {type(item).__name__} cannot be an MDP frame: use bytes, str or numeric numpy arrays")
-
-
-def _service_name(service: bytes) -> str:
-    try:
-        name = service.decode()
-    except UnicodeDecodeError:
-        raise ValueError(f"service name {service[:64]!r} is not UTF-8 text") from None
-    if not name or len(name) > MAX_NAME_LEN:
-        raise ValueError(f"service name must be 1 to {MAX_NAME_LEN} characters")
-    return name
-
-
-def _worker_name(wid: bytes) -> str:
-    """The name an MDP worker has in events and status; one per socket, as MDP has no names."""
-    return f"mdp-{wid.hex()}"

@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import heapq
-import inspect
-import json
-import os
 import signal
 import sys
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterator
 
-import msgpack
-import numpy as np
 import zmq
 
 from broker.logs import configure_logging
-from broker.protocol import DEFAULT_FRONTEND, EncodeError, Topic, check_resources, pack_value
+from broker.protocol import DEFAULT_FRONTEND
+from client.batch_io import (RUN_FILE_SUFFIX, Job, LineError, count_lines, dump_record, parse_line, read_finished,
+                             result_record, run_key)
+from client.batch_progress import Display, StartedWatcher, Stats, seconds_text
 from client.client import Client, GridFuture
-from client.errors import BrokerUnavailable, TaskError
+from client.errors import BrokerUnavailable
 
 #: exit status: every line good and every task succeeded
 EXIT_OK = 0
@@ -35,43 +29,10 @@ EXIT_USAGE = 2
 #: exit status after SIGINT/SIGTERM (128 + SIGINT, as shells report it)
 EXIT_INTERRUPTED = 130
 
-#: fields a task line may have; anything else is a typo worth reporting
-LINE_FIELDS = ("id", "task", "args", "kwargs", "resources", "priority", "timeout", "retries")
-#: names a task's kwargs cannot use: Client.submit takes them for itself
-RESERVED_KWARGS = frozenset(
-    p.name for p in inspect.signature(Client.submit).parameters.values()
-    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self")
-#: longest id (as JSON text): the idempotency key built from it must fit the broker's name limit
-MAX_ID_CHARS = 200
 #: default bound on tasks submitted and not yet finished (and so on futures held in memory)
 DEFAULT_MAX_IN_FLIGHT = 10_000
 #: malformed lines / failed tasks reported one by one on stderr before the rest are only counted
 MAX_REPORTED = 50
-#: how many of the slowest tasks the summary names
-SLOWEST_SHOWN = 5
-#: seconds between progress lines when stderr is not a terminal
-PLAIN_PROGRESS_EVERY_S = 10.0
-#: seconds of history behind the displayed rate and ETA
-RATE_WINDOW_S = 10.0
-#: suffix of the file beside --out that keeps the run's idempotency-key prefix for --resume
-RUN_FILE_SUFFIX = ".run"
-
-
-class LineError(ValueError):
-    """A task line that cannot be submitted; the message says why."""
-
-
-@dataclass(slots=True)
-class Job:
-    """One good task line."""
-
-    lineno: int
-    id: object  #: the line's id, as written (str or int)
-    id_text: str  #: json.dumps(id): tells 5 from "5", and is what --resume matches
-    name: str
-    args: list
-    kwargs: dict
-    options: dict  #: resources, priority, timeout, retries for Client.submit
 
 
 class _Submission(tuple):
@@ -79,367 +40,6 @@ class _Submission(tuple):
 
     job: Job
     task_id: str
-
-
-# ==================================================================== input
-
-
-def parse_line(raw: bytes | str, lineno: int) -> Job:
-    """Turn one input line into a Job, or raise LineError saying what is wrong with it."""
-    try:
-        obj = json.loads(raw)
-    except ValueError as exc:  # includes bad UTF-8
-        raise LineError(f"bad JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise LineError(f"a task line is a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - set(LINE_FIELDS))
-    if unknown:
-        raise LineError(f"unknown field(s) {', '.join(map(repr, unknown))}; a line may have {', '.join(LINE_FIELDS)}")
-    if "id" not in obj:
-        raise LineError('missing "id"')
-    task_id = obj["id"]
-    if isinstance(task_id, bool) or not isinstance(task_id, (str, int)):
-        raise LineError(f'"id" must be a string or an integer, got {json.dumps(task_id)}')
-    id_text = json.dumps(task_id, ensure_ascii=False)
-    if len(id_text) > MAX_ID_CHARS:
-        raise LineError(f'"id" is longer than {MAX_ID_CHARS} characters')
-    if "task" not in obj:
-        raise LineError('missing "task"')
-    name = obj["task"]
-    if not isinstance(name, str) or not name:
-        raise LineError(f'"task" must be a non-empty string, got {json.dumps(name)}')
-    args = obj.get("args", [])
-    if not isinstance(args, list):
-        raise LineError(f'"args" must be a list, got {type(args).__name__}')
-    kwargs = obj.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise LineError(f'"kwargs" must be an object, got {type(kwargs).__name__}')
-    clash = sorted(RESERVED_KWARGS & set(kwargs))
-    if clash:
-        raise LineError(f'"kwargs" cannot use {", ".join(map(repr, clash))}: the client takes those names itself')
-    options = {}
-    if obj.get("resources") is not None:
-        try:
-            options["resources"] = check_resources(obj["resources"])
-        except ValueError as exc:
-            raise LineError(f'"resources": {exc}') from None
-    priority = obj.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise LineError(f'"priority" must be an integer, got {json.dumps(priority)}')
-    options["priority"] = priority
-    timeout = obj.get("timeout")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-            raise LineError(f'"timeout" must be a positive number of seconds, got {json.dumps(timeout)}')
-        options["timeout"] = timeout
-    retries = obj.get("retries")
-    if retries is not None:
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise LineError(f'"retries" must be a non-negative integer, got {json.dumps(retries)}')
-        options["retries"] = retries
-    try:
-        pack_value([args, kwargs])  # what JSON can say but msgpack cannot (integers past 64 bits)
-    except EncodeError as exc:
-        raise LineError(f"arguments cannot be sent: {exc}") from None
-    return Job(lineno, task_id, id_text, name, args, kwargs, options)
-
-
-def count_lines(path: Path) -> int:
-    """Lines in a file, read in chunks: the total for the progress bar, in a fraction of the run's time."""
-    n, last = 0, b"\n"
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            n += chunk.count(b"\n")
-            last = chunk[-1:]
-    return n + (last != b"\n")
-
-
-# ==================================================================== output
-
-
-def to_json(value):
-    """json.dumps fallback for what results hold beyond JSON: arrays become (nested) lists.
-
-    numpy arrays -> lists (complex numbers as [real, imag]), numpy scalars -> numbers,
-    bytes -> base64 text, tuples and sets -> lists; anything else -> its repr().
-    """
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, complex):
-        return [value.real, value.imag]
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, (tuple, set, frozenset)):
-        return list(value)
-    return repr(value)
-
-
-def result_record(job: Job, future: GridFuture) -> dict:
-    """The result line for a finished future: id, ok, result or error, info."""
-    info = future.info or {}
-    if future.cancelled():
-        return {"id": job.id, "ok": False, "error": {"type": "CancelledError", "message": "task was cancelled",
-                                                     "traceback": ""}, "info": info}
-    exc = future.exception()
-    if exc is None:
-        return {"id": job.id, "ok": True, "result": future.result(), "info": info}
-    if isinstance(exc, TaskError):
-        error = {"type": exc.type, "message": exc.message, "traceback": exc.traceback}
-    else:
-        error = {"type": type(exc).__name__, "message": str(exc), "traceback": ""}
-    return {"id": job.id, "ok": False, "error": error, "info": info}
-
-
-def dump_record(record: dict) -> str:
-    try:
-        return json.dumps(record, default=to_json, ensure_ascii=False)
-    except (TypeError, ValueError):  # e.g. a dict keyed by something JSON has no key for
-        return json.dumps({**record, "result": repr(record.get("result"))}, default=to_json, ensure_ascii=False)
-
-
-def read_finished(out: Path) -> dict[str, bool]:
-    """id_text -> ok for every complete line already in ``out``; cuts off a half-written last line."""
-    finished: dict[str, bool] = {}
-    good_end = 0
-    with open(out, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break  # the run was killed while writing this line
-            good_end += len(raw)
-            try:
-                rec = json.loads(raw)
-                finished[json.dumps(rec["id"], ensure_ascii=False)] = bool(rec.get("ok"))
-            except (ValueError, KeyError, TypeError):
-                continue
-    if good_end != out.stat().st_size:
-        os.truncate(out, good_end)
-    return finished
-
-
-def run_key(out: Path | None, resume: bool) -> tuple[str, bool]:
-    """The run's key prefix, and whether it was found again; kept in OUT.run so --resume reuses it.
-
-    Idempotency keys are broker-wide, so they carry a per-run prefix: two batch files
-    that both number their lines 1..N must not share results, and a fresh run of the
-    same file must run again rather than get the last run's results back.
-    """
-    side = None if out is None else out.with_name(out.name + RUN_FILE_SUFFIX)
-    if resume and side is not None and side.exists():
-        try:
-            return str(json.loads(side.read_text())["run"]), True
-        except (ValueError, KeyError, TypeError, OSError):
-            pass
-    token = os.urandom(8).hex()
-    if side is not None:
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps({"run": token, "created": time.time()}) + "\n")
-        os.replace(tmp, side)
-    return token, False
-
-
-# ==================================================================== progress
-
-
-@dataclass
-class Stats:
-    """Counts for the progress display and the summary; written by the main thread."""
-
-    total: int | None = None  #: input lines, where known
-    blank: int = 0
-    bad: int = 0
-    skipped: int = 0  #: already in --out (resume)
-    skipped_failed: int = 0  #: of those, ones that had failed
-    submitted: int = 0
-    done: int = 0
-    failed: int = 0
-    watcher: "StartedWatcher | None" = None  #: tells how many are running, where --events is given
-    started_at: float = field(default_factory=time.monotonic)
-    slowest: list = field(default_factory=list)  #: min-heap of (run_s, id_text, worker)
-    _samples: deque = field(default_factory=deque)
-
-    @property
-    def finished(self) -> int:
-        return self.done + self.failed
-
-    @property
-    def resolved(self) -> int:
-        """Lines with a final outcome: the bar's position."""
-        return self.finished + self.bad + self.skipped + self.blank
-
-    def note_slow(self, job: Job, info: dict) -> None:
-        run_s = info.get("run_s")
-        if isinstance(run_s, (int, float)):
-            item = (float(run_s), job.id_text, str(info.get("worker", "?")))
-            if len(self.slowest) < SLOWEST_SHOWN:
-                heapq.heappush(self.slowest, item)
-            elif item > self.slowest[0]:
-                heapq.heapreplace(self.slowest, item)
-
-    def rate(self, now: float) -> float:
-        """Tasks finished per second over the last RATE_WINDOW_S (called from one display thread)."""
-        samples = self._samples
-        if not samples:
-            samples.append((self.started_at, 0))
-        samples.append((now, self.finished))
-        while len(samples) > 2 and samples[1][0] <= now - RATE_WINDOW_S:
-            samples.popleft()
-        t0, n0 = samples[0]
-        return (self.finished - n0) / (now - t0) if now - t0 > 0.5 else 0.0
-
-    def line(self, now: float) -> str:
-        rate = self.rate(now)
-        parts = [f"{self.resolved}/{self.total}" if self.total is not None else f"{self.resolved}",
-                 f"done {self.done}", f"failed {self.failed}"]
-        in_flight = self.submitted - self.finished
-        if self.watcher is not None:
-            running = min(self.watcher.running, in_flight)
-            parts += [f"running {running}", f"waiting {in_flight - running}"]
-        else:
-            parts.append(f"in flight {in_flight}")
-        if self.bad:
-            parts.append(f"bad {self.bad}")
-        if self.skipped:
-            parts.append(f"skipped {self.skipped}")
-        parts.append(f"{rate:,.0f}/s")
-        if self.total is not None:
-            left = max(self.total - self.resolved, 0)
-            parts.append("ETA " + (_duration(left / rate) if rate > 0 else "?") if left else "ETA 0s")
-        return " · ".join(parts)
-
-
-def _seconds(run_s: float) -> str:
-    return f"{run_s * 1000:.1f} ms" if run_s < 1 else f"{run_s:.2f} s"
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds + 0.5)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-class Display:
-    """Progress on stderr: a rich bar on a terminal, else a plain line every PLAIN_PROGRESS_EVERY_S."""
-
-    def __init__(self, stats: Stats, label: str, quiet: bool = False) -> None:
-        from rich.console import Console
-
-        self.stats = stats
-        self.console = Console(stderr=True, highlight=False)
-        self.live = self.console.is_terminal and not quiet
-        self._last_update = 0.0
-        self._stop = threading.Event()
-        self._thread = None
-        self._progress = None
-        if self.live:
-            from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
-            from rich.text import Text
-
-            class CountsColumn(ProgressColumn):
-                def render(_self, task):
-                    return Text(stats.line(time.monotonic()))
-
-            self._progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                                      CountsColumn(), TimeElapsedColumn(), console=self.console,
-                                      refresh_per_second=4)
-            self._task = self._progress.add_task(label, total=stats.total)
-        elif not quiet:
-            self._thread = threading.Thread(target=self._plain, name="gridq-submit-progress", daemon=True)
-
-    def start(self) -> None:
-        if self._progress is not None:
-            self._progress.start()
-        elif self._thread is not None:
-            self._thread.start()
-
-    def tick(self, force: bool = False) -> None:
-        """Move the bar; cheap enough to call per line (it updates at most ten times a second)."""
-        if self._progress is None:
-            return
-        now = time.monotonic()
-        if force or now - self._last_update >= 0.1:
-            self._last_update = now
-            self._progress.update(self._task, completed=self.stats.resolved)
-
-    def note(self, text: str) -> None:
-        """A message above the bar (a bad line, a failed task)."""
-        if self._progress is not None:
-            self._progress.console.print(text, markup=False, highlight=False)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def _plain(self) -> None:
-        while not self._stop.wait(PLAIN_PROGRESS_EVERY_S):
-            print(f"gridq-submit: {self.stats.line(time.monotonic())}", file=sys.stderr, flush=True)
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._progress is not None:
-            self.tick(force=True)
-            self._progress.stop()
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout=1)
-
-
-class StartedWatcher:
-    """Counts this run's tasks that have started and not finished, from the broker's task.started events."""
-
-    def __init__(self, address: str, ctx: zmq.Context, security=None) -> None:
-        self.in_flight: set[str] = set()
-        self.started: set[str] = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sock = ctx.socket(zmq.SUB)
-        self._sock.linger = 0
-        if security is not None:  # the events socket has the same CURVE policy as the frontend
-            security.apply_client(self._sock)
-        self._sock.setsockopt(zmq.SUBSCRIBE, Topic.TASK_STARTED.encode())
-        self._sock.connect(address)
-        self._thread = threading.Thread(target=self._run, name="gridq-submit-events", daemon=True)
-        self._thread.start()
-
-    def submitted(self, task_id: str) -> None:
-        with self._lock:
-            self.in_flight.add(task_id)
-
-    def finished(self, task_id: str) -> None:
-        with self._lock:
-            self.in_flight.discard(task_id)
-            self.started.discard(task_id)
-
-    @property
-    def running(self) -> int:
-        return len(self.started)
-
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        while not self._stop.is_set():
-            if not poller.poll(100):
-                continue
-            while True:
-                try:
-                    _topic, body = self._sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except ValueError:
-                    continue  # not two frames: not an event we understand
-                try:
-                    task_id = msgpack.unpackb(body, strict_map_key=False).get("task_id")
-                except (ValueError, AttributeError, msgpack.UnpackException):
-                    continue
-                with self._lock:
-                    if task_id in self.in_flight:
-                        self.started.add(task_id)
-        self._sock.close(linger=0)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
 
 
 # ==================================================================== the run
@@ -557,7 +157,7 @@ def summary(stats: Stats, wall_s: float, out_name: str, interrupted: str | None)
     lines.append("  " + "; ".join(extra))
     if stats.slowest:
         slow = sorted(stats.slowest, reverse=True)
-        lines.append("  slowest: " + ", ".join(f"id {i} {_seconds(s)} on {w}" for s, i, w in slow))
+        lines.append("  slowest: " + ", ".join(f"id {i} {seconds_text(s)} on {w}" for s, i, w in slow))
     if interrupted:
         left = stats.submitted - stats.finished
         lines.append(f"  {interrupted}: {left} submitted task{'s' if left != 1 else ''} without a result here"

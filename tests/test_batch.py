@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from client.batch import LineError, parse_line, to_json
+from client.batch_io import LineError, parse_line, to_json
 from tests.conftest import wait_until
 
 #: generous deadline for one tool run; a run that needs it has hung
