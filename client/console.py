@@ -262,9 +262,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gridq-status", description="Watch a gridq cluster live.")
     p.add_argument("--broker", default=DEFAULT_BROKER, metavar="ADDR", help="broker frontend endpoint")
     p.add_argument("--events", default=DEFAULT_EVENTS, metavar="ADDR", help="broker event (PUB) endpoint")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--once", action="store_true", help="print one snapshot as tables and exit")
-    mode.add_argument("--json", action="store_true", help="print the Client.status() snapshot as JSON and exit")
+    # --json prints exactly one snapshot and exits, so --once --json is the same request said twice
+    p.add_argument("--once", action="store_true", help="print one snapshot as tables and exit")
+    p.add_argument("--json", action="store_true",
+                   help="print the Client.status() snapshot as JSON and exit (with or without --once)")
     p.add_argument("--broker-key", default=None, metavar="FILE", help="the broker's public CURVE key")
     p.add_argument("--curve-secret", default=None, metavar="FILE", help="this client's CURVE secret key file")
     p.add_argument("--timeout", type=float, default=CLIENT_TIMEOUT_S, metavar="SECONDS",

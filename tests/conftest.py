@@ -1,19 +1,21 @@
-"""Shared fixtures: real broker and worker processes on free loopback ports, ended by PID."""
+"""Shared fixtures: real broker and worker processes on loopback ports they bind themselves, ended by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
+
+from tests.harness import BrokerPeers, wait_until  # noqa: F401 (wait_until: test modules import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 #: heartbeat used by process tests: fast enough to keep tests short, slow enough
@@ -22,32 +24,41 @@ TEST_HEARTBEAT_S = 0.2
 TEST_LIVENESS = 5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: what a broker binds when a test has no endpoint for it yet: the kernel picks the port
+ANY_PORT = "tcp://127.0.0.1:*"
+#: the broker's log line with the endpoints it bound (broker/server.py logs them on start)
+_STARTED = re.compile(r".*\bbroker_started\b.*")
+#: one endpoint in that line, as the console (key=value) or the JSON (--log-format json) renderer writes it
+_ENDPOINT = re.compile(r"\b(frontend|backend|events)\"?[=:] ?\"?(tcp://[^\s\",]+)")
 
 
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
-    """Poll ``predicate`` until it returns a truthy value; fail the test after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
+@contextlib.contextmanager
+def silent_endpoints(count: int = 1):
+    """Endpoints where something is bound and never answers: a broker that is down, as a client
+    sees it, without naming a port nobody holds (someone else could take it meanwhile)."""
+    ctx = zmq.Context.instance()
+    socks = []
+    try:
+        for _ in range(count):
+            sock = ctx.socket(zmq.ROUTER)
+            sock.linger = 0
+            sock.bind(ANY_PORT)
+            socks.append(sock)
+        yield [sock.getsockopt_string(zmq.LAST_ENDPOINT) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
 
 
-class Cluster:
+class Cluster(BrokerPeers):
     """Starts gridq processes for one test and kills every one of them at the end."""
 
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
-        self.frontend = f"tcp://127.0.0.1:{free_port()}"
-        self.backend = f"tcp://127.0.0.1:{free_port()}"
-        self.events = f"tcp://127.0.0.1:{free_port()}"
+        #: the broker's endpoints: bound on ports of its choosing by the first broker, kept for restarts
+        self.frontend: str | None = None
+        self.backend: str | None = None
+        self.events: str | None = None
         self.procs: list[subprocess.Popen] = []
         self.broker: subprocess.Popen | None = None
         self.env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -55,34 +66,39 @@ class Cluster:
 
     def _spawn(self, args: list[str], label: str) -> subprocess.Popen:
         self._log_index += 1
-        log = open(self.tmp_path / f"{self._log_index:02d}-{label}.log", "wb")
+        path = self.tmp_path / f"{self._log_index:02d}-{label}.log"
+        log = open(path, "wb")
         proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                 cwd=self.tmp_path)
         log.close()
+        proc.log_path = path
         self.procs.append(proc)
         return proc
 
     def start_broker(self, *extra: str, heartbeat: float = TEST_HEARTBEAT_S, liveness: int = TEST_LIVENESS) -> subprocess.Popen:
-        self.broker = self._spawn(["-m", "broker", "--frontend", self.frontend, "--backend", self.backend,
-                                   "--events", self.events, "--heartbeat", str(heartbeat), "--liveness", str(liveness),
-                                   *extra], "broker")
+        """Start a broker and wait until it has bound its sockets (or exited). The first one binds
+        ports of its choosing and the endpoints are read back from its log; a restarted one binds
+        the same endpoints, so that clients and workers find it again."""
+        self.broker = self._spawn(["-m", "broker", "--frontend", self.frontend or ANY_PORT,
+                                   "--backend", self.backend or ANY_PORT, "--events", self.events or ANY_PORT,
+                                   "--heartbeat", str(heartbeat), "--liveness", str(liveness), *extra], "broker")
+        started = wait_until(lambda: self._started(self.broker), 30, what="the broker to bind its endpoints or exit")
+        if started is not True:
+            bound = dict(_ENDPOINT.findall(started))
+            self.frontend, self.backend, self.events = bound["frontend"], bound["backend"], bound["events"]
         return self.broker
+
+    @staticmethod
+    def _started(proc: subprocess.Popen):
+        """The broker's broker_started log line once written; True if it exited without one."""
+        match = _STARTED.search(proc.log_path.read_text(errors="replace"))
+        if match is not None:
+            return match.group(0)
+        return proc.poll() is not None
 
     def start_worker(self, *extra: str, heartbeat: float = TEST_HEARTBEAT_S, liveness: int = TEST_LIVENESS) -> subprocess.Popen:
         return self._spawn(["-m", "worker", "--broker", self.backend, "--heartbeat", str(heartbeat),
                             "--liveness", str(liveness), *extra], "worker")
-
-    def client(self, **kwargs):
-        from client import Client
-
-        kwargs.setdefault("timeout", 2.0)
-        return Client(self.frontend, **kwargs)
-
-    def wait_workers(self, n: int, timeout: float = 15.0) -> dict:
-        """Wait until ``n`` workers are live; returns the status snapshot."""
-        with self.client() as c:
-            return wait_until(lambda: (s := c.status()) and len(s["workers"]) >= n and s, timeout,
-                              interval=0.05, what=f"{n} workers")
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')}" for p in sorted(self.tmp_path.glob("*.log")))
@@ -110,6 +126,17 @@ def cluster(tmp_path, request):
     c.close()
     if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
         print(c.logs()[-20000:])
+
+
+@pytest.fixture
+def local():
+    """A broker on a thread of this process (see tests/harness.py LocalCluster); add workers with
+    ``local.start_worker()``. For tests that kill nothing."""
+    from tests.harness import LocalCluster
+
+    c = LocalCluster(no_worker_timeout_s=1.5)
+    yield c
+    c.close()
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -163,12 +190,14 @@ class EventLog:
 
 
 @pytest.fixture
-def events(cluster):
-    """Factory: ``events()`` subscribes to the cluster's events (call before submitting)."""
+def events(request):
+    """Factory: ``events()`` subscribes to the events of the test's broker, ``local`` where the test
+    uses one, else ``cluster`` (call before submitting)."""
     logs = []
 
     def make(*topics: str) -> EventLog:
-        log = EventLog(cluster.events, (*(topics or ("",)), "broker.stats"))
+        broker = request.getfixturevalue("local" if "local" in request.fixturenames else "cluster")
+        log = EventLog(broker.events, (*(topics or ("",)), "broker.stats"))
         logs.append(log)
         # a SUB connects asynchronously: broker.stats (once a second) proves the subscription is live
         wait_until(lambda: log.of("broker.stats"), 10, what="first broker.stats event")

@@ -45,7 +45,8 @@ def executions(path) -> dict:
     """``{i: [pid, ...]}`` from a file written by ``record``: who ran each task, how often."""
     runs: dict = {}
     try:
-        text = open(path).read()
+        with open(path) as f:  # closed at once: an open file left to the garbage collector is a ResourceWarning
+            text = f.read()
     except FileNotFoundError:
         return runs
     for line in text.splitlines():

@@ -13,8 +13,8 @@ from rich.console import Console
 from broker.protocol import Command, Message
 from client.console import fmt_s, render
 from client.state import ClusterState
-from tests.conftest import ROOT, free_port, wait_until
-from tests.test_core import Harness
+from tests.conftest import ROOT, silent_endpoints, wait_until
+from tests.harness import Harness
 
 
 def gridq_status(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -36,8 +36,9 @@ def busy(cluster):
     return cluster
 
 
-def test_json_prints_exactly_the_client_status_snapshot(busy):
-    out = gridq_status("--broker", busy.frontend, "--json")
+@pytest.mark.parametrize("flags", [("--json",), ("--once", "--json")], ids=["json", "once-json"])
+def test_json_prints_exactly_the_client_status_snapshot_with_or_without_once(busy, flags):
+    out = gridq_status("--broker", busy.frontend, *flags)
     assert out.returncode == 0, out.stderr
     printed = json.loads(out.stdout)
     with busy.client() as c:
@@ -60,11 +61,11 @@ def test_once_prints_the_snapshot_as_readable_tables(busy):
 
 
 def test_once_and_json_fail_fast_and_clearly_without_a_broker():
-    dead = f"tcp://127.0.0.1:{free_port()}"
-    for flag in ("--once", "--json"):
-        out = gridq_status("--broker", dead, flag, "--timeout", "0.3", timeout=30)  # a hang raises TimeoutExpired
-        assert out.returncode == 1 and out.stdout == ""
-        assert "did not answer" in out.stderr
+    with silent_endpoints() as [dead]:
+        for flag in ("--once", "--json"):
+            out = gridq_status("--broker", dead, flag, "--timeout", "0.3", timeout=30)  # a hang raises TimeoutExpired
+            assert out.returncode == 1 and out.stdout == ""
+            assert "did not answer" in out.stderr
 
 
 def test_the_live_view_runs_for_a_few_refreshes_against_a_busy_cluster(busy):
@@ -75,8 +76,9 @@ def test_the_live_view_runs_for_a_few_refreshes_against_a_busy_cluster(busy):
 
 
 def test_the_live_view_without_a_broker_says_it_is_reconnecting():
-    out = gridq_status("--broker", f"tcp://127.0.0.1:{free_port()}", "--events", f"tcp://127.0.0.1:{free_port()}",
-                       "--timeout", "0.2", "--refreshes", "16", "--refresh", "0.25")
+    with silent_endpoints(2) as (broker, events):
+        out = gridq_status("--broker", broker, "--events", events, "--timeout", "0.2", "--refreshes", "16",
+                           "--refresh", "0.25")
     assert out.returncode == 0, out.stderr
     assert "broker unreachable, reconnecting" in out.stdout
 

@@ -5,82 +5,10 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from broker.core import Core
 from broker.protocol import Command, Message, pack_value, unpack_value
 from broker.states import IllegalTransition, TaskState, WorkerState, check_task_move, check_worker_move
-
-ALL_TASKS = {"noop": {"cpu": 1}, "square": {"cpu": 1}, "sleep": {"cpu": 1}}
-
-
-class Harness:
-    """Drives a Core like the socket loop does, with a fake clock."""
-
-    def __init__(self, **kwargs) -> None:
-        kwargs.setdefault("heartbeat_s", 1.0)
-        kwargs.setdefault("liveness", 3)
-        kwargs.setdefault("no_worker_timeout_s", 5.0)
-        self.core = Core(**kwargs)
-        self.now = 100.0
-        self.n = 0
-        self.to_workers: dict[bytes, list] = {}
-        self.to_clients: list = []
-        self.events: list = []
-
-    def flush(self):
-        out = self.core.flush(self.now)
-        for wid, msg in out.workers:
-            self.to_workers.setdefault(wid, []).append(msg)
-        self.to_clients.extend(out.clients)
-        self.events.extend(out.events)
-        return out
-
-    def join(self, wid: bytes, slots: int = 1, tasks=None, resources=None, name=None, running=()):
-        header = {"name": name or wid.decode(), "slots": slots, "resources": resources or {},
-                  "tasks": tasks or ALL_TASKS, "running": list(running)}
-        self.core.on_worker(wid, Message(Command.READY, header), self.now)
-        return self.flush()
-
-    def submit(self, name="noop", *args, session="s1", task_id=None, resources=None, priority=0, retries=None,
-               timeout_s=None, key=None, route=b"c1"):
-        self.n += 1
-        task_id = task_id or f"t{self.n}"
-        blob, frames = pack_value([list(args), {}])
-        rec = [task_id, name, blob, len(frames), resources, priority, retries, timeout_s, key]
-        self.core.on_client(route, Message(Command.SUBMIT, {"rid": self.n, "session": session, "tasks": [rec]}, frames),
-                            self.now)
-        self.flush()
-        return task_id
-
-    def dispatched(self, wid: bytes) -> list:
-        """Task ids sent to ``wid`` so far (and forget them)."""
-        ids = [r[0] for m in self.to_workers.pop(wid, []) if m.command is Command.TASKS for r in m.header["tasks"]]
-        return ids
-
-    def done(self, wid: bytes, task_id: str, value=None, ok=True):
-        blob, frames = pack_value(value)
-        rec = [task_id, ok, blob if ok else {"type": "ValueError", "message": "boom", "traceback": ""}, len(frames) if ok else 0, 0.01]
-        self.core.on_worker(wid, Message(Command.DONE, {"results": [rec]}, frames if ok else []), self.now)
-        return self.flush()
-
-    def fetch(self, session="s1", ack=(), wait_ms=0, route=b"c1"):
-        self.to_clients.clear()
-        self.core.on_client(route, Message(Command.FETCH, {"rid": 0, "session": session, "ack": list(ack),
-                                                            "wait_ms": wait_ms}), self.now)
-        self.flush()
-        results = [m for r, m in self.to_clients if m.command is Command.RESULTS]
-        return {rec[0]: rec for m in results for rec in m.header["results"]}
-
-    def tick(self, dt: float):
-        self.now += dt
-        self.core.on_tick(self.now)
-        return self.flush()
-
-    def state(self, task_id):
-        return self.core.tasks[task_id].state
-
-    def topics(self, topic):
-        return [e for t, e in self.events if t == topic]
-
+from broker.core import Core
+from tests.harness import ALL_TASKS, Harness
 
 @pytest.fixture
 def h():

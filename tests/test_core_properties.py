@@ -25,7 +25,7 @@ from broker.core import Core
 from broker.journal import Journal
 from broker.protocol import Command, Message, pack_value, unpack_value
 from broker.states import TERMINAL, TaskState
-from tests.test_core import ALL_TASKS, Harness
+from tests.harness import ALL_TASKS, Harness
 
 HEARTBEAT_S = 1.0
 LIVENESS = 3

@@ -8,7 +8,7 @@ import pytest
 
 from broker.protocol import Command, Message
 from broker.states import TaskState
-from tests.test_core import Harness
+from tests.harness import Harness
 
 GPU_TASKS = {"noop": {"cpu": 1}, "fake.gpu": {"gpu": 1}, "frac": {"acc": 0.1}}
 

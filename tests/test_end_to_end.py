@@ -1,4 +1,5 @@
-"""End to end: real broker and worker processes, the Python client, loopback TCP."""
+"""End to end: a real broker, workers and the Python client over loopback TCP; on threads of this
+process where no test kills anything (``local``), as processes where one must (``cluster``)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,15 @@ import numpy as np
 import pytest
 
 from client import BrokerUnavailable, Client, EncodeError, TaskError, TaskLost, TaskTimeout
-from tests.conftest import free_port, wait_until
+from tests.conftest import silent_endpoints, wait_until
 
 
 @pytest.fixture
-def running(cluster):
-    cluster.start_broker("--no-worker-timeout", "1.5")
-    cluster.start_worker("--slots", "2")
-    cluster.start_worker("--slots", "2")
-    cluster.wait_workers(2)
-    return cluster
+def running(local):
+    local.start_worker(slots=2)
+    local.start_worker(slots=2)
+    local.wait_workers(2)
+    return local
 
 
 def test_square_returns_its_result_with_info(running):
@@ -178,9 +178,8 @@ def test_client_used_from_many_threads(running):
 
 
 def test_broker_down_raises_broker_unavailable_without_hanging():
-    address = f"tcp://127.0.0.1:{free_port()}"
-    started = time.monotonic()
-    with Client(address, timeout=0.3, retries=2) as c:
+    with silent_endpoints() as [address], Client(address, timeout=0.3, retries=2) as c:
+        started = time.monotonic()
         f = c.submit("square", 2)
         with pytest.raises(BrokerUnavailable):
             f.result(timeout=10)

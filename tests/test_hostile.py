@@ -19,7 +19,7 @@ from broker.protocol import (CLIENT_TAG, MAX_FRAMES, MAX_HEADER_BYTES, WORKER_TA
                              decode, encode, pack_value)
 from broker.states import TaskState
 from tests.conftest import wait_until
-from tests.test_core import Harness
+from tests.harness import Harness
 
 
 @pytest.fixture

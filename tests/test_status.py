@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from broker.protocol import Command, Message
-from tests.test_core import ALL_TASKS, Harness
+from tests.harness import ALL_TASKS, Harness
 
 # ==================================================================== events and snapshots of the pure core
 
@@ -440,6 +440,8 @@ def test_a_state_that_misses_events_sees_the_gap_and_resnapshots(cluster):
 
 
 def test_a_state_started_while_the_broker_is_down_says_so_and_goes_live_when_it_comes_up(cluster):
+    cluster.start_broker()  # once, to learn its endpoints; the state starts while it is down
+    cluster.kill(cluster.broker)
     with ClusterState(_quick_client(cluster), cluster.events).start() as state:
         assert state.wait(lambda s: s.link is Link.UNREACHABLE, 15)
         cluster.start_broker()
