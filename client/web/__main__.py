@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import os
+import signal
 import socket
 import sys
 
@@ -112,12 +114,28 @@ def serve(config: Config, host: str, port: int, args) -> int:
     uv = uvicorn.Config(create_app(config), log_level=logging.WARNING, access_log=False, lifespan="on",
                         ssl_certfile=args.certfile, ssl_keyfile=args.keyfile, timeout_graceful_shutdown=2,
                         log_config=None)
-    server = uvicorn.Server(uv)
-    try:
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:
-        return 130
+    server = _server_class()(uv)
+    server.run(sockets=[sock])
+    log.info("gateway_stopped")
     return 0
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, but a SIGTERM/SIGINT ends it with status 0: stopping on request is no failure."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
 
 
 if __name__ == "__main__":

@@ -244,8 +244,10 @@ class EventHub:
             retry_s = min(retry_s * 2, RETRY_MAX_S)
 
     def _set_link(self, link: str, error: str | None = None) -> None:
-        if link != self.link:
-            (log.info if link == "live" else log.warning)("broker_link", link=link, error=error)
+        if link == self.link:
+            self.error = error
+            return
+        (log.info if link == "live" else log.warning)("broker_link", link=link, error=error)
         self.link, self.error = link, error
         if link == "live":
             self.live.set()
@@ -316,13 +318,16 @@ class EventHub:
     # ------------------------------------------------------------ streams
 
     def resumable(self, last_id: int) -> bool:
-        return bool(self.ring) and self.ring[0][0] - 1 <= last_id <= self.head
+        if self.head is None:
+            return False
+        return last_id == self.head or bool(self.ring) and self.ring[0][0] - 1 <= last_id <= self.head
 
     def resume(self, last_id: int) -> tuple[Stream, str]:
         """A stream continuing after ``last_id`` from the ring, none missing, none repeated."""
         self._flush()
-        start = last_id + 1 - self.ring[0][0]
-        text = "".join(t for _, t in islice(self.ring, start, None))
+        text = ""
+        if last_id < self.head:
+            text = "".join(t for _, t in islice(self.ring, last_id + 1 - self.ring[0][0], None))
         return self._register(self.head), text
 
     async def fresh(self, timeout_s: float) -> tuple[Stream, str]:
