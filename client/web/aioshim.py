@@ -9,7 +9,7 @@ from concurrent.futures import Future
 
 from broker.protocol import Command
 from client.client import Client, GridFuture
-from client.errors import GridqError
+from client.errors import GridqError, TaskError
 
 
 class _Threaded(Client):
@@ -62,7 +62,10 @@ class AsyncClient:
         accepted = self._accepting.pop(outer.task_id, None)
         error = None if inner.cancelled() else inner.exception()
         if accepted is not None and not accepted.done():
-            if error is not None:
+            # a result (even a failure) came before the ACCEPTED reply: the broker had accepted it;
+            # only a refusal, an error reply or silence mean it never did
+            refused = isinstance(error, GridqError) and (not isinstance(error, TaskError) or error.type == "InvalidRequest")
+            if refused:
                 accepted.set_exception(error)
             else:
                 accepted.set_result(None)

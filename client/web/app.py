@@ -34,10 +34,10 @@ def _err(description: str) -> dict:
     return {"model": ErrorOut, "description": description}
 
 
-AUTH_ERRORS = {401: _err("no token, or not a valid one (with --tokens)")}
+QUERY_ERRORS = {422: _err("a query parameter is not valid, or not one the endpoint takes (the message names it)")}
+AUTH_ERRORS = {401: _err("no token, or not a valid one (with --tokens)"), **QUERY_ERRORS}
 SUBMIT_ERRORS = {**AUTH_ERRORS, 403: _err("a 'read' token cannot submit or cancel")}
 BROKER_ERRORS = {503: _err("the broker did not answer in time")}
-QUERY_ERRORS = {422: _err("a query parameter is not valid (the message names it)")}
 
 _bearer = HTTPBearer(auto_error=False, description="a token from the gateway's --tokens file")
 
@@ -54,6 +54,7 @@ def create_app(config: Config) -> FastAPI:
             await gateway.stop()
 
     app = FastAPI(title="gridq-web", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(_known_query)],
                   description="Submit, watch and cancel gridq tasks over HTTP. Errors are "
                               "`{\"error\": {\"type\", \"message\"}}`; the message names the field.")
     app.state.gateway = gateway
@@ -158,7 +159,7 @@ def create_app(config: Config) -> FastAPI:
         return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/healthz", response_model=Health, tags=["cluster"], summary="200 while the broker answers, else 503",
-             responses={503: {"model": Health, "description": "the broker does not answer"}})
+             responses={503: {"model": Health, "description": "the broker does not answer"}, **QUERY_ERRORS})
     async def healthz():
         ok, why = await gateway.healthy()
         return JSONResponse({"ok": ok, "broker": why}, status_code=200 if ok else 503)
@@ -188,6 +189,25 @@ def _openapi(app: FastAPI) -> dict:
             ref_template="#/components/schemas/{model}")
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _known_query(request: Request) -> None:
+    """A query parameter the endpoint does not take is a mistake worth saying, not ignoring."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not request.query_params:
+        return
+    allowed = set(_query_names(dependant))
+    extra = sorted(set(request.query_params) - allowed)
+    if extra:
+        raise ApiError(422, "ValidationError", f"query.{extra[0]}: not a parameter of this endpoint"
+                                               f" (it takes: {', '.join(sorted(allowed)) or 'none'})")
+
+
+def _query_names(dependant):
+    yield from (p.alias for p in dependant.query_params)
+    for sub in dependant.dependencies:
+        yield from _query_names(sub)
 
 
 async def _read_json(request: Request, limit: int):

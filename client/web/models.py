@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from broker.protocol import MAX_NAME_LEN, MAX_RESOURCE_QTY
 
@@ -15,6 +15,7 @@ PRIORITY_MIN, PRIORITY_MAX = -(2**31), 2**31
 MAX_RETRIES = 100
 #: the longest timeout a task may ask for, in seconds (a year: beyond it a typo, not a wish)
 MAX_TIMEOUT_S = 365 * 24 * 3600.0
+
 
 ResourceName = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN)]
 Quantity = Annotated[float, Field(ge=0, le=MAX_RESOURCE_QTY)]
@@ -32,9 +33,22 @@ class TaskIn(BaseModel):
     resources: Optional[dict[ResourceName, Quantity]] = Field(
         None, max_length=64, description="resources the task needs, replacing the ones its @task declares")
     priority: int = Field(0, ge=PRIORITY_MIN, le=PRIORITY_MAX, description="higher runs first")
-    retries: Optional[int] = Field(None, ge=0, le=MAX_RETRIES, description="times it may run again after its worker died")
-    timeout: Optional[float] = Field(None, gt=0, le=MAX_TIMEOUT_S, description="seconds it may run")
-    key: Optional[str] = Field(None, min_length=1, max_length=MAX_NAME_LEN, description="idempotency key")
+    # constraints inside Optional[...] go in Annotated, or pydantic writes them into the schema unrecognised
+    retries: Optional[Annotated[int, Field(ge=0, le=MAX_RETRIES)]] = Field(
+        None, description="times it may run again after its worker died")
+    timeout: Optional[Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)]] = Field(None, description="seconds it may run")
+    key: Optional[Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN)]] = Field(None, description="idempotency key")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral(cls, data):
+        """JSON has one number type: 7.0 is the integer 7 (as JSON Schema says). "7" and true stay refused."""
+        if isinstance(data, dict):
+            for name in ("priority", "retries"):
+                value = data.get(name)
+                if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                    data = {**data, name: int(value)}
+        return data
 
 
 class Accepted(BaseModel):
