@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import Cluster, wait_until
-from tests.web_support import SSE, run_module, self_signed, start_web
+from tests.web_support import SSE, run_module, self_signed, start_web, web_grid
 
 XSS = '<img src=x onerror="window.__xss=1">'
 
@@ -19,18 +19,8 @@ XSS = '<img src=x onerror="window.__xss=1">'
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     """One broker, one worker (2 slots) and one gateway for the module's tests."""
-    cluster = Cluster(tmp_path_factory.mktemp("web"))
-    try:
-        cluster.start_broker("--no-worker-timeout", "3")
-        cluster.start_worker("--slots", "2", "--name", "w1")
-        cluster.wait_workers(1)
-        cluster.web = start_web(cluster)
-        wait_until(lambda: cluster.web.get("/healthz").status_code == 200, 20, what="gateway healthy")
+    with web_grid(tmp_path_factory.mktemp("web"), broker_args=("--no-worker-timeout", "3")) as cluster:
         yield cluster
-    finally:
-        if getattr(cluster, "web", None):
-            cluster.web.stop()
-        cluster.close()
 
 
 @pytest.fixture

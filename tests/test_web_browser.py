@@ -7,8 +7,8 @@ import signal
 
 import pytest
 
-from tests.conftest import Cluster, wait_until
-from tests.web_support import chromium_or_skip, start_web
+from tests.conftest import wait_until
+from tests.web_support import chromium_or_skip, start_web, web_grid
 
 import playwright.sync_api as playwright_api  # noqa: E402 (the module is the API)
 expect = playwright_api.expect
@@ -20,17 +20,8 @@ UI_TIMEOUT_MS = 20_000
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("webui"))
-    try:
-        cluster.start_broker()
-        cluster.start_worker("--slots", "2", "--name", "w1")
-        cluster.wait_workers(1)
-        cluster.web = start_web(cluster)
+    with web_grid(tmp_path_factory.mktemp("webui")) as cluster:
         yield cluster
-    finally:
-        if getattr(cluster, "web", None):
-            cluster.web.stop()
-        cluster.close()
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from tests.conftest import Cluster
-from tests.web_support import start_web
+from tests.web_support import web_grid
 
 #: the fuzzer's token (the gateway runs with --tokens, so the schema's security is real)
 TOKEN = "fuzz-token-submit"
@@ -22,20 +21,12 @@ EXAMPLES = 25
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
-    cluster = Cluster(tmp_path_factory.mktemp("webfuzz"))
-    try:
-        # tasks the fuzzer submits name no real task: they fail fast instead of waiting 10 s
-        cluster.start_broker("--no-worker-timeout", "0.5")
-        cluster.start_worker("--name", "w1")
-        cluster.wait_workers(1)
-        tokens = cluster.tmp_path / "tokens"
-        tokens.write_text(f"{TOKEN} submit\nread-only-token read\n")
-        cluster.web = start_web(cluster, "--tokens", str(tokens), token=TOKEN)
+    tmp = tmp_path_factory.mktemp("webfuzz")
+    (tmp / "tokens").write_text(f"{TOKEN} submit\nread-only-token read\n")
+    # tasks the fuzzer submits name no real task: they fail fast instead of waiting 10 s
+    with web_grid(tmp, broker_args=("--no-worker-timeout", "0.5"), web_args=("--tokens", str(tmp / "tokens")),
+                  token=TOKEN) as cluster:
         yield cluster
-    finally:
-        if getattr(cluster, "web", None):
-            cluster.web.stop()
-        cluster.close()
 
 
 def operations(url: str) -> list:

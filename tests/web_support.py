@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -85,6 +86,24 @@ def start_web(cluster: Cluster, *extra: str, token: str | None = None, broker: s
     web = Web(proc, url, log, token)
     wait_until(lambda: _answers(web), 30, interval=0.05, what="gridq-web to answer")
     return web
+
+
+@contextmanager
+def web_grid(tmp: Path, broker_args: tuple = (), worker_args: tuple = ("--slots", "2"), web_args: tuple = (),
+             token: str | None = None):
+    """A broker, one worker named w1 and a gateway (``cluster.web``), all ended on exit."""
+    cluster = Cluster(tmp)
+    try:
+        cluster.start_broker(*broker_args)
+        cluster.start_worker(*worker_args, "--name", "w1")
+        cluster.wait_workers(1)
+        cluster.web = start_web(cluster, *web_args, token=token)
+        wait_until(lambda: cluster.web.get("/healthz").status_code == 200, 20, what="gateway healthy")
+        yield cluster
+    finally:
+        if getattr(cluster, "web", None):
+            cluster.web.stop()
+        cluster.close()
 
 
 def _answers(web: Web) -> bool:

@@ -8,7 +8,7 @@ import math
 import time
 from collections import OrderedDict
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
