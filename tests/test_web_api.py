@@ -247,6 +247,8 @@ def test_metrics_count_the_work_done(web):
     for n in ("retried", "cancelled"):
         web.metric("gridq_tasks_total", f'event="{n}"')  # present, even at zero
     assert web.metric("gridq_workers") == 1
+    rows = web.get("/api/throughput").json()["seconds"]
+    assert sum(r[2] for r in rows) >= 40 and all(len(r) == 4 for r in rows)
     assert web.metric("gridq_tasks_queued") >= 0 and web.metric("gridq_tasks_running") >= 0
 
 

@@ -20,7 +20,7 @@ from client.web.events import EventStreamResponse
 from client.web.gateway import ApiError, Config, Gateway, unavailable
 from client.web.metrics import CONTENT_TYPE
 from client.web.models import (MAX_BATCH, Accepted, BodyError, Cancelled, ErrorOut, Health, Status, TaskIn, TaskList,
-                               TaskOut, parse_tasks)
+                               TaskOut, ThroughputOut, parse_tasks)
 from client.web.security import SecurityHeaders
 
 STATIC = Path(__file__).parent / "static"
@@ -151,6 +151,11 @@ def create_app(config: Config) -> FastAPI:
             except BrokerUnavailable as exc:
                 raise unavailable(exc) from None
         return EventStreamResponse(hub, stream, first)
+
+    @app.get("/api/throughput", response_model=ThroughputOut, dependencies=[read], tags=["cluster"],
+             summary="Tasks submitted, succeeded and failed per second, the last 5 minutes", responses={**AUTH_ERRORS})
+    async def throughput():
+        return JSONResponse({"seconds": gateway.metrics.throughput.rows()})
 
     @app.get("/metrics", dependencies=[read], tags=["cluster"], response_class=Response,
              summary="Prometheus metrics", responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}},

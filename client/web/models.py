@@ -95,6 +95,11 @@ class Cancelled(BaseModel):
     cancelled: bool
 
 
+class ThroughputOut(BaseModel):
+    seconds: list[Annotated[list[float], Field(min_length=4, max_length=4)]] = Field(
+        description="[unix second, submitted, succeeded, failed], oldest first")
+
+
 class Health(BaseModel):
     ok: bool
     broker: str = Field(description="'answers', or why not")

@@ -30,7 +30,8 @@ export function fmtS(seconds) {
   if (seconds === null || seconds === undefined || Number.isNaN(seconds)) return "–";
   const s = Number(seconds);
   if (s < 1e-3) return `${Math.round(s * 1e6)} µs`;
-  if (s < 1) return `${(s * 1e3).toFixed(1)} ms`;
+  if (s < 0.01) return `${(s * 1e3).toFixed(1)} ms`;
+  if (s < 1) return `${Math.round(s * 1e3)} ms`;
   if (s < 60) return `${s.toFixed(2)} s`;
   const m = Math.floor(s / 60);
   if (m < 60) return `${m}m${String(Math.floor(s % 60)).padStart(2, "0")}s`;

@@ -31,8 +31,12 @@ function setBroker({ link, error }) {
 
 async function loadTasks() {
   try {
-    const page = await api("/api/tasks?limit=200");
+    const [page, failed, history] = await Promise.all([api("/api/tasks?limit=200"),
+      api("/api/tasks?state=failed&limit=50"), api("/api/throughput")]);
     model.merge(page.tasks);
+    model.mergeFailures(failed.tasks);
+    model.seed(history.seconds);
+    renderChart(model);
   } catch (err) {
     // 401: the token dialog is up; anything else: the stream fills the table
   }

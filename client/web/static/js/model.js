@@ -18,6 +18,7 @@ export class Model {
     this.seq = null;
     this.served = new Set();
     this.seconds = new Map(); // unix second -> {submitted, succeeded, failed}
+    this.holding = new Map(); // task_id -> {worker, resources} of running tasks: what they hold
     this.version = 0; // bumped on every change, so views redraw only when needed
   }
 
@@ -31,12 +32,40 @@ export class Model {
     this.queues = s.queues || {};
     this.workers = new Map();
     for (const w of s.workers || []) this.workers.set(w.name, { ...w });
+    this.holding = new Map();
     for (const t of s.running_tasks || []) {
+      this.holding.set(t.task_id, { worker: t.worker, resources: t.resources || {} });
       const task = this.tasks.get(t.task_id);
       if (task && !FINAL.has(task.state)) Object.assign(task, { state: "running", worker: t.worker });
     }
     this.refreshServed();
     this.changed();
+  }
+
+  // the gateway's per-second history, so the chart starts full
+  seed(rows) {
+    for (const [sec, submitted, succeeded, failed] of rows) {
+      const b = this.seconds.get(sec) || { submitted: 0, succeeded: 0, failed: 0 };
+      this.seconds.set(sec, { submitted: Math.max(b.submitted, submitted), succeeded: Math.max(b.succeeded, succeeded),
+        failed: Math.max(b.failed, failed) });
+    }
+  }
+
+  hold(taskId, worker, resources) {
+    const w = this.workers.get(worker);
+    if (!w) return;
+    this.holding.set(taskId, { worker, resources });
+    w.free = { ...(w.free || w.resources) };
+    for (const [r, q] of Object.entries(resources || {})) w.free[r] = (w.free[r] ?? 0) - q;
+  }
+
+  release(taskId) {
+    const held = this.holding.get(taskId);
+    if (!held) return;
+    this.holding.delete(taskId);
+    const w = this.workers.get(held.worker);
+    if (!w) return;
+    for (const [r, q] of Object.entries(held.resources || {})) w.free[r] = Math.min((w.free[r] ?? 0) + q, w.resources[r] ?? q);
   }
 
   refreshServed() {
@@ -77,6 +106,17 @@ export class Model {
     this.changed();
   }
 
+  // recent failures from the gateway's window (newest first), behind the ones the stream brought
+  mergeFailures(list) {
+    const seen = new Set(this.failures.map((f) => f.task_id));
+    for (const t of list) {
+      if (seen.has(t.task_id) || !t.error) continue;
+      this.failures.push({ task_id: t.task_id, name: t.name, worker: t.worker, ts: t.submitted_at, error: t.error });
+    }
+    this.failures.length = Math.min(this.failures.length, FAILURES_KEPT);
+    this.changed();
+  }
+
   event(topic, ev) {
     this.seq = ev.seq;
     const c = this.counts;
@@ -92,6 +132,7 @@ export class Model {
         c.queued -= 1;
         c.running += 1;
         if (w) w.running = (w.running || 0) + 1;
+        this.hold(ev.task_id, ev.worker, ev.resources);
         const t = this.task(ev, false);
         if (t && !FINAL.has(t.state)) Object.assign(t, { state: "running", worker: ev.worker });
         break;
@@ -101,6 +142,7 @@ export class Model {
         c.done += 1;
         this.bucket().succeeded += 1;
         if (w) { w.running = Math.max(0, (w.running || 0) - 1); w.tasks = (w.tasks || 0) + 1; }
+        this.release(ev.task_id);
         const t = this.task(ev, false);
         if (t) Object.assign(t, { state: "succeeded", worker: ev.worker, run_s: ev.run_s });
         break;
@@ -110,6 +152,7 @@ export class Model {
         c.failed += 1;
         this.bucket().failed += 1;
         if (w) w.running = Math.max(0, (w.running || 0) - 1);
+        this.release(ev.task_id);
         const t = this.task(ev, false);
         const error = { type: ev.error_type || "Error", message: ev.error || "" };
         if (t) Object.assign(t, { state: "failed", worker: ev.worker || t.worker, error });
@@ -120,6 +163,7 @@ export class Model {
       case "task.retried": {
         c.running -= 1;
         c.queued += 1;
+        this.release(ev.task_id);
         const t = this.task(ev, false);
         if (t && t.worker) {
           const tw = this.workers.get(t.worker);
@@ -145,6 +189,7 @@ export class Model {
       case "worker.lost":
       case "worker.left": {
         this.workers.delete(ev.worker);
+        for (const [id, held] of this.holding) if (held.worker === ev.worker) this.holding.delete(id);
         this.refreshServed();
         break;
       }
@@ -155,6 +200,7 @@ export class Model {
         for (const [name, info] of Object.entries(ev.per_worker || {})) {
           const pw = this.workers.get(name);
           if (pw) Object.assign(pw, info);
+          if (pw && info.running === 0) pw.free = { ...pw.resources }; // idle: exactly what it offers
         }
         break;
       }

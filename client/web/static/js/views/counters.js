@@ -22,6 +22,6 @@ export function renderCounters(model) {
   text("latency", s.queued_p50_s !== undefined && s.queued_p50_s !== null
     ? `${fmtS(s.queued_p50_s)} / ${fmtS(s.queued_p99_s)}` : "–");
   text("run-sub", s.run_p50_s !== undefined && s.run_p50_s !== null
-    ? `queue wait · run ${fmtS(s.run_p50_s)} / ${fmtS(s.run_p99_s)}` : "queue wait");
+    ? `run ${fmtS(s.run_p50_s)} / ${fmtS(s.run_p99_s)}` : "");
   text("seq", model.seq !== null ? `seq ${fmtInt(model.seq)}` : "");
 }
