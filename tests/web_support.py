@@ -73,7 +73,9 @@ def start_web(cluster: Cluster, *extra: str, token: str | None = None, broker: s
               events: str | None = None) -> Web:
     """Start gridq-web on a free loopback port for ``cluster``; returns once it serves."""
     proc = cluster._spawn(["-m", "client.web", "--broker", broker or cluster.frontend, "--events",
-                           events or cluster.events, "--listen", "127.0.0.1:0", "--broker-wait", "3", *extra], "web")
+                           events or cluster.events, "--listen", "127.0.0.1:0", "--broker-wait", "3",
+                           # the test machine is shared: a niced gateway would wait behind every other test run
+                           "--nice", "0", *extra], "web")
     log = sorted(cluster.tmp_path.glob("*-web.log"))[-1]
 
     def serving():

@@ -29,7 +29,7 @@ from client.web.tasks import to_json
 log = structlog.get_logger(__name__)
 
 #: recent events kept for Last-Event-ID resume
-RING_EVENTS = 50_000
+RING_EVENTS = 20_000
 #: bytes a stream may have waiting to be sent before its reader counts as fallen behind
 STREAM_BUFFER_BYTES = 4 << 20
 #: events gathered into one batch at most before it goes to the streams
@@ -45,14 +45,25 @@ RECONNECT_MS = 1000
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "content-type": "text/event-stream; charset=utf-8"}
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  #: one encoder, not one per event
+
+
 def sse(seq: int | None, topic: str, data) -> str:
     """One Server-Sent Event: ``id: SEQ``, ``event: TOPIC``, ``data: JSON``."""
     head = "" if seq is None else f"id: {seq}\n"
     try:
-        body = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        body = _encode(data)
     except (TypeError, ValueError):  # bytes, NaN, numpy values: rare, so converted only when met
-        body = json.dumps(to_json(data), separators=(",", ":"))
+        body = _encode(to_json(data))
     return f"{head}event: {topic}\ndata: {body}\n\n"
+
+
+def _text(entry: list) -> str:
+    """A ring entry ``[seq, topic, event, text]`` as SSE text, encoded once, when first needed."""
+    if entry[3] is None:
+        entry[3] = sse(entry[0], entry[1], entry[2])
+        entry[2] = None  # the text is smaller than the map
+    return entry[3]
 
 
 def decode_message(frames: list) -> tuple[str, list[dict]]:
@@ -195,7 +206,7 @@ class EventHub:
         self._status = status
         self._on_event = on_event
         self.metrics = metrics
-        self.ring: deque = deque(maxlen=ring_events)  #: (seq, sse text), consecutive seqs
+        self.ring: deque = deque(maxlen=ring_events)  #: [seq, topic, event, sse text or None], consecutive seqs
         self.head: int | None = None  #: seq of the newest event (or snapshot) handed to the streams
         self.streams: set[Stream] = set()
         self.stream_buffer_bytes = stream_buffer_bytes
@@ -208,6 +219,7 @@ class EventHub:
         self._run_times: list = []
         self._flush_handle: asyncio.Handle | None = None
         self._task: asyncio.Task | None = None
+        self._asking: asyncio.Future | None = None  #: the status request new streams are waiting on
 
     # ------------------------------------------------------------ the subscription
 
@@ -274,18 +286,20 @@ class EventHub:
 
     def _on_item(self, ev: dict) -> None:
         topic, seq = ev["topic"], ev["seq"]
-        text = sse(seq, topic, ev)
-        self.ring.append((seq, text))
+        entry = [seq, topic, ev, None]  # encoded only if a stream needs it: no browser open costs no JSON
+        self.ring.append(entry)
         self.head = seq
         self._counts[topic] = self._counts.get(topic, 0) + 1
-        if topic == "task.succeeded" and isinstance(ev.get("run_s"), (int, float)):
-            self._run_times.append(ev["run_s"])
+        if topic == "task.succeeded":
+            run_s = ev.get("run_s")
+            if isinstance(run_s, (int, float)):
+                self._run_times.append(run_s)
         elif topic == "broker.stats" and self.metrics is not None:
             self.metrics.state(ev)
         if self._on_event is not None:
             self._on_event(topic, ev)
         if self.streams:
-            self._pending.append((seq, text))
+            self._pending.append(entry)
         if len(self._pending) >= BATCH_EVENTS or len(self._run_times) >= BATCH_EVENTS:
             self._flush()
         elif self._flush_handle is None:
@@ -299,7 +313,7 @@ class EventHub:
             self.metrics.events(self._counts, self._run_times)
         self._counts, self._run_times = {}, []
         if self._pending:
-            batch, self._pending = Batch(self._pending), []
+            batch, self._pending = Batch([(e[0], _text(e)) for e in self._pending]), []
             self._broadcast(batch)
 
     def _broadcast(self, batch: Batch) -> None:
@@ -327,20 +341,23 @@ class EventHub:
         self._flush()
         text = ""
         if last_id < self.head:
-            text = "".join(t for _, t in islice(self.ring, last_id + 1 - self.ring[0][0], None))
+            text = "".join(_text(e) for e in islice(self.ring, last_id + 1 - self.ring[0][0], None))
         return self._register(self.head), text
 
     async def fresh(self, timeout_s: float) -> tuple[Stream, str]:
         """A new stream: a snapshot, then every event after it. BrokerUnavailable if none can be had."""
+        if self._asking is None or self._asking.done():
+            # streams opening together (browsers reconnecting after a restart) share one request
+            self._asking = asyncio.ensure_future(self._status())
         try:
-            snap = await asyncio.wait_for(self._status(), timeout_s)
+            snap = await asyncio.wait_for(asyncio.shield(self._asking), timeout_s)
         except (asyncio.TimeoutError, TimeoutError) as exc:
             raise BrokerUnavailable(f"the broker did not answer within {timeout_s:g} s") from exc
         self._flush()
         seq = int(snap["seq"])
         text = sse(seq, "snapshot", to_json(snap))
         # events up to seq are in the snapshot; the ones after it that already went by are in the ring
-        backlog = "".join(t for s, t in self.ring if s > seq) if self.head is not None and seq < self.head else ""
+        backlog = "".join(_text(e) for e in self.ring if e[0] > seq) if self.head is not None and seq < self.head else ""
         return self._register(max(seq, self.head or seq)), text + backlog
 
     def _register(self, after: int | None) -> Stream:

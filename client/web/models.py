@@ -119,6 +119,7 @@ class Status(BaseModel):
 
 
 _task_adapter = TypeAdapter(TaskIn)
+_batch_adapter = TypeAdapter(list[TaskIn])
 
 
 class BodyError(ValueError):
@@ -132,10 +133,13 @@ def parse_tasks(body: Any) -> tuple[list[TaskIn], bool]:
             raise BodyError("body: an array of tasks must hold at least one task")
         if len(body) > MAX_BATCH:
             raise BodyError(f"body: an array holds at most {MAX_BATCH} tasks, got {len(body)}")
-        tasks = []
         for index, item in enumerate(body):
-            tasks.append(_validate(item, f"[{index}]"))
-        return tasks, True
+            if not isinstance(item, dict):
+                raise BodyError(f"body[{index}]: must be a JSON object with at least \"task\", got {type(item).__name__}")
+        try:  # one call for the whole array: its errors carry the index first in their location
+            return _batch_adapter.validate_python(body), True
+        except ValidationError as exc:
+            raise BodyError(describe(exc, "body")) from None
     return [_validate(body, "")], False
 
 
