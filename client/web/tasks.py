@@ -182,8 +182,13 @@ class TaskWindow:
         return out, None
 
 
+_PLAIN = (str, int, bool)
+
+
 def to_json(value):
     """A task's value as JSON can carry it: arrays as nested lists, bytes as base64, NaN as text."""
+    if value is None or type(value) in _PLAIN:
+        return value
     if isinstance(value, np.ndarray):
         return to_json(value.tolist())
     if isinstance(value, np.generic):
