@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import msgpack
-
-from client.web.events import Batch, EventHub, Stream, decode_message
+from client.web.events import Batch, EventHub, Stream
 from client.web.metrics import Metrics
 from client.web.tasks import TaskWindow
 
@@ -163,15 +161,6 @@ def test_task_events_feed_the_window_and_the_metrics():
         await hub.close()
 
     run(main())
-
-
-def test_a_message_may_hold_one_event_or_an_array_of_one_topic():
-    one = [b"task.started", msgpack.packb({"seq": 1, "task_id": "a"})]
-    many = [b"task.started", msgpack.packb([{"seq": 2, "task_id": "b"}, {"seq": 3, "task_id": "c"}])]
-    assert decode_message(one) == ("task.started", [{"seq": 1, "task_id": "a"}])
-    assert decode_message(many) == ("task.started", [{"seq": 2, "task_id": "b"}, {"seq": 3, "task_id": "c"}])
-    assert decode_message([b"x", b"\xc1"]) == ("", [])
-    assert decode_message([b"only one frame"]) == ("", [])
 
 
 def test_a_stream_filters_a_batch_that_straddles_what_it_has():

@@ -16,14 +16,12 @@ from collections import deque
 from itertools import islice
 from typing import AsyncIterator, Awaitable, Callable
 
-import msgpack
 import structlog
 import zmq
-import zmq.asyncio
 from starlette.responses import Response
 
 from client.errors import BrokerUnavailable, GridqError
-from client.state import EVENTS_HWM, SILENT_AFTER_S
+from client.state import SILENT_AFTER_S
 from client.web.tasks import to_json
 
 log = structlog.get_logger(__name__)
@@ -64,61 +62,6 @@ def _text(entry: list) -> str:
         entry[3] = sse(entry[0], entry[1], entry[2])
         entry[2] = None  # the text is smaller than the map
     return entry[3]
-
-
-def decode_message(frames: list) -> tuple[str, list[dict]]:
-    """One PUB message: its topic and its events (a msgpack map, or an array of maps of that topic)."""
-    if len(frames) != 2:
-        return "", []
-    try:
-        body = msgpack.unpackb(frames[1], strict_map_key=False)
-    except Exception:  # msgpack raises several unrelated types
-        return "", []
-    events = body if isinstance(body, list) else [body]
-    return frames[0].decode("ascii", "replace"), [e for e in events if isinstance(e, dict)]
-
-
-async def broker_events(client, address: str, *, silent_after_s: float = SILENT_AFTER_S) -> AsyncIterator[dict]:
-    """Snapshot-consistent events, as ``AsyncClient.events()`` promises them: first a
-    ``{"topic": "snapshot", "seq", "snapshot"}`` item, then every event with a higher seq,
-    and a new snapshot item after a gap or a broker restart. Raises BrokerUnavailable when
-    the broker goes silent (it publishes broker.stats about once a second)."""
-    sock = zmq.asyncio.Context.instance().socket(zmq.SUB)
-    sock.linger = 0
-    sock.rcvhwm = EVENTS_HWM
-    security = getattr(client, "_security", None)  # the events socket has the same CURVE policy
-    if security is not None:
-        security.apply_client(sock)
-    sock.setsockopt_string(zmq.SUBSCRIBE, "")
-    sock.connect(address)
-    try:
-        # A SUB connects asynchronously: wait (briefly) for the first event, so the
-        # subscription is live before the snapshot and nothing falls between them.
-        await sock.poll(silent_after_s * 1000 / 2)
-        while True:
-            snap = await client.status()
-            last, synced = int(snap["seq"]), False
-            yield {"topic": "snapshot", "seq": last, "snapshot": snap}
-            broken = False
-            while not broken:
-                if not await sock.poll(silent_after_s * 1000):
-                    raise BrokerUnavailable(f"no event from {address} for {silent_after_s:g} s")
-                topic, events = decode_message(await sock.recv_multipart())
-                for ev in events:
-                    seq = ev.get("seq")
-                    if not isinstance(seq, int):
-                        continue
-                    if seq <= last and not synced:
-                        continue  # already in the snapshot
-                    if seq != last + 1:  # a gap, or seq went back (another broker process)
-                        log.info("events_resync", expected=last + 1, got=seq)
-                        broken = True
-                        break
-                    synced, last = True, seq
-                    ev["topic"] = topic
-                    yield ev
-    finally:
-        sock.close(linger=0)
 
 
 class Batch:
@@ -219,17 +162,21 @@ class EventHub:
         self._run_times: list = []
         self._flush_handle: asyncio.Handle | None = None
         self._task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
         self._asking: asyncio.Future | None = None  #: the status request new streams are waiting on
 
     # ------------------------------------------------------------ the subscription
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="gridq-web-events")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="gridq-web-events")
+        self._watchdog = loop.create_task(self._watch(), name="gridq-web-events-watchdog")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for stream in list(self.streams):
             stream.dropped = True
             stream._wakeup.set()
@@ -244,6 +191,8 @@ class EventHub:
                         self._on_snapshot(item)
                         retry_s = RETRY_MIN_S
                     else:
+                        if self.link != "live":
+                            self._set_link("live")
                         self._on_item(item)
             except asyncio.CancelledError:
                 raise
@@ -254,6 +203,14 @@ class EventHub:
                 self._set_link("unreachable", f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(retry_s)
             retry_s = min(retry_s * 2, RETRY_MAX_S)
+
+    async def _watch(self) -> None:
+        """The broker publishes broker.stats about once a second: this long without an item, it is away."""
+        while True:
+            await asyncio.sleep(SILENT_AFTER_S / 3)
+            silent_s = time.monotonic() - self.heard_at
+            if self.link == "live" and silent_s > SILENT_AFTER_S:
+                self._set_link("unreachable", f"no event from the broker for {silent_s:.0f} s")
 
     def _set_link(self, link: str, error: str | None = None) -> None:
         if link == self.link:
@@ -419,4 +376,4 @@ class EventStreamResponse(Response):
             pass
 
 
-__all__ = ["EventHub", "Stream", "Batch", "EventStreamResponse", "broker_events", "decode_message", "sse"]
+__all__ = ["EventHub", "Stream", "Batch", "EventStreamResponse", "sse"]

@@ -13,15 +13,12 @@ from broker.protocol import EncodeError, pack_value
 from client.errors import BrokerUnavailable, GridqError, TaskError
 from client.state import DEFAULT_EVENTS, SILENT_AFTER_S
 from client.web.auth import Tokens
-from client.web.events import EventHub, broker_events
+from client.web.events import EventHub
 from client.web.metrics import Metrics
 from client.web.models import TaskIn
 from client.web.tasks import DEFAULT_WINDOW, TaskWindow
 
-try:  # the asyncio client (issue 14); until it is merged, the threaded one behind the same contract
-    from client.aio import AsyncClient
-except ImportError:  # pragma: no cover - depends on the branch
-    from client.web.aioshim import AsyncClient
+from client.aio import AsyncClient
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +66,7 @@ class Gateway:
         # the broker gives up on a request after timeout * (retries + 1): keep that near our own deadline
         self.client = AsyncClient(c.broker, timeout=max(c.broker_wait_s / 2, 0.5), retries=1, broker_key=c.broker_key,
                                   secret=c.curve_secret, cancel_on_close=False)
-        self.hub = EventHub(lambda: broker_events(self.client, c.events), self.client.status,
+        self.hub = EventHub(lambda: self.client.events("", c.events), self.client.status,
                             on_event=self.window.event, metrics=self.metrics)
         self.hub.start()
         log.info("gateway_started", broker=c.broker, events=c.events)
