@@ -15,7 +15,7 @@ export function renderCounters(model) {
   const busy = slots ? Math.round((100 * workers.reduce((n, w) => n + Math.min(w.running || 0, w.slots || 0), 0)) / slots) : 0;
   text("busy-sub", slots ? `${busy}% of slots busy` : "");
   const queues = Object.entries(model.queues || {}).map(([r, n]) => `${r} ${fmtInt(n)}`).join(" · ");
-  text("queues-sub", queues ? `waiting for ${queues}` : "");
+  text("queues-sub", queues && c.queued > 0 ? `waiting for ${queues}` : "");
   const s = model.stats;
   text("rate-sub", s.rate !== undefined ? `${fmtInt(Math.round(s.rate))} tasks/s` : "");
   text("cancelled-sub", c.cancelled ? `${fmtInt(c.cancelled)} cancelled` : "");
