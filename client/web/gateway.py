@@ -131,7 +131,9 @@ def refusal(exc: BaseException, where: str) -> ApiError:
     """The HTTP answer for a task the broker did not accept."""
     if isinstance(exc, BrokerUnavailable):
         return unavailable(exc)
-    if type(exc).__name__ == "KeyConflict" or "key" in str(exc).lower() and "conflict" in str(exc).lower():
+    text = str(exc).lower()
+    # KeyConflict comes with issue 17; until then a refusal that says the key is taken means the same
+    if type(exc).__name__ == "KeyConflict" or "key" in text and any(w in text for w in ("conflict", "taken", "in use")):
         return ApiError(409, "KeyConflict", f"{where}.key: {exc}")
     if isinstance(exc, TaskError):
         return ApiError(422, exc.type, f"{where}: the broker refused the task: {exc.message}")
