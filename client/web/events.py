@@ -32,6 +32,8 @@ RING_EVENTS = 20_000
 STREAM_BUFFER_BYTES = 4 << 20
 #: events gathered into one batch at most before it goes to the streams
 BATCH_EVENTS = 2000
+#: events handled before the hub lets other work on the loop run
+YIELD_EVERY = 256
 #: seconds between keep-alive comments on a quiet stream (they also reveal a vanished reader)
 KEEPALIVE_S = 15.0
 #: first pause before resubscribing after the broker went away, doubled up to RETRY_MAX_S
@@ -185,7 +187,13 @@ class EventHub:
         retry_s = RETRY_MIN_S
         while True:
             try:
+                handled = 0
                 async for item in self._source():
+                    handled += 1
+                    if handled % YIELD_EVERY == 0:
+                        # a flood arrives in runs of thousands without a real await between them:
+                        # let HTTP requests and the client's own replies in between
+                        await asyncio.sleep(0)
                     self.heard_at = time.monotonic()
                     if item.get("topic") == "snapshot":
                         self._on_snapshot(item)
