@@ -1,0 +1,387 @@
+"""One subscription to the broker's events feeds every browser: a ring of recent events for
+``Last-Event-ID`` resume, and Server-Sent Events fan-out through bounded per-stream buffers.
+
+A reader that falls behind its buffer is disconnected (its browser reconnects and resumes
+from the ring, or from a fresh snapshot); it never slows the gateway or the other readers.
+Each event is encoded to SSE text once, and events go out in shared batches, so 50 open
+streams cost 50 list appends per batch, not 50 encodings per event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from itertools import islice
+from typing import AsyncIterator, Awaitable, Callable
+
+import structlog
+import zmq
+from starlette.responses import Response
+
+from client.errors import BrokerUnavailable, GridqError
+from client.state import SILENT_AFTER_S
+from client.web.tasks import to_json
+
+log = structlog.get_logger(__name__)
+
+#: recent events kept for Last-Event-ID resume
+RING_EVENTS = 20_000
+#: bytes a stream may have waiting to be sent before its reader counts as fallen behind
+STREAM_BUFFER_BYTES = 4 << 20
+#: events gathered into one batch at most before it goes to the streams
+BATCH_EVENTS = 2000
+#: events handled before the hub lets other work on the loop run
+YIELD_EVERY = 256
+#: seconds between keep-alive comments on a quiet stream (they also reveal a vanished reader)
+KEEPALIVE_S = 15.0
+#: first pause before resubscribing after the broker went away, doubled up to RETRY_MAX_S
+RETRY_MIN_S = 0.25
+RETRY_MAX_S = 4.0
+#: what EventSource waits before reconnecting, sent once per stream (milliseconds)
+RECONNECT_MS = 1000
+
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "content-type": "text/event-stream; charset=utf-8"}
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  #: one encoder, not one per event
+
+
+def sse(seq: int | None, topic: str, data) -> str:
+    """One Server-Sent Event: ``id: SEQ``, ``event: TOPIC``, ``data: JSON``."""
+    head = "" if seq is None else f"id: {seq}\n"
+    try:
+        body = _encode(data)
+    except (TypeError, ValueError):  # bytes, NaN, numpy values: rare, so converted only when met
+        body = _encode(to_json(data))
+    return f"{head}event: {topic}\ndata: {body}\n\n"
+
+
+def _text(entry: list) -> str:
+    """A ring entry ``[seq, topic, event, text]`` as SSE text, encoded once, when first needed."""
+    if entry[3] is None:
+        entry[3] = sse(entry[0], entry[1], entry[2])
+        entry[2] = None  # the text is smaller than the map
+    return entry[3]
+
+
+class Batch:
+    """Events sent to every stream at once; its text is joined once, when first needed."""
+
+    __slots__ = ("entries", "first", "last", "size", "kind", "_text")
+
+    def __init__(self, entries: list, kind: str = "events") -> None:
+        self.entries = entries  #: [(seq, sse text)]
+        self.first, self.last = entries[0][0], entries[-1][0]
+        self.size = sum(len(t) for _, t in entries)
+        #: "events"; "snapshot" (sent to everyone, and what follows continues from its seq); "note" (sent to everyone)
+        self.kind = kind
+        self._text = None
+
+    @property
+    def text(self) -> str:
+        if self._text is None:
+            self._text = "".join(t for _, t in self.entries)
+        return self._text
+
+    def after(self, seq: int) -> str:
+        return "".join(t for s, t in self.entries if s > seq)
+
+
+class Stream:
+    """One reader's bounded buffer of batches; ``dropped`` once it overflows."""
+
+    def __init__(self, after: int | None, limit_bytes: int = STREAM_BUFFER_BYTES) -> None:
+        self.after = after  #: seq of the last event this reader has (or its snapshot's)
+        self.limit_bytes = limit_bytes
+        self.batches: deque = deque()
+        self.size = 0
+        self.dropped = False
+        self._wakeup = asyncio.Event()
+
+    def put(self, batch: Batch) -> bool:
+        if self.dropped:
+            return False
+        if self.size + batch.size > self.limit_bytes:
+            self.dropped = True  # fallen behind: disconnected, never buffered forever
+            self.batches.clear()
+            self._wakeup.set()
+            return False
+        self.batches.append(batch)
+        self.size += batch.size
+        self._wakeup.set()
+        return True
+
+    def take(self) -> str:
+        """What is waiting, as SSE text: events after ``after`` only."""
+        parts = []
+        while self.batches:
+            batch = self.batches.popleft()
+            self.size -= batch.size
+            if batch.kind == "note":
+                parts.append(batch.text)
+            elif batch.kind == "snapshot":
+                parts.append(batch.text)
+                self.after = batch.last
+            elif self.after is None or batch.first > self.after:
+                parts.append(batch.text)
+                self.after = batch.last
+            elif batch.last > self.after:
+                parts.append(batch.after(self.after))
+                self.after = batch.last
+        self._wakeup.clear()
+        return "".join(parts)
+
+    async def wait(self, timeout_s: float) -> None:
+        if not self.batches and not self.dropped:
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                pass
+
+
+class EventHub:
+    """The gateway's one subscription: feeds the ring, the streams, the task window and the metrics."""
+
+    def __init__(self, source: Callable[[], AsyncIterator[dict]], status: Callable[[], Awaitable[dict]], *,
+                 on_event: Callable[[str, dict], None] | None = None, metrics=None, ring_events: int = RING_EVENTS,
+                 stream_buffer_bytes: int = STREAM_BUFFER_BYTES) -> None:
+        self._source = source
+        self._status = status
+        self._on_event = on_event
+        self.metrics = metrics
+        self.ring: deque = deque(maxlen=ring_events)  #: [seq, topic, event, sse text or None], consecutive seqs
+        self.head: int | None = None  #: seq of the newest event (or snapshot) handed to the streams
+        self.streams: set[Stream] = set()
+        self.stream_buffer_bytes = stream_buffer_bytes
+        self.link = "connecting"  #: connecting, live or unreachable
+        self.error: str | None = None
+        self.heard_at = 0.0  #: local monotonic time of the latest item
+        self.live = asyncio.Event()
+        self._pending: list = []
+        self._counts: dict = {}
+        self._run_times: list = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._task: asyncio.Task | None = None
+        self._watchdog: asyncio.Task | None = None
+        self._asking: asyncio.Future | None = None  #: the status request new streams are waiting on
+
+    # ------------------------------------------------------------ the subscription
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name="gridq-web-events")
+        self._watchdog = loop.create_task(self._watch(), name="gridq-web-events-watchdog")
+
+    async def close(self) -> None:
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        for stream in list(self.streams):
+            stream.dropped = True
+            stream._wakeup.set()
+
+    async def _run(self) -> None:
+        retry_s = RETRY_MIN_S
+        while True:
+            try:
+                handled = 0
+                async for item in self._source():
+                    handled += 1
+                    if handled % YIELD_EVERY == 0:
+                        # a flood arrives in runs of thousands without a real await between them:
+                        # let HTTP requests and the client's own replies in between
+                        await asyncio.sleep(0)
+                    self.heard_at = time.monotonic()
+                    if item.get("topic") == "snapshot":
+                        self._on_snapshot(item)
+                        retry_s = RETRY_MIN_S
+                    else:
+                        if self.link != "live":
+                            self._set_link("live")
+                        self._on_item(item)
+            except asyncio.CancelledError:
+                raise
+            except (GridqError, TimeoutError, zmq.ZMQError) as exc:
+                self._set_link("unreachable", str(exc) or type(exc).__name__)
+            except Exception as exc:  # a bug must not end the subscription for good
+                log.exception("event_subscription_failed")
+                self._set_link("unreachable", f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(retry_s)
+            retry_s = min(retry_s * 2, RETRY_MAX_S)
+
+    async def _watch(self) -> None:
+        """The broker publishes broker.stats about once a second: this long without an item, it is away."""
+        while True:
+            await asyncio.sleep(SILENT_AFTER_S / 3)
+            silent_s = time.monotonic() - self.heard_at
+            if self.link == "live" and silent_s > SILENT_AFTER_S:
+                self._set_link("unreachable", f"no event from the broker for {silent_s:.0f} s")
+
+    def _set_link(self, link: str, error: str | None = None) -> None:
+        if link == self.link:
+            self.error = error
+            return
+        (log.info if link == "live" else log.warning)("broker_link", link=link, error=error)
+        self.link, self.error = link, error
+        if link == "live":
+            self.live.set()
+        else:
+            self.live.clear()
+        if self.streams:
+            self._flush()
+            text = sse(None, "gateway.link", {"link": link, "error": error})
+            self._broadcast(Batch([(None, text)], kind="note"))
+
+    def _on_snapshot(self, item: dict) -> None:
+        self._flush()
+        snap = to_json(item["snapshot"])
+        seq = int(item["seq"])
+        if self.metrics is not None:
+            self.metrics.state(snap)
+            self.metrics.resyncs.inc()
+        if self.head is not None and seq != self.head:  # events were missed, or another broker took over
+            self.ring.clear()
+            self.head = seq
+            self._broadcast(Batch([(seq, sse(seq, "snapshot", snap))], kind="snapshot"))
+        self.head = seq
+        self._set_link("live")
+
+    def _on_item(self, ev: dict) -> None:
+        topic, seq = ev["topic"], ev["seq"]
+        entry = [seq, topic, ev, None]  # encoded only if a stream needs it: no browser open costs no JSON
+        self.ring.append(entry)
+        self.head = seq
+        self._counts[topic] = self._counts.get(topic, 0) + 1
+        if topic == "task.succeeded":
+            run_s = ev.get("run_s")
+            if isinstance(run_s, (int, float)):
+                self._run_times.append(run_s)
+        elif topic == "broker.stats" and self.metrics is not None:
+            self.metrics.state(ev)
+        if self._on_event is not None:
+            self._on_event(topic, ev)
+        if self.streams:
+            self._pending.append(entry)
+        if len(self._pending) >= BATCH_EVENTS or len(self._run_times) >= BATCH_EVENTS:
+            self._flush()
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self.metrics is not None and (self._counts or self._run_times):
+            self.metrics.events(self._counts, self._run_times)
+        self._counts, self._run_times = {}, []
+        if self._pending:
+            batch, self._pending = Batch([(e[0], _text(e)) for e in self._pending]), []
+            self._broadcast(batch)
+
+    def _broadcast(self, batch: Batch) -> None:
+        for stream in list(self.streams):
+            if not stream.put(batch):
+                self._drop(stream)
+
+    def _drop(self, stream: Stream) -> None:
+        if stream in self.streams:
+            self.streams.discard(stream)
+            log.info("event_stream_dropped", reason="reader fell behind", buffered=stream.limit_bytes)
+            if self.metrics is not None:
+                self.metrics.sse_dropped.inc()
+                self.metrics.sse_streams.set(len(self.streams))
+
+    # ------------------------------------------------------------ streams
+
+    def resumable(self, last_id: int) -> bool:
+        if self.head is None:
+            return False
+        return last_id == self.head or bool(self.ring) and self.ring[0][0] - 1 <= last_id <= self.head
+
+    def resume(self, last_id: int) -> tuple[Stream, str]:
+        """A stream continuing after ``last_id`` from the ring, none missing, none repeated."""
+        self._flush()
+        text = ""
+        if last_id < self.head:
+            text = "".join(_text(e) for e in islice(self.ring, last_id + 1 - self.ring[0][0], None))
+        return self._register(self.head), text
+
+    async def fresh(self, timeout_s: float) -> tuple[Stream, str]:
+        """A new stream: a snapshot, then every event after it. BrokerUnavailable if none can be had."""
+        if self._asking is None or self._asking.done():
+            # streams opening together (browsers reconnecting after a restart) share one request
+            self._asking = asyncio.ensure_future(self._status())
+        try:
+            snap = await asyncio.wait_for(asyncio.shield(self._asking), timeout_s)
+        except (asyncio.TimeoutError, TimeoutError) as exc:
+            raise BrokerUnavailable(f"the broker did not answer within {timeout_s:g} s") from exc
+        self._flush()
+        seq = int(snap["seq"])
+        text = sse(seq, "snapshot", to_json(snap))
+        # events up to seq are in the snapshot; the ones after it that already went by are in the ring
+        backlog = "".join(_text(e) for e in self.ring if e[0] > seq) if self.head is not None and seq < self.head else ""
+        return self._register(max(seq, self.head or seq)), text + backlog
+
+    def _register(self, after: int | None) -> Stream:
+        stream = Stream(after, self.stream_buffer_bytes)
+        self.streams.add(stream)
+        if self.metrics is not None:
+            self.metrics.sse_streams.set(len(self.streams))
+        return stream
+
+    def unregister(self, stream: Stream) -> None:
+        self.streams.discard(stream)
+        if self.metrics is not None:
+            self.metrics.sse_streams.set(len(self.streams))
+
+
+class EventStreamResponse(Response):
+    """``text/event-stream`` of one Stream; ends when the reader leaves or falls behind."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, hub: EventHub, stream: Stream, first: str, headers: dict | None = None) -> None:
+        self.status_code = 200
+        self.background = None
+        # no content-length: the body never ends while the reader keeps up
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in {**SSE_HEADERS, **(headers or {})}.items()]
+        self.hub, self.stream, self.first = hub, stream, first
+
+    async def __call__(self, scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        pump = asyncio.ensure_future(self._pump(send))
+        watch = asyncio.ensure_future(self._watch(receive))
+        try:
+            await asyncio.wait({pump, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (pump, watch):
+                task.cancel()
+            await asyncio.gather(pump, watch, return_exceptions=True)
+            self.hub.unregister(self.stream)
+        if not watch.cancelled() and watch.done():
+            return  # the reader left
+        try:  # fallen behind: end the response (a reader that reads nothing gets its socket closed)
+            await asyncio.wait_for(send({"type": "http.response.body", "body": b"", "more_body": False}), 1.0)
+        except (asyncio.TimeoutError, OSError):
+            pass
+
+    async def _pump(self, send) -> None:
+        await send({"type": "http.response.body", "body": f"retry: {RECONNECT_MS}\n{self.first}".encode(),
+                    "more_body": True})
+        stream = self.stream
+        while not stream.dropped:
+            await stream.wait(KEEPALIVE_S)
+            if stream.dropped:
+                break
+            text = stream.take() or ": keep-alive\n\n"
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+
+    async def _watch(self, receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+__all__ = ["EventHub", "Stream", "Batch", "EventStreamResponse", "sse"]

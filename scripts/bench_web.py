@@ -1,0 +1,267 @@
+"""Benchmark gridq-web (issue 12's figures): batch POST latency, gateway submit rate against Client.map,
+broker throughput with 50 SSE streams open against none, gateway RSS, and the page's first paint and
+JS heap. Starts its own broker, workers and gateway on free loopback ports and stops them by PID.
+
+    .venv/bin/python scripts/bench_web.py            # about 2 minutes
+    .venv/bin/python scripts/bench_web.py --quick    # about 40 s, smaller counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from client import Client  # noqa: E402
+
+CHROMIUM = "/usr/lib/chromium/chromium"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class Procs:
+    """Every process the benchmark starts; all ended by PID on exit."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.procs = tmp, []
+        self.env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+    def start(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{name}.log", "wb")
+        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.tmp)
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            self.stop(proc)
+
+
+def start_web(procs: Procs, frontend: str, events: str, name: str = "web") -> tuple[subprocess.Popen, str]:
+    proc = procs.start(name, "-m", "client.web", "--broker", frontend, "--events", events, "--listen", "127.0.0.1:0")
+    log = procs.tmp / f"{name}.log"
+
+    def url():
+        if proc.poll() is not None:
+            raise RuntimeError(log.read_text())
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith("gridq-web: serving on "):
+                return line.split()[-1].rstrip("/")
+        return None
+
+    base = wait_for(url, 30, "gridq-web")
+    wait_for(lambda: httpx.get(base + "/healthz").status_code == 200, 30, "gateway healthy")
+    return proc, base
+
+
+def map_rate(frontend: str, n: int) -> float:
+    with Client(frontend) as c:
+        c.map("noop", range(200))  # warm
+        started = time.perf_counter()
+        c.map("noop", range(n))
+        return n / (time.perf_counter() - started)
+
+
+def done_count(frontend: str) -> int:
+    with Client(frontend) as c:
+        return c.status()["done"]
+
+
+def gateway_rate(base: str, frontend: str, n: int, batch: int = 10_000) -> dict:
+    """POST n no-ops in arrays of ``batch``; accepted rate, and end-to-end until all are done."""
+    before = done_count(frontend)
+    with httpx.Client(base_url=base, timeout=60) as http:
+        body = json.dumps([{"task": "noop"}] * batch).encode()
+        headers = {"content-type": "application/json"}
+        started = time.perf_counter()
+        first_batch_s = None
+        for i in range(n // batch):
+            t0 = time.perf_counter()
+            r = http.post("/api/tasks", content=body, headers=headers)
+            r.raise_for_status()
+            if first_batch_s is None:
+                first_batch_s = time.perf_counter() - t0
+        accepted_s = time.perf_counter() - started
+    with Client(frontend) as c:
+        wait_for(lambda: c.status()["done"] - before >= n, 300, "gateway tasks done")
+    total_s = time.perf_counter() - started
+    return {"first_batch_accepted_s": first_batch_s, "accepted_per_s": n / accepted_s, "done_per_s": n / total_s}
+
+
+async def _read_streams(base: str, count: int, out: str, max_s: float = 600.0) -> None:
+    """``count`` SSE readers that keep up; every second, bytes read and streams ended go to ``out``.
+    Runs until killed (or ``max_s``)."""
+    totals = {"bytes": 0, "ended": 0, "connected": 0}
+
+    host, port = base.split("//")[1].split(":")
+
+    async def reader():
+        # a raw socket that reads and discards, as cheap as a reader can be: browsers run elsewhere
+        try:
+            r, w = await asyncio.open_connection(host, int(port))
+            w.write(f"GET /api/events HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
+            await w.drain()
+            totals["connected"] += 1
+            while chunk := await r.read(1 << 16):
+                totals["bytes"] += len(chunk)
+        except OSError:
+            pass
+        totals["ended"] += 1
+
+    tasks = [asyncio.ensure_future(reader()) for _ in range(count)]
+    end = time.monotonic() + max_s
+    while time.monotonic() < end:
+        await asyncio.sleep(1.0)
+        Path(out).write_text(json.dumps(totals))
+    for t in tasks:
+        t.cancel()
+
+
+def streams_process(base: str, count: int, out: Path) -> list:
+    code = (f"import asyncio, sys; sys.path.insert(0, {str(ROOT / 'scripts')!r}); import bench_web as b; "
+            f"asyncio.run(b._read_streams({base!r}, {count}, {str(out)!r}))")
+    return [sys.executable, "-c", code]
+
+
+def streams_open(base: str) -> float:
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line.startswith("gridq_web_event_streams "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def rss_mib(proc: subprocess.Popen) -> float:
+    return psutil.Process(proc.pid).memory_info().rss / (1 << 20)
+
+
+def page_figures(base: str, frontend: str, seconds: float) -> dict:
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--enable-precise-memory-info"])
+        page = browser.new_page(viewport={"width": 1440, "height": 1000})
+        started = time.perf_counter()
+        page.goto(base + "/")
+        expect(page.locator("[data-testid=connection]")).to_have_text("live", timeout=30_000)
+        live_s = time.perf_counter() - started
+        paint = page.evaluate("(performance.getEntriesByName('first-contentful-paint')[0] || {}).startTime || null")
+        heap = lambda: page.evaluate("performance.memory.usedJSHeapSize") / (1 << 20)  # noqa: E731
+        heap_start = heap()
+        samples = []
+        with Client(frontend) as c:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                c.map("noop", range(5000))  # a busy cluster: the page takes every event
+                samples.append(round(heap(), 1))
+        browser.close()
+    return {"first_contentful_paint_ms": paint, "live_s": live_s, "js_heap_mib_start": round(heap_start, 1),
+            "js_heap_mib_samples": samples[:: max(1, len(samples) // 10)], "js_heap_mib_end": samples[-1] if samples else None}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller counts (about 40 s)")
+    ap.add_argument("--page-seconds", type=float, default=None, help="how long the page watches a busy cluster")
+    args = ap.parse_args()
+    n_map = 20_000 if args.quick else 50_000
+    n_web = 20_000 if args.quick else 50_000
+    stream_s = 10.0 if args.quick else 20.0
+    page_s = args.page_seconds if args.page_seconds is not None else (15.0 if args.quick else 60.0)
+    results: dict = {"cpus": os.cpu_count()}
+    with tempfile.TemporaryDirectory(prefix="gridq-bench-web-") as tmp:
+        procs = Procs(Path(tmp))
+        try:
+            frontend, backend, events = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
+            procs.start("broker", "-m", "broker", "--frontend", frontend, "--backend", backend, "--events", events)
+            for i in range(2):
+                procs.start(f"worker{i}", "-m", "worker", "--broker", backend, "--slots", "2",
+                            "--name", f"bench-{i}")
+            with Client(frontend) as c:
+                wait_for(lambda: len(c.status()["workers"]) == 2, 30, "workers")
+
+            # 1. broker throughput with no gateway
+            results["map_per_s_no_gateway"] = map_rate(frontend, n_map)
+            # 2. the gateway: batch POST and submit rate, same run
+            web, base = start_web(procs, frontend, events)
+            results["gateway_rss_mib_start"] = round(rss_mib(web), 1)
+            results["map_per_s_gateway_idle"] = map_rate(frontend, n_map)
+            results.update(gateway_rate(base, frontend, n_web))
+            # 3. 50 SSE streams reading while the cluster runs no-ops flat out
+            out = Path(tmp) / "streams.json"
+            readers = subprocess.Popen(streams_process(base, 50, out), env=procs.env)
+            try:
+                wait_for(lambda: streams_open(base) >= 50, 120, "50 streams")
+                rss_before = rss_mib(web)
+                rates = []
+                end = time.monotonic() + stream_s
+                while time.monotonic() < end:
+                    rates.append(map_rate(frontend, n_map // 4))
+                results["map_per_s_50_streams"] = sum(rates) / len(rates)
+                results["gateway_rss_mib_50_streams"] = [round(rss_before, 1), round(rss_mib(web), 1)]
+                results["streams_open_at_end"] = streams_open(base)
+                time.sleep(1.5)
+                results["streams"] = json.loads(out.read_text())
+            finally:
+                if readers.poll() is None:
+                    readers.send_signal(signal.SIGTERM)
+                readers.wait(timeout=30)
+            results["ratio_50_streams_vs_no_gateway"] = results["map_per_s_50_streams"] / results["map_per_s_no_gateway"]
+            # 4. the page
+            if os.path.exists(CHROMIUM):
+                results["page"] = page_figures(base, frontend, page_s)
+                results["gateway_rss_mib_end"] = round(rss_mib(web), 1)
+        finally:
+            procs.close()
+    print(json.dumps(results, indent=2))
+    r = results
+    print(f"\n10,000-task batch POST accepted in {r['first_batch_accepted_s']:.2f} s")
+    print(f"gateway: {r['accepted_per_s']:,.0f} tasks/s accepted, {r['done_per_s']:,.0f} tasks/s done; "
+          f"Client.map {r['map_per_s_gateway_idle']:,.0f} tasks/s (ratio {r['done_per_s'] / r['map_per_s_gateway_idle']:.2f})")
+    print(f"broker with 50 SSE streams: {r['map_per_s_50_streams']:,.0f} tasks/s vs {r['map_per_s_no_gateway']:,.0f} "
+          f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x)")
+    if "page" in r:
+        print(f"page: first paint {r['page']['first_contentful_paint_ms']:.0f} ms, live in {r['page']['live_s']:.2f} s, "
+              f"JS heap {r['page']['js_heap_mib_start']} -> {r['page']['js_heap_mib_end']} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

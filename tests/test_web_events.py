@@ -1,0 +1,170 @@
+"""The gateway's event hub without sockets: ring, resume, snapshots after gaps, slow readers, message forms."""
+
+from __future__ import annotations
+
+import asyncio
+
+from client.web.events import Batch, EventHub, Stream
+from client.web.metrics import Metrics
+from client.web.tasks import TaskWindow
+
+
+def ev(seq: int, topic: str = "task.submitted", **fields) -> dict:
+    return {"topic": topic, "seq": seq, "ts": 1.0, "task_id": f"t{seq}", "name": "noop", **fields}
+
+
+def ids(text: str) -> list[int]:
+    return [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+
+
+def events_of(text: str) -> list[str]:
+    return [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class Feed:
+    """A source the test drives: items put on a queue come out of the hub's subscription."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    async def source(self):
+        while True:
+            item = await self.queue.get()
+            yield item
+
+    async def status(self) -> dict:
+        return {"seq": self.status_seq, "workers": [], "queued": 0, "running": 0, "done": 0, "failed": 0}
+
+    status_seq = 0
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def hub_with(feed: Feed, **kw) -> EventHub:
+    hub = EventHub(feed.source, feed.status, metrics=Metrics(), **kw)
+    hub.start()
+    await feed.queue.put({"topic": "snapshot", "seq": 0, "snapshot": await feed.status()})
+    await settle()
+    return hub
+
+
+def test_a_resumed_stream_gets_every_event_after_its_id_once():
+    async def main():
+        feed = Feed()
+        hub = await hub_with(feed)
+        for seq in range(1, 11):
+            await feed.queue.put(ev(seq))
+        await settle()
+        assert hub.resumable(4) and hub.resumable(0) and not hub.resumable(11)
+        stream, text = hub.resume(4)
+        assert ids(text) == [5, 6, 7, 8, 9, 10]
+        for seq in range(11, 14):
+            await feed.queue.put(ev(seq))
+        await settle()
+        assert ids(stream.take()) == [11, 12, 13]
+        await hub.close()
+
+    run(main())
+
+
+def test_the_ring_forgets_the_oldest_events_and_such_an_id_is_not_resumable():
+    async def main():
+        feed = Feed()
+        hub = await hub_with(feed, ring_events=5)
+        for seq in range(1, 21):
+            await feed.queue.put(ev(seq))
+        await settle()
+        assert not hub.resumable(10) and hub.resumable(15) and hub.resumable(20)
+        await hub.close()
+
+    run(main())
+
+
+def test_a_new_stream_skips_events_its_snapshot_already_holds():
+    async def main():
+        feed = Feed()
+        hub = await hub_with(feed)
+        feed.status_seq = 3  # the broker is ahead of the events received so far
+        stream, text = await hub.fresh(1.0)
+        assert events_of(text) == ["snapshot"] and ids(text) == [3]
+        for seq in range(1, 7):
+            await feed.queue.put(ev(seq))
+        await settle()
+        assert ids(stream.take()) == [4, 5, 6]
+        await hub.close()
+
+    run(main())
+
+
+def test_after_a_gap_every_stream_gets_a_fresh_snapshot_and_continues_from_it():
+    async def main():
+        feed = Feed()
+        hub = await hub_with(feed)
+        await feed.queue.put(ev(1))
+        await settle()
+        stream, _ = hub.resume(1)
+        await feed.queue.put({"topic": "snapshot", "seq": 50, "snapshot": {"seq": 50, "workers": []}})
+        await feed.queue.put(ev(51))
+        await settle()
+        text = stream.take()
+        assert events_of(text) == ["snapshot", "task.submitted"] and ids(text) == [50, 51]
+        assert not hub.resumable(1) and hub.resumable(50)
+        await hub.close()
+
+    run(main())
+
+
+def test_a_reader_that_falls_behind_is_dropped_and_the_others_go_on():
+    async def main():
+        feed = Feed()
+        hub = await hub_with(feed, stream_buffer_bytes=4000)
+        slow, _ = hub.resume(0)
+        fast, _ = hub.resume(0)
+        got = []
+        for seq in range(1, 200):
+            await feed.queue.put(ev(seq))
+            await settle()
+            got += ids(fast.take())  # the fast reader keeps up; the slow one never reads
+        assert slow.dropped and slow not in hub.streams and fast in hub.streams
+        assert got == list(range(1, 200))
+        assert hub.metrics.sse_dropped._value.get() == 1
+        await hub.close()
+
+    run(main())
+
+
+def test_task_events_feed_the_window_and_the_metrics():
+    async def main():
+        feed = Feed()
+        window = TaskWindow(size=3)
+        hub = EventHub(feed.source, feed.status, metrics=Metrics(), on_event=window.event)
+        hub.start()
+        await feed.queue.put({"topic": "snapshot", "seq": 0, "snapshot": await feed.status()})
+        seq = 0
+        for n in range(5):
+            for topic in ("task.submitted", "task.started", "task.succeeded"):
+                seq += 1
+                await feed.queue.put(ev(seq, topic, task_id=f"x{n}", worker="w", attempt=1, run_s=0.01))
+        await settle()
+        assert len(window) == 3 and window.get("x0") is None
+        assert window.get("x4").state == "succeeded"
+        metrics = hub.metrics.render().decode()
+        assert 'gridq_tasks_total{event="succeeded"} 5.0' in metrics
+        assert "gridq_task_run_seconds_count 5.0" in metrics
+        await hub.close()
+
+    run(main())
+
+
+def test_a_stream_filters_a_batch_that_straddles_what_it_has():
+    stream = Stream(after=5)
+    stream.put(Batch([(4, "id: 4\n\n"), (5, "id: 5\n\n"), (6, "id: 6\n\n")]))
+    stream.put(Batch([(7, "id: 7\n\n")]))
+    assert ids(stream.take()) == [6, 7]
