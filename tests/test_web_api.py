@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import Cluster, wait_until
+from tests.conftest import Cluster, silent_endpoints, wait_until
 from tests.web_support import SSE, run_module, self_signed, start_web, web_grid
 
 XSS = '<img src=x onerror="window.__xss=1">'
@@ -290,8 +290,13 @@ def test_http_submitted_tasks_outlive_a_gateway_restart(grid):
 
 
 def test_without_a_broker_health_and_broker_endpoints_answer_503_in_bounded_time(tmp_path):
-    cluster = Cluster(tmp_path)  # no broker started on these ports
-    web = start_web(cluster, "--broker-wait", "1")
+    cluster = Cluster(tmp_path)
+    with silent_endpoints(2) as (frontend, events):  # bound, never answering: a broker that is down
+        _answers_503_while_the_broker_is_silent(cluster, start_web(cluster, "--broker-wait", "1", broker=frontend,
+                                                                   events=events))
+
+
+def _answers_503_while_the_broker_is_silent(cluster, web) -> None:
     try:
         for method, path, body in (("GET", "/healthz", None), ("GET", "/api/status", None), ("GET", "/api/workers", None),
                                    ("POST", "/api/tasks", {"task": "noop"}), ("GET", "/api/events", None)):
