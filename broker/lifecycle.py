@@ -168,7 +168,9 @@ class Lifecycle:
         self.stats.finished(now, task.queued_s, run_s)
 
     def fail(self, task: Task, worker: str | None, error: dict, now: float, run_s: float) -> None:
-        self.finish(task, TaskState.FAILED, error, [], now, self.info(task, run_s))
+        info = self.info(task, run_s)
+        info["name"] = task.name  # so the client's TaskError can say which task failed
+        self.finish(task, TaskState.FAILED, error, [], now, info)
         self.events.failed(task, worker, error, self.needs_of(task))
 
     def finish(self, task: Task, state: TaskState, value, frames: list, now: float, info: dict | None = None) -> None:

@@ -77,6 +77,7 @@ class ErrorType:
     TASK_TIMEOUT = "TaskTimeout"  #: it ran past its timeout_s
     NO_WORKER = "NoWorkerAvailable"  #: no connected worker could serve it for --no-worker-timeout
     PROTOCOL = "ProtocolError"  #: it cannot travel to the worker that took it (an MDP worker: frames only)
+    KEY_CONFLICT = "KeyConflict"  #: its idempotency key belongs to a task of another name or arguments
 
 
 class ProtocolError(ValueError):

@@ -385,7 +385,9 @@ class Engine:
             elif status == "cancelled":
                 kind, outcome = CANCELLED, None
             else:
-                kind, outcome = ERROR, task_error(value if isinstance(value, dict) else {"message": str(value)})
+                about = info if isinstance(info, dict) else {}  # the broker names a failed task in its info
+                kind, outcome = ERROR, task_error(value if isinstance(value, dict) else {"message": str(value)},
+                                                  task_id=task_id, name=about.get("name"), worker=about.get("worker"))
             self._settle(task_id, kind, outcome, info)
 
     def _give_up(self, req: Request) -> None:
