@@ -23,7 +23,7 @@ import structlog
 
 from broker.events import Events, Outgoing, Stats
 from broker.lifecycle import Lifecycle
-from broker.protocol import Command, Message, ProtocolError, Topic, check_int, check_name, records
+from broker.protocol import Command, Message, ProtocolError, Topic, check_int, check_name, records, task_digest
 from broker.scheduler import AHEAD_MAX_WAIT_S, AHEAD_PER_SLOT, Scheduler  # noqa: F401 (tests)
 from broker.sessions import ACKED_GRACE_S, Sessions  # noqa: F401 (tests)
 from broker.states import TERMINAL, TaskState, WorkerState
@@ -111,7 +111,7 @@ class Core:
 
     def _on_submit(self, route: bytes, rid, msg: Message, now: float) -> None:
         session = check_name(msg.header.get("session"), "session")
-        rejected, aliases = [], []
+        rejected, aliases, conflicts = [], [], []
         for raw, frames in records(msg):
             try:
                 rec = raw.checked(self.max_retries)
@@ -124,7 +124,12 @@ class Core:
                 if existing.session != session:
                     rejected.append([task_id, "task id already in use by another session"])
                 continue  # a resend: accepted once already
+            digest = None if key is None else task_digest(rec.name, rec.args, frames)
             first = self.table.keyed(key) if key is not None else None
+            if first is not None and first.digest is not None and first.digest != digest:
+                conflicts.append([task_id, f"key {key!r} belongs to another task ({first.name!r}, id {first.task_id}): "
+                                           "a key stands for one task name and its arguments"])
+                continue
             if first is not None:
                 aliases.append([task_id, first.task_id])
                 if first.session != session and session not in first.watchers:
@@ -134,13 +139,14 @@ class Core:
                     self.results.deliver(first, session)
                 continue
             task = Task(task_id, session, rec.name, rec.args, frames, rec.resources, rec.priority, rec.retries,
-                        rec.timeout_s, key, now, wall_submitted=self.wall)
+                        rec.timeout_s, key, now, wall_submitted=self.wall, digest=digest, retry_on=rec.retry_on,
+                        backoff_s=rec.backoff_s)
             self.table.add(task)
             self.moves.enqueue(task, now)
             self.events.emit(Topic.TASK_SUBMITTED, task_id=task_id, name=task.name, resources=self.moves.needs_of(task),
                              priority=task.priority)
         self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases,
-                                              **self._incarnation})
+                                              "conflicts": conflicts, **self._incarnation})
 
     def _on_fetch(self, route: bytes, rid, msg: Message, now: float) -> None:
         session = check_name(msg.header.get("session"), "session")
@@ -259,6 +265,7 @@ class Core:
             self.wall = wall
         self.leases.tick(now)
         self.moves.expire_deadlines(now)
+        self.moves.expire_backoffs(now)
         self.moves.check_unservable(now)
         self.results.expire(now)
         if self.stats.due(now):
@@ -275,7 +282,9 @@ class Core:
         task = Task(rec["task_id"], rec["session"], rec["name"], rec["args"], rec["frames"], rec["override"],
                     rec["priority"], rec["retries"], rec["timeout_s"], rec["key"], now,
                     attempts=rec["attempts"], worker_name=rec["worker_name"], lost_on=rec["lost_on"],
-                    watchers=rec["watchers"], wall_submitted=rec["submitted_wall"])
+                    watchers=rec["watchers"], wall_submitted=rec["submitted_wall"], digest=rec.get("digest"),
+                    retry_on=tuple(rec.get("retry_on") or ()), backoff_s=rec.get("backoff_s"),
+                    error_retries=rec.get("error_retries") or 0)
         state = rec["state"]
         if state in TERMINAL:
             task.state = state

@@ -40,19 +40,27 @@ CREATE TABLE IF NOT EXISTS tasks (
     result_frames BLOB,        -- msgpack list of result array frames
     acked INTEGER NOT NULL DEFAULT 0,
     submitted_wall REAL NOT NULL,
-    finished_wall REAL
+    finished_wall REAL,
+    extra BLOB                 -- msgpack map: digest (of a keyed task), retry_on, backoff_s, error_retries
 );
 CREATE INDEX IF NOT EXISTS tasks_key ON tasks(key) WHERE key IS NOT NULL;
 """
 
 _UPSERT = """INSERT OR REPLACE INTO tasks VALUES
-    (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
+    (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 #: a finished task's arguments are dropped with its last state change
 _UPDATE = """UPDATE tasks SET state = ?1, attempts = ?2, worker_name = ?3, lost_on = ?4, watchers = ?5,
-    result = ?6, result_frames = ?7, acked = ?8,
+    result = ?6, result_frames = ?7, acked = ?8, extra = ?11,
     args = CASE WHEN ?6 IS NULL THEN args END, frames = CASE WHEN ?6 IS NULL THEN frames END,
     finished_wall = CASE WHEN ?6 IS NULL THEN NULL ELSE coalesce(finished_wall, ?10) END
     WHERE task_id = ?9"""
+
+
+def _extra(task) -> bytes | None:
+    """The columns added later, as one map (None where all are at their defaults)."""
+    extra = {k: v for k, v in (("digest", task.digest), ("retry_on", list(task.retry_on)),
+                               ("backoff_s", task.backoff_s), ("error_retries", task.error_retries)) if v}
+    return msgpack.packb(extra) if extra else None
 
 
 def _frames_blob(frames: list) -> bytes:
@@ -70,6 +78,8 @@ class Journal:
         # hands); a power cut may lose the last few commits. See docs/RELIABILITY.md.
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        if "extra" not in {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}:
+            self.db.execute("ALTER TABLE tasks ADD COLUMN extra BLOB")  # a journal from before the column
         self._new: dict = {}  #: task_id -> Task to insert whole, as it is at commit time
         self._dirty: dict = {}  #: task_id -> Task whose state columns to rewrite
         self._gone: set = set()  #: task ids to delete
@@ -124,12 +134,12 @@ class Journal:
         return (task.task_id, task.session, task.name,
                 None if finished else task.args, None if finished else _frames_blob(task.frames),
                 None if task.override is None else msgpack.packb(task.override),
-                task.priority, task.retries, task.timeout_s, task.key, *cls._update(task, wall)[:-2],
-                task.wall_submitted or wall, wall if finished else None)
+                task.priority, task.retries, task.timeout_s, task.key, *cls._update(task, wall)[:-3],
+                task.wall_submitted or wall, wall if finished else None, _extra(task))
 
     @staticmethod
     def _update(task, wall: float) -> tuple:
-        """The columns that change after acceptance, then the task id and the time (for _UPDATE)."""
+        """The columns that change after acceptance, then the task id, the time and extra (for _UPDATE)."""
         result = result_frames = None
         acked = 0
         if task.result is not None:
@@ -140,7 +150,7 @@ class Journal:
             # sessions that submitted its key after it, so it is delivered again after a restart
             acked = int(value is None and status != TaskState.CANCELLED.value)
         return (task.state.value, task.attempts, task.worker_name, msgpack.packb(task.lost_on),
-                msgpack.packb(sorted(task.watchers)), result, result_frames, acked, task.task_id, wall)
+                msgpack.packb(sorted(task.watchers)), result, result_frames, acked, task.task_id, wall, _extra(task))
 
     # ------------------------------------------------------------ replay
 
@@ -151,7 +161,7 @@ class Journal:
         rows = self.db.execute("SELECT * FROM tasks ORDER BY rowid").fetchall()
         for row in rows:
             (task_id, session, name, args, frames, override, priority, retries, timeout_s, key, state, attempts,
-             worker_name, lost_on, watchers, result, result_frames, acked, submitted_wall, finished_wall) = row
+             worker_name, lost_on, watchers, result, result_frames, acked, submitted_wall, finished_wall, extra) = row
             record = {
                 "task_id": task_id, "session": session, "name": name, "args": args or b"",
                 "frames": msgpack.unpackb(frames) if frames else [],
@@ -160,7 +170,7 @@ class Journal:
                 "state": TaskState(state), "attempts": attempts, "worker_name": worker_name,
                 "lost_on": msgpack.unpackb(lost_on), "watchers": set(msgpack.unpackb(watchers)),
                 "result": None, "acked": bool(acked), "submitted_wall": submitted_wall,
-                "ttl_left_s": None,
+                "ttl_left_s": None, **(msgpack.unpackb(extra) if extra else {}),
             }
             if result is not None:
                 status, value, info = msgpack.unpackb(result, strict_map_key=False)

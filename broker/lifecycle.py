@@ -7,13 +7,14 @@ worker holds, the results sessions wait for, the events subscribers see.
 
 from __future__ import annotations
 
+import difflib
 import heapq
 import math
 
 import structlog
 
-from broker.events import Events, Stats
-from broker.protocol import Command, DispatchRecord, DoneRecord, ErrorType, Message, Topic, hold
+from broker.events import Events, Stats, error_text
+from broker.protocol import MAX_BACKOFF_S, Command, DispatchRecord, DoneRecord, ErrorType, Message, Topic, hold
 from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, missing
 from broker.sessions import Sessions
 from broker.states import TaskState, WorkerState
@@ -38,6 +39,9 @@ class Lifecycle:
         self.ready: dict = {}  #: wid -> Worker that may have a free slot
         self.dirty = False  #: something changed that may let a task start
         self.deadlines: list = []  #: (deadline, task_id, attempt) of running tasks with a timeout
+        self.backoffs: list = []  #: (ready_at, task_id, attempts) of tasks waiting out a backoff, unqueued
+        #: task name -> (retry_on names, backoff_s) as its workers' @task declares it
+        self.retry_policies: dict[str, tuple[tuple, float]] = {}
 
     # ------------------------------------------------------------ queued
 
@@ -52,7 +56,8 @@ class Lifecycle:
         return task.override if task.override is not None else self.sched.declared.get(task.name, DEFAULT_NEEDS)
 
     def cancel(self, task: Task, now: float) -> None:
-        self.sched.discard(task.cls)
+        if task.cls is not None:  # None while it waits out a backoff
+            self.sched.discard(task.cls)
         self.finish(task, TaskState.CANCELLED, None, [], now)
         self.events.emit(Topic.TASK_CANCELLED, task_id=task.task_id, name=task.name, resources=self.needs_of(task))
 
@@ -114,11 +119,12 @@ class Lifecycle:
 
     # ------------------------------------------------------------ back to the queue
 
-    def requeue(self, task: Task, reason: str, now: float, lost: bool) -> None:
-        """A RUNNING task whose worker is gone or handed it back: queue again, or fail as lost."""
+    def requeue(self, task: Task, reason: str, now: float, lost: bool, delay_s: float = 0.0) -> None:
+        """A RUNNING task whose worker is gone or handed it back, or that raised an exception it
+        may retry on: queue again (after ``delay_s``), or fail as lost."""
         if lost:
             task.lost_on.append(task.worker_name)
-        if lost and len(task.lost_on) > task.retries:
+        if lost and len(task.lost_on) + task.error_retries > task.retries:
             error = {"type": ErrorType.TASK_LOST, "traceback": "",
                      "message": f"task {task.task_id} lost its worker {len(task.lost_on)} times "
                                 f"(retries={task.retries}); workers: {', '.join(task.lost_on)}"}
@@ -127,7 +133,11 @@ class Lifecycle:
         self.table.move(task, TaskState.QUEUED)
         task.worker = None
         task.submitted_at = now  # queued_s counts from the latest queueing
-        self.enqueue(task, now)
+        if delay_s > 0:  # waits out its backoff outside the queue (as data: expire_backoffs queues it)
+            task.cls = None
+            heapq.heappush(self.backoffs, (now + delay_s, task.task_id, task.attempts))
+        else:
+            self.enqueue(task, now)
         self.events.emit(Topic.TASK_RETRIED, task_id=task.task_id, name=task.name, reason=reason)
 
     def unsend(self, worker, task_id: str, now: float) -> bool:
@@ -164,8 +174,37 @@ class Lifecycle:
         else:
             value = rec.value
             error = value if isinstance(value, dict) else {"type": ErrorType.TASK_ERROR, "message": str(value)}
+            delay_s = self.retry_delay(task, error)
+            if delay_s is not None:
+                task.error_retries += 1
+                self.requeue(task, f"raised {error_text(error)} (run {task.attempts}; runs again in {delay_s:g} s, "
+                                   f"retries={task.retries})", now, lost=False, delay_s=delay_s)
+                return
             self.fail(task, worker.name, error, now, run_s)
         self.stats.finished(now, task.queued_s, run_s)
+
+    def declare_retries(self, serves: dict, policies: dict) -> None:
+        """What a joining worker's @task declares: the latest announcement of a name wins."""
+        for name in serves:
+            if name in policies:
+                self.retry_policies[name] = policies[name]
+            else:
+                self.retry_policies.pop(name, None)
+
+    def retry_delay(self, task: Task, error: dict) -> float | None:
+        """Seconds to wait before ``task``, which raised ``error``, runs again; None where it may
+        not: its error is not one of its ``retry_on`` types, or its retries are spent."""
+        retry_on, backoff_s = task.retry_on, task.backoff_s
+        if not retry_on:
+            retry_on, declared_backoff_s = self.retry_policies.get(task.name, ((), 0.0))
+            backoff_s = declared_backoff_s if backoff_s is None else backoff_s
+        if not retry_on or len(task.lost_on) + task.error_retries >= task.retries:
+            return None
+        types = error.get("types")
+        types = set(types) if isinstance(types, list) else {error.get("type")}
+        if types.isdisjoint(retry_on):
+            return None
+        return min((backoff_s or 0.0) * 2 ** task.error_retries, MAX_BACKOFF_S)
 
     def fail(self, task: Task, worker: str | None, error: dict, now: float, run_s: float) -> None:
         info = self.info(task, run_s)
@@ -197,6 +236,14 @@ class Lifecycle:
                 error = {"type": ErrorType.TASK_TIMEOUT, "traceback": "",
                          "message": f"task {task_id} ran past its timeout of {task.timeout_s} s"}
                 self.fail(task, task.worker_name, error, now, now - (task.started_at or now))
+
+    def expire_backoffs(self, now: float) -> None:
+        """Queue the tasks whose backoff is over (a cancelled one is no longer QUEUED)."""
+        while self.backoffs and self.backoffs[0][0] <= now:
+            _, task_id, attempts = heapq.heappop(self.backoffs)
+            task = self.table.get(task_id)
+            if task is not None and task.state is TaskState.QUEUED and task.cls is None and task.attempts == attempts:
+                self.enqueue(task, now)
 
     def compact_deadlines(self) -> None:
         """Drop timers of tasks that ended before their deadline once they outnumber the live

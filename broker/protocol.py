@@ -21,7 +21,9 @@ This module imports nothing else of gridq: clients and workers import it too.
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Sequence
 
@@ -47,6 +49,9 @@ MAX_HEADER_BYTES = 64 * 1024 * 1024
 MAX_FRAMES = 100_000
 #: start of a DISCONNECT reason that tells a worker to stop for good: its --name is taken
 NAME_IN_USE = "worker name in use"
+#: start of a DISCONNECT reason (to a worker) or an ERROR (to a client) that says the peer
+#: dialled the other role's socket; the peer reports it and stops at once
+WRONG_PORT = "wrong port"
 #: msgpack extension code of an array reference inside a value blob.
 ARRAY_EXT = 1
 
@@ -178,6 +183,10 @@ MAX_RESOURCE_QTY = 1e15
 MAX_NAME_LEN = 256
 #: highest retries a submission may ask for
 MAX_RETRIES = 100
+#: longest wait before a task that raised runs again (its backoff doubles up to this)
+MAX_BACKOFF_S = 3600.0
+#: most exception type names one retry_on may list
+MAX_RETRY_ON = 32
 
 
 def check_resources(value) -> dict:
@@ -207,11 +216,51 @@ def check_int(value, what: str, low: int, high: int) -> int:
     return value
 
 
-def check_seconds(value, what: str) -> float:
-    """A positive, finite number of seconds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < math.inf):
-        raise ValueError(f"{what} must be a positive number of seconds, got {value!r}")
+def check_seconds(value, what: str, most: float = math.inf, zero: bool = False) -> float:
+    """A positive (with ``zero``: non-negative) number of seconds, below ``most`` (at most, where finite)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (0 <= value if zero else 0 < value) and (value <= most if most < math.inf else value < most)):
+        low = "non-negative" if zero else "positive"
+        raise ValueError(f"{what} must be a {low} number of seconds" + (f" up to {most:g}" if most < math.inf else "")
+                         + f", got {value!r}")
     return float(value)
+
+
+def retry_names(retry_on) -> list[str]:
+    """``retry_on`` (exception classes or their names) as a list of names, else ValueError."""
+    if isinstance(retry_on, (str, type)):
+        retry_on = (retry_on,)
+    try:
+        items = list(retry_on or ())
+    except TypeError:
+        raise ValueError(f"retry_on must be exception classes or names, got {retry_on!r}") from None
+    names = []
+    for item in items:
+        if isinstance(item, type) and issubclass(item, BaseException):
+            item = item.__name__
+        if not isinstance(item, str) or not item or len(item) > MAX_NAME_LEN:
+            raise ValueError(f"retry_on must be exception classes or names, got {item!r}")
+        names.append(item)
+    if len(names) > MAX_RETRY_ON:
+        raise ValueError(f"retry_on may name at most {MAX_RETRY_ON} exception types")
+    return names
+
+
+def error_map(exc: BaseException) -> dict:
+    """How a task's exception travels: ``type``, ``message``, ``traceback`` (text) and ``types``,
+    the names of its classes (so that ``retry_on=(OSError,)`` also retries a ConnectionError)."""
+    return {"type": type(exc).__name__, "message": str(exc), "traceback": "".join(traceback.format_exception(exc)),
+            "types": [c.__name__ for c in type(exc).__mro__ if c is not object]}
+
+
+def task_digest(name: str, args: bytes, frames: Sequence) -> bytes:
+    """What an idempotency key stands for: a task's name and its arguments (blob and arrays)."""
+    h = hashlib.blake2b(name.encode(), digest_size=16)
+    h.update(b"\0")
+    h.update(args)
+    for frame in frames:
+        h.update(frame_buffer(frame))
+    return h.digest()
 
 
 def hold(free: dict, needs: dict, sign: int) -> None:
@@ -246,6 +295,9 @@ class SubmitRecord(NamedTuple):
     retries: int | None  #: None: the broker's --max-retries
     timeout_s: float | None
     key: str | None  #: idempotency key
+    #: exception type names after which the task runs again (within retries); may be left off
+    retry_on: list | None = None
+    backoff_s: float | None = None  #: first wait before such a run, doubling; may be left off
 
     def checked(self, default_retries: int) -> SubmitRecord:
         """This record with its fields validated (ValueError: the task is rejected, not the batch)."""
@@ -257,7 +309,8 @@ class SubmitRecord(NamedTuple):
             override, check_int(self.priority, "priority", -(2**31), 2**31),
             default_retries if self.retries is None else check_int(self.retries, "retries", 0, MAX_RETRIES),
             None if self.timeout_s is None else check_seconds(self.timeout_s, "timeout"),
-            None if self.key is None else check_name(self.key, "key")))
+            None if self.key is None else check_name(self.key, "key"), tuple(retry_names(self.retry_on)),
+            None if self.backoff_s is None else check_seconds(self.backoff_s, "backoff", MAX_BACKOFF_S, zero=True)))
 
 
 class DispatchRecord(NamedTuple):
@@ -327,13 +380,17 @@ def _parse_records(message: Message) -> list:
     if not isinstance(items, list):
         raise ProtocolError(f"{message.command.name} needs a list {key!r}")
     width, make = len(kind._fields), _new_record
+    defaults = tuple(kind._field_defaults.values())  #: trailing fields a record may leave off
     typed, counts = [], []
     for item in items:
         if type(item) is str and kind is DoneRecord:
             typed.append(item)
             continue
-        if not isinstance(item, (list, tuple)) or len(item) != width:
-            raise ProtocolError(f"each {message.command.name} record is a list of {width} fields {kind._fields}")
+        if not isinstance(item, (list, tuple)) or not width - len(defaults) <= len(item) <= width:
+            raise ProtocolError(f"each {message.command.name} record is a list of {width} fields {kind._fields}"
+                                + (f" (the last {len(defaults)} may be left off)" if defaults else ""))
+        if len(item) < width:
+            item = (*item, *defaults[len(item) - width:])
         n = item[3]  # nframes, the fourth field of every record
         if type(n) is not int or n < 0:
             raise ProtocolError("nframes must be a non-negative integer")

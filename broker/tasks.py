@@ -46,6 +46,10 @@ class Task:
     finished_at: float | None = None
     cls: Any = None  #: its TaskClass while queued
     wall_submitted: float = 0.0  #: unix time of acceptance (journal)
+    digest: bytes | None = None  #: of its name and arguments, where it has a key (a reuse must match)
+    retry_on: tuple = ()  #: exception type names that make it run again (else its @task's)
+    backoff_s: float | None = None  #: first wait before such a run (else its @task's), doubling
+    error_retries: int = 0  #: runs again after it raised (they count against ``retries``, as losses do)
 
 
 class TaskTable:

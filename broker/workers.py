@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import structlog
 
 from broker.lifecycle import Lifecycle
-from broker.protocol import (NAME_IN_USE, Command, Message, ProtocolError, Topic, check_int, check_name,
-                             check_resources, hold)
+from broker.protocol import (MAX_BACKOFF_S, NAME_IN_USE, Command, Message, ProtocolError, Topic, check_int,
+                             check_name, check_resources, check_seconds, hold, retry_names)
 from broker.scheduler import DEFAULT_NEEDS, fits, missing
 from broker.states import TaskState, WorkerState, check_worker_move
 
@@ -86,6 +86,11 @@ class Workers:
             raise ProtocolError("READY needs a map 'tasks' of task name -> resources")
         serves = {check_name(n, "task name"): check_resources(r if r is not None else DEFAULT_NEEDS)
                   for n, r in serves.items()}
+        policies = header.get("retry") or {}
+        if not isinstance(policies, dict):
+            raise ProtocolError("READY 'retry' must map task name -> [retry_on, backoff_s]")
+        policies = {n: (tuple(retry_names(p[0])), check_seconds(p[1], "backoff", MAX_BACKOFF_S, zero=True))
+                    for n, p in policies.items() if n in serves and isinstance(p, list) and len(p) == 2}
         running = header.get("running") or ()
         if not isinstance(running, (list, tuple)):
             raise ProtocolError("READY 'running' must be a list of task ids")
@@ -115,6 +120,7 @@ class Workers:
                 self._hand_over(old, worker, claims)
                 self.remove(old, WorkerState.LOST, now)
         self.all[wid] = worker
+        self.moves.declare_retries(serves, policies)
         sched.declare(serves, self.all.values())
         sched.worker_joined(worker)
         # tasks it still holds that a restarted broker restored; the worker lists those waiting

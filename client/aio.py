@@ -148,11 +148,13 @@ class AsyncClient(BaseClient):
     # ================================================================ tasks
 
     def submit(self, name: str, *args, resources: dict | None = None, priority: int = 0, retries: int | None = None,
-               timeout: float | None = None, key: str | None = None, **kwargs) -> AsyncFuture:
+               timeout: float | None = None, key: str | None = None, retry_on=(), backoff: float = 0.0,
+               **kwargs) -> AsyncFuture:
         """Submit one task; returns its future at once. Bad arguments or options raise here."""
         loop = self._start()
         record, frames = self._engine.make_task(name, args, kwargs, resources=resources, priority=priority,
-                                                retries=retries, timeout=timeout, key=key)
+                                                retries=retries, timeout=timeout, key=key, retry_on=retry_on,
+                                                backoff=backoff)
         future = AsyncFuture(self, record.task_id, loop)
         self._engine.submit(future, record, frames)
         self._flush_soon()

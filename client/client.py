@@ -111,10 +111,12 @@ class Client(BaseClient):
     # ================================================================ public API
 
     def submit(self, name: str, *args, resources: dict | None = None, priority: int = 0, retries: int | None = None,
-               timeout: float | None = None, key: str | None = None, **kwargs) -> GridFuture:
+               timeout: float | None = None, key: str | None = None, retry_on=(), backoff: float = 0.0,
+               **kwargs) -> GridFuture:
         """Submit one task; returns its future at once. Unencodable arguments raise here."""
         record, frames = self._engine.make_task(name, args, kwargs, resources=resources, priority=priority,
-                                                retries=retries, timeout=timeout, key=key)
+                                                retries=retries, timeout=timeout, key=key, retry_on=retry_on,
+                                                backoff=backoff)
         future = GridFuture(self, record.task_id)
         self._post(("submit", future, record, frames))
         return future

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from broker.protocol import (CLIENT_TAG, MAX_RETRIES, Command, Message, ProtocolError, SubmitRecord, check_int,
-                             check_name, check_resources, check_seconds, decode, pack_value, records, unpack_value)
-from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost, task_error
+from broker.protocol import (CLIENT_TAG, MAX_BACKOFF_S, MAX_RETRIES, Command, Message, ProtocolError, SubmitRecord,
+                             check_int, check_name, check_resources, check_seconds, decode, pack_value, records,
+                             retry_names, unpack_value)
+from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost, task_error
 
 log = structlog.get_logger(__name__)
 
@@ -140,9 +141,11 @@ class Engine:
     # ================================================================ input
 
     def make_task(self, name: str, args: tuple, kwargs: dict, *, resources: dict | None = None, priority: int = 0,
-                  retries: int | None = None, timeout: float | None = None,
-                  key: str | None = None) -> tuple[SubmitRecord, tuple | list]:
+                  retries: int | None = None, timeout: float | None = None, key: str | None = None, retry_on=(),
+                  backoff: float = 0.0) -> tuple[SubmitRecord, tuple | list]:
         """A checked SUBMIT record with a fresh task id, and its array frames; bad input raises here.
+        ``retry_on`` (exception classes or names) and ``backoff`` (seconds, doubling) make the
+        broker run the task again after it raised one of those, within ``retries``.
 
         Safe to call from any thread: it touches only the id counter.
         """
@@ -151,10 +154,16 @@ class Engine:
         if (type(priority) is not int or priority or retries is not None or timeout is not None or key is not None
                 or resources is not None):
             resources = _check_options(resources, priority, retries, timeout, key)  # most tasks have none
+        retry = None
+        if retry_on or backoff:
+            retry = tuple(retry_names(retry_on)), check_seconds(backoff, "backoff", MAX_BACKOFF_S, zero=True)
         blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
         task_id = self._id_prefix + format(next(self._ids), "x")
         # a tuple of atoms, and no empty list: the garbage collector stops tracking them
-        record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key)
+        if retry is None:
+            record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key)
+        else:
+            record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key, *retry)
         return record, frames or ()
 
     def submit(self, handle, record: SubmitRecord, frames) -> None:
@@ -330,6 +339,8 @@ class Engine:
     def _on_accepted(self, req: Request, header: dict) -> None:
         for task_id, reason in header.get("rejected", ()):
             self._fail(task_id, TaskError("InvalidRequest", str(reason)))
+        for task_id, reason in header.get("conflicts", ()):
+            self._fail(task_id, KeyConflict("KeyConflict", str(reason), task_id=task_id))
         for task_id, first_id in header.get("aliases", ()):
             handles = self._pop(task_id)
             if task_id in self._keyed:

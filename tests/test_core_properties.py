@@ -107,6 +107,7 @@ class CoreMachine(RuleBasedStateMachine):
         self.submitted: dict = {}  #: task_id -> (session, SUBMIT record)
         self.accepted: set = set()  #: ids the broker accepted as tasks of their own
         self.aliases: dict = {}  #: id -> the first task with the same key
+        self.conflicts: set = set()  #: ids refused: their key belongs to a task of another name
         self.cancelled: set = set()  #: ids the broker confirmed cancelled
         self.received: dict = {s: {} for s in SESSIONS}  #: session -> task_id -> status delivered
         self.to_ack: dict = {s: set() for s in SESSIONS}
@@ -165,6 +166,11 @@ class CoreMachine(RuleBasedStateMachine):
             assert not rejected, f"valid tasks rejected: {msg.header['rejected']}"
             for task_id, first in msg.header["aliases"]:
                 self.aliases[task_id] = first
+            for task_id, _reason in msg.header["conflicts"]:
+                record = self.submitted[task_id][1]
+                first = self.core.tasks[self.core.keys[record[8]]]
+                assert first.name != record[1], f"{task_id} refused though its key's task has the same name and args"
+                self.conflicts.add(task_id)
         elif msg.command is Command.CANCELLED:
             self.cancelled.update(msg.header["cancelled"])
         elif msg.command is Command.RESULTS:
@@ -363,7 +369,7 @@ class CoreMachine(RuleBasedStateMachine):
         record = [task_id, name, blob, 0, override, priority, retries, timeout_s, key]
         self.submitted[task_id] = (session, record)
         self.send_submit(session, record)
-        if task_id not in self.aliases:
+        if task_id not in self.aliases and task_id not in self.conflicts:
             self.accepted.add(task_id)
 
     def send_submit(self, session: str, record: list) -> None:

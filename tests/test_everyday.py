@@ -10,8 +10,11 @@ import traceback
 
 import pytest
 
+from broker.protocol import Command, Message, pack_value
+from broker.states import TaskState
 from client import KeyConflict, TaskError
 from client.errors import RemoteTraceback, task_error
+from tests.test_core import Harness
 
 
 @pytest.fixture
@@ -59,3 +62,166 @@ def test_an_uncaught_task_error_prints_the_remote_traceback_and_says_which_task(
     assert "The above exception was the direct cause of the following exception" in done.stderr
     assert "client.errors.TaskError: TypeError: can't multiply sequence" in done.stderr
     assert "task 'square' (id " in done.stderr
+
+
+# ------------------------------------------------------------------ keys and retries in the core
+
+
+def submit_record(h, name, *args, key=None, retries=None, retry_on=None, backoff_s=None, session="s1"):
+    """SUBMIT one task with every field (retry_on, backoff_s too); returns the ACCEPTED header."""
+    h.n += 1
+    task_id = f"t{h.n}"
+    blob, frames = pack_value([list(args), {}])
+    rec = [task_id, name, blob, len(frames), None, 0, retries, None, key, retry_on, backoff_s]
+    h.to_clients.clear()
+    h.core.on_client(b"c1", Message(Command.SUBMIT, {"rid": h.n, "session": session, "tasks": [rec]}, frames), h.now)
+    h.flush()
+    return task_id, next(m.header for _, m in h.to_clients if m.command is Command.ACCEPTED)
+
+
+def fail(h, wid: bytes, task_id: str, *types: str):
+    error = {"type": types[0], "message": "boom", "traceback": "", "types": list(types)}
+    h.core.on_worker(wid, Message(Command.DONE, {"log": [[task_id, False, error, 0, 0.01]]}), h.now)
+    h.flush()
+
+
+def test_a_key_reused_with_another_name_or_other_arguments_is_refused_as_a_conflict():
+    h = Harness()
+    first, accepted = submit_record(h, "square", 5, key="k")
+    assert accepted["conflicts"] == [] and accepted["aliases"] == []
+    other_name, accepted = submit_record(h, "echo", 5, key="k")
+    assert [c[0] for c in accepted["conflicts"]] == [other_name] and "'square'" in accepted["conflicts"][0][1]
+    other_args, accepted = submit_record(h, "square", 6, key="k")
+    assert [c[0] for c in accepted["conflicts"]] == [other_args]
+    same, accepted = submit_record(h, "square", 5, key="k", session="s2")
+    assert accepted["aliases"] == [[same, first]] and accepted["conflicts"] == []
+    assert set(h.core.tasks) == {first}
+
+
+def test_a_key_conflict_is_seen_after_a_restart_with_a_journal(tmp_path):
+    from broker.journal import Journal
+
+    journal = Journal(str(tmp_path / "j.db"))
+    h = Harness(journal=journal)
+    h.join(b"w1")
+    first, _ = submit_record(h, "square", 5, key="k")
+    h.done(b"w1", first, 25)
+    journal.commit()
+    journal.close()
+    journal = Journal(str(tmp_path / "j.db"))
+    again = Harness(journal=journal)
+    journal.restore(again.core, again.now)
+    again.n = 10  # fresh task ids
+    _, accepted = submit_record(again, "echo", "hello", key="k")
+    assert len(accepted["conflicts"]) == 1
+    _, accepted = submit_record(again, "square", 5, key="k")
+    assert accepted["aliases"] == [[f"t{again.n}", first]]
+    journal.close()
+
+
+def test_a_task_that_raises_a_retry_on_type_runs_again_after_a_doubling_backoff():
+    h = Harness()
+    h.join(b"w1")
+    t, _ = submit_record(h, "square", 1, retries=2, retry_on=["OSError"], backoff_s=0.5)
+    assert h.dispatched(b"w1") == [t]
+    fail(h, b"w1", t, "ConnectionError", "OSError", "Exception", "BaseException")  # a subclass counts
+    retried = h.topics("task.retried")
+    assert len(retried) == 1 and "ConnectionError: boom" in retried[0]["reason"]
+    assert h.state(t) is TaskState.QUEUED and h.dispatched(b"w1") == []
+    h.tick(0.4)
+    assert h.dispatched(b"w1") == []  # the backoff is data the core keeps, not a sleep
+    h.tick(0.15)
+    assert h.dispatched(b"w1") == [t]
+    fail(h, b"w1", t, "OSError")
+    h.tick(0.9)
+    assert h.dispatched(b"w1") == []
+    h.tick(0.15)  # 0.5 s, then 1.0 s
+    assert h.dispatched(b"w1") == [t]
+    fail(h, b"w1", t, "OSError")  # retries=2 spent: fails for good
+    assert h.state(t) is TaskState.FAILED and len(h.topics("task.retried")) == 2
+    assert h.fetch()[t][4]["attempts"] == 3
+
+
+def test_an_exception_not_named_in_retry_on_fails_at_once():
+    h = Harness()
+    h.join(b"w1")
+    t, _ = submit_record(h, "square", 1, retries=3, retry_on=["KeyError"])
+    h.dispatched(b"w1")
+    fail(h, b"w1", t, "ValueError", "Exception")
+    assert h.state(t) is TaskState.FAILED and h.topics("task.retried") == []
+
+
+def test_a_retry_on_declared_by_the_task_applies_and_a_task_waiting_out_its_backoff_can_be_cancelled():
+    h = Harness()
+    header = {"name": "w1", "slots": 1, "resources": {}, "tasks": {"flaky": {"cpu": 1}},
+              "retry": {"flaky": [["ValueError"], 30.0]}}
+    h.core.on_worker(b"w1", Message(Command.READY, header), h.now)
+    h.flush()
+    t, _ = submit_record(h, "flaky")
+    h.dispatched(b"w1")
+    fail(h, b"w1", t, "ValueError")
+    assert h.state(t) is TaskState.QUEUED and len(h.topics("task.retried")) == 1
+    h.core.on_client(b"c1", Message(Command.CANCEL, {"rid": 9, "session": "s1", "ids": [t]}), h.now)
+    h.flush()
+    assert h.state(t) is TaskState.CANCELLED and h.core.counts["queued"] == 0
+    h.tick(31)
+    assert h.dispatched(b"w1") == [] and h.state(t) is TaskState.CANCELLED
+
+
+def test_a_retry_counts_against_the_same_retries_as_a_lost_worker():
+    h = Harness()
+    h.join(b"w1")
+    t, _ = submit_record(h, "square", 1, retries=1, retry_on=["ValueError"])
+    h.dispatched(b"w1")
+    fail(h, b"w1", t, "ValueError")
+    h.tick(0.01)
+    assert h.dispatched(b"w1") == [t]
+    h.tick(10)  # w1 goes silent and is lost: that would be a second run again
+    assert h.state(t) is TaskState.FAILED
+
+
+# ------------------------------------------------------------------ keys and retries end to end
+
+
+def test_a_key_reused_for_another_task_raises_key_conflict_never_the_other_result(running):
+    with running.client() as c:
+        assert c.submit("square", 5, key="k-17").result(timeout=20) == 25
+        with pytest.raises(KeyConflict, match="'square'"):
+            c.submit("echo", "hello", key="k-17").result(timeout=20)
+        assert c.submit("square", 5, key="k-17").result(timeout=20) == 25
+
+
+FLAKY_TASKS = '''
+from pathlib import Path
+from worker import task
+
+@task(retry_on=("ConnectionError",), backoff=0.05)
+def flaky(path, failures):
+    runs = Path(path)
+    n = int(runs.read_text()) + 1 if runs.exists() else 1
+    runs.write_text(str(n))
+    if n <= failures:
+        raise ConnectionError(f"run {n} fails")
+    return n
+'''
+
+
+def test_retry_on_from_submit_and_from_the_task_decorator_run_a_raising_task_again(cluster, events):
+    (cluster.tmp_path / "flaky_tasks.py").write_text(FLAKY_TASKS)
+    cluster.start_broker()
+    cluster.start_worker("--tasks", "flaky_tasks")
+    cluster.wait_workers(1)
+    log = events("task.")
+    with cluster.client() as c:
+        f = c.submit("flaky", str(cluster.tmp_path / "runs"), 2)
+        assert f.result(timeout=30) == 3 and f.info["attempts"] == 3
+        retried = [e for e in log.of("task.retried") if e["task_id"] == f.task_id]
+        assert len(retried) == 2 and "ConnectionError: run 1 fails" in retried[0]["reason"]
+        g = c.submit("sleep", "not seconds", retries=2, retry_on=(ValueError,), backoff=0.2)
+        with pytest.raises(TaskError, match="ValueError") as raised:
+            g.result(timeout=30)
+        assert g.info["attempts"] == 3 and "float" in raised.value.traceback
+        starts = [e["ts"] for e in log.of("task.started") if e["task_id"] == g.task_id]
+        assert len(starts) == 3 and starts[1] - starts[0] >= 0.2 and starts[2] - starts[1] >= 0.4
+        with pytest.raises(ValueError, match="retry_on"):
+            c.submit("square", 1, retry_on=(3,))

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import threading
 import time
-import traceback
 from collections import deque
 
 import structlog
 
-from broker.protocol import EncodeError, ProtocolError, hold, pack_value, unpack_value
+from broker.protocol import EncodeError, ProtocolError, error_map, hold, pack_value, unpack_value
 from broker.wake import Waker
 from worker.registry import TaskSpec
 
@@ -173,6 +172,4 @@ class Runner:
         except BaseException as exc:  # a task may raise anything; it must not kill the slot
             if isinstance(exc, EncodeError):
                 exc = EncodeError(f"result of {name!r} cannot be sent back: {exc}")
-            error = {"type": type(exc).__name__, "message": str(exc),
-                     "traceback": "".join(traceback.format_exception(exc))}
-            return [task_id, False, error, 0, time.perf_counter() - started], []
+            return [task_id, False, error_map(exc), 0, time.perf_counter() - started], []

@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from broker.protocol import DEFAULT_RESOURCES, check_resources
+from broker.protocol import DEFAULT_RESOURCES, check_resources, retry_names
 
 
 
@@ -15,6 +15,8 @@ class TaskSpec:
     name: str
     fn: Callable
     resources: dict  #: what one run holds on its worker; announced to the broker
+    retry_on: tuple = ()  #: exception type names the broker retries it on (announced)
+    backoff_s: float = 0.0  #: first wait before such a retry, doubling each time (announced)
 
     @property
     def needs_gpu(self) -> bool:
@@ -25,11 +27,17 @@ class TaskSpec:
 REGISTRY: dict[str, TaskSpec] = {}
 
 
-def task(fn: Callable | None = None, *, name: str | None = None, resources: dict | None = None):
-    """Register a function as a gridq task: ``@task`` or ``@task(name=..., resources=...)``."""
+def task(fn: Callable | None = None, *, name: str | None = None, resources: dict | None = None, retry_on=(),
+         backoff: float = 0.0):
+    """Register a function as a gridq task: ``@task`` or ``@task(name=..., resources=...,
+    retry_on=(ValueError, "MyError"), backoff=0.5)``; a submission's own retry_on/backoff win."""
+    if isinstance(backoff, bool) or not isinstance(backoff, (int, float)) or not backoff >= 0:
+        raise ValueError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
+    names = tuple(retry_names(retry_on))
 
     def register(f: Callable) -> Callable:
-        spec = TaskSpec(name or f.__name__, f, check_resources(DEFAULT_RESOURCES if resources is None else resources))
+        spec = TaskSpec(name or f.__name__, f, check_resources(DEFAULT_RESOURCES if resources is None else resources),
+                        names, float(backoff))
         REGISTRY[spec.name] = spec
         f.gridq_task = spec
         return f

@@ -70,8 +70,10 @@ class Worker:
 
     def announcement(self) -> Message:
         tasks = {name: spec.resources for name, spec in self.registry.items()}
+        retry = {name: [list(spec.retry_on), spec.backoff_s] for name, spec in self.registry.items() if spec.retry_on}
         return Message(Command.READY, {"name": self.name, "slots": self.config.slots, "resources": self.resources,
-                                       "tasks": tasks, "running": self.runner.held(), "pid": os.getpid()})
+                                       "tasks": tasks, "retry": retry, "running": self.runner.held(),
+                                       "pid": os.getpid()})
 
     def _announce(self) -> None:
         """READY, then the results a restarted broker may never have seen (it restored their
