@@ -276,7 +276,10 @@ class Lifecycle:
     def _why_unservable(self, cls) -> str:
         serving = [w for w in self.workers.values() if cls.name in w.serves]
         if not serving:
-            return f"no connected worker serves task {cls.name!r} (waited {self.no_worker_timeout_s:g} s)"
+            served = {n for w in self.workers.values() for n in w.serves}
+            close = difflib.get_close_matches(cls.name, sorted(served), n=3)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            return f"no connected worker serves task {cls.name!r} (waited {self.no_worker_timeout_s:g} s){hint}"
         needs = cls.needs(self.sched.declared)
         gaps = {}
         for w in serving:

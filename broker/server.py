@@ -18,7 +18,8 @@ import zmq
 from broker.core import Core
 from broker.mdp import MdpBridge
 from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, MDP_CLIENT_TAG,
-                             MDP_WORKER_TAG, WORKER_TAG, Command, Message, ProtocolError, Topic, decode, encode)
+                             MDP_WORKER_TAG, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError, Topic, decode,
+                             encode)
 from broker.security import is_loopback
 
 log = structlog.get_logger(__name__)
@@ -176,6 +177,9 @@ class Broker:
     def _drain_frontend(self, now: float) -> None:
         for frames in self._incoming(self.frontend):
             route = frames[0].bytes
+            if len(frames) > 1 and frames[1].bytes == WORKER_TAG:
+                self._wrong_port_worker(route)
+                continue
             # REQ clients (and DEALERs that imitate them) put an empty frame before the body
             if len(frames) < 3 or frames[1].bytes != b"":
                 self._client_error(route, "expected an empty delimiter frame after the routing id")
@@ -218,8 +222,23 @@ class Broker:
                 self._handle("worker", self.core.on_worker, wid, msg, now)
             elif tag == b"" and len(frames) > 2 and frames[2].bytes == MDP_WORKER_TAG:  # MDP: [wid, b"", MDPW01, ...]
                 self._handle("mdp worker", self.mdp.on_worker, wid, frames[2:], now)
+            elif tag == b"" and len(frames) > 2 and frames[2].bytes == CLIENT_TAG:
+                self._wrong_port_client(wid, _rid_of(frames[2:5]))
             else:
                 self.core.drop_worker_input(wid, f"unknown protocol {tag[:16]!r}", now)
+
+    def _wrong_port_worker(self, route: bytes) -> None:
+        """A worker dialled the client port: tell it where to go; it reports that and exits."""
+        reason = f"{WRONG_PORT}: this is the broker's client port; workers connect to {self.endpoints['backend']}"
+        log.info("worker_on_client_port", hint=reason)
+        self._send_frames(self.frontend, [route, *encode(WORKER_TAG, Message(Command.DISCONNECT, {"reason": reason}))])
+
+    def _wrong_port_client(self, route: bytes, rid: int | None) -> None:
+        """A client dialled the worker port: answer in its own protocol, so it fails at once."""
+        error = f"{WRONG_PORT}: this is the broker's worker port; clients connect to {self.endpoints['frontend']}"
+        log.info("client_on_worker_port", hint=error)
+        reply = Message(Command.ERROR, {"rid": rid, "error": error, "fatal": True})
+        self._send_frames(self.backend, [route, b"", *encode(CLIENT_TAG, reply)])
 
     def _drain_subscriptions(self) -> None:
         while True:

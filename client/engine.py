@@ -322,6 +322,8 @@ class Engine:
                 self._out.replies.append((req.waiter, error))
             for task_id in req.task_ids:
                 self._fail(task_id, error)
+            if msg.header.get("fatal"):  # e.g. the wrong port: nothing sent here will ever succeed
+                self.fail_everything(error)
             return
         self._check_boot(msg.header)
         if msg.command is Command.ACCEPTED:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 import traceback
 
 import pytest
 
 from broker.protocol import Command, Message, pack_value
 from broker.states import TaskState
-from client import KeyConflict, TaskError
+from client import BrokerUnavailable, Client, GridqError, KeyConflict, TaskError
 from client.errors import RemoteTraceback, task_error
 from tests.test_core import Harness
 
@@ -225,3 +226,36 @@ def test_retry_on_from_submit_and_from_the_task_decorator_run_a_raising_task_aga
         assert len(starts) == 3 and starts[1] - starts[0] >= 0.2 and starts[2] - starts[1] >= 0.4
         with pytest.raises(ValueError, match="retry_on"):
             c.submit("square", 1, retry_on=(3,))
+
+
+# ------------------------------------------------------------------ wrong ports, typos
+
+
+def test_a_client_that_dials_the_worker_port_fails_at_once_saying_where_to_connect(cluster):
+    cluster.start_broker()
+    cluster.wait_workers(0)
+    started = time.monotonic()
+    with Client(cluster.backend, timeout=2.0) as c:
+        with pytest.raises(GridqError, match=f"worker port; clients connect to {cluster.frontend}") as raised:
+            c.status()
+        f = c.submit("square", 2)
+        with pytest.raises(GridqError, match="wrong port"):
+            f.result(timeout=10)
+    assert time.monotonic() - started < 5.0  # not a BrokerUnavailable after timeout x retries
+    assert not isinstance(raised.value, BrokerUnavailable)
+
+
+def test_a_worker_that_dials_the_client_port_says_so_and_exits_non_zero(cluster):
+    cluster.start_broker()
+    cluster.wait_workers(0)
+    worker = cluster._spawn(["-m", "worker", "--broker", cluster.frontend, "--heartbeat", "0.2"], "worker")
+    assert worker.wait(timeout=15) != 0
+    logs = cluster.logs()
+    assert f"client port; workers connect to {cluster.backend}" in logs
+    assert "broker_silent" not in logs
+
+
+def test_an_unknown_task_name_fails_suggesting_the_closest_served_names(running):
+    with running.client() as c:
+        with pytest.raises(TaskError, match="did you mean 'square'"):
+            c.submit("sqare", 3).result(timeout=30)

@@ -10,7 +10,7 @@ import sys
 import structlog
 
 from broker.logs import add_logging_flags, configure_logging
-from broker.protocol import DEFAULT_BACKEND
+from broker.protocol import DEFAULT_BACKEND, WRONG_PORT
 from worker.registry import REGISTRY, load_modules
 from worker.worker import DEFAULT_DRAIN_S, Worker, WorkerConfig
 
@@ -94,7 +94,8 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: worker.stop())
     worker.run()
     if worker.refused:
-        print(f"gridq-worker: the broker refused this worker: {worker.refused}; choose another --name", file=sys.stderr)
+        hint = "" if worker.refused.startswith(WRONG_PORT) else "; choose another --name"
+        print(f"gridq-worker: the broker refused this worker: {worker.refused}{hint}", file=sys.stderr)
         return 2
     return 0
 

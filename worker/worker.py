@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import structlog
 import zmq
 
-from broker.protocol import (DEFAULT_BACKEND, NAME_IN_USE, WORKER_TAG, Command, Message, ProtocolError, decode, encode,
-                             records)
+from broker.protocol import (DEFAULT_BACKEND, NAME_IN_USE, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError,
+                             decode, encode, records)
 from worker.executors import Runner
 from worker.liveness import Liveness
 from worker.registry import TaskSpec
@@ -97,6 +97,8 @@ class Worker:
         try:
             while True:
                 now = time.monotonic()
+                if self.refused:
+                    return  # it holds nothing, and the peer is not a broker that would take a goodbye
                 if self._stopping and self._drain_step(now):
                     return
                 events = dict(self._poller.poll(live.wait_s(now, self.runner.has_output()) * 1000))
@@ -201,7 +203,7 @@ class Worker:
             elif msg.command is Command.DISCONNECT:
                 reason = str(msg.header.get("reason"))
                 self.log.info("broker_disconnect", reason=reason)
-                if reason.startswith(NAME_IN_USE):
+                if reason.startswith((NAME_IN_USE, WRONG_PORT)):
                     self.log.error("worker_refused", reason=reason)
                     self.refused = reason
                     self._stopping = True
