@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import math
 
-import structlog
-
 from broker.events import Events, Outgoing, Stats
 from broker.lifecycle import Lifecycle
+from broker.logs import get_logger
 from broker.protocol import Command, Message, ProtocolError, Topic, check_int, check_name, records, task_digest
 from broker.scheduler import AHEAD_MAX_WAIT_S, AHEAD_PER_SLOT, Scheduler  # noqa: F401 (tests)
 from broker.sessions import ACKED_GRACE_S, Sessions  # noqa: F401 (tests)
@@ -30,7 +29,7 @@ from broker.states import TERMINAL, TaskState, WorkerState
 from broker.tasks import Task, TaskTable
 from broker.workers import Worker, Workers
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: most tasks returned in one RESULTS reply
 MAX_RESULTS_PER_REPLY = 5000

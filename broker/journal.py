@@ -13,11 +13,11 @@ import sqlite3
 import time
 
 import msgpack
-import structlog
 
+from broker.logs import get_logger
 from broker.states import TERMINAL, TaskState
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (

@@ -11,16 +11,15 @@ import difflib
 import heapq
 import math
 
-import structlog
-
 from broker.events import Events, Stats, error_text
+from broker.logs import get_logger
 from broker.protocol import MAX_BACKOFF_S, Command, DispatchRecord, DoneRecord, ErrorType, Message, Topic, hold
 from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, missing
 from broker.sessions import Sessions
 from broker.states import TaskState, WorkerState
 from broker.tasks import Task, TaskTable
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class Lifecycle:
@@ -159,7 +158,8 @@ class Lifecycle:
         task_id, run_s = rec.task_id, rec.run_s
         held = worker.running.pop(task_id, None) if isinstance(task_id, str) else None
         if held is None:
-            log.warning("result_for_task_not_held", worker=worker.name, task_id=task_id)
+            # a rejoining worker resends results the broker already took: expected, harmless
+            log.debug("result_for_task_not_held", worker=worker.name, task_id=task_id)
             return
         self.release(worker, held)
         worker.served += 1

@@ -22,10 +22,10 @@ import os
 from collections import deque
 from dataclasses import dataclass, field
 
-import structlog
 
 from broker.core import MAX_FETCH_WAIT_S, Core
 from broker.events import Outgoing
+from broker.logs import get_logger
 from broker.mdp_wire import (
     DISCONNECT,
     EMPTY,
@@ -60,7 +60,7 @@ from broker.protocol import (
 )
 from broker.states import TaskState, WorkerState
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 #: what an MDP worker offers and what one request of its service holds there: one request at a time

@@ -21,14 +21,14 @@ import sys
 import threading
 from pathlib import Path
 
-import structlog
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+from broker.logs import get_logger
 from broker.shared import CurveClient, load_pair  # noqa: F401 (CurveClient: its old home, still imported there)
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: ZAP domain of each role; a socket's role picks the allowlist its peers must be in
 ROLES = ("client", "worker")

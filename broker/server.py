@@ -12,17 +12,17 @@ import time
 from dataclasses import dataclass
 
 import msgpack
-import structlog
 import zmq
 
 from broker.core import Core
+from broker.logs import get_logger
 from broker.mdp import MdpBridge
 from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, MDP_CLIENT_TAG,
                              MDP_WORKER_TAG, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError, Topic, decode,
                              encode)
 from broker.security import is_loopback
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: most messages taken from one socket per loop iteration, so no socket starves the others
 DRAIN_BATCH = 2000
@@ -58,8 +58,10 @@ class Broker:
         self.security = security
         self.journal = None
         if config.journal and config.max_message_bytes > MAX_JOURNALED_MESSAGE_BYTES:
-            log.warning("max_message_bytes_lowered", requested=config.max_message_bytes,
-                        now=MAX_JOURNALED_MESSAGE_BYTES, why="SQLite stores no value over 1e9 bytes")
+            # a warning only where someone asked for more than a journal can hold, not at the default
+            level = log.debug if config.max_message_bytes == BrokerConfig.max_message_bytes else log.warning
+            level("max_message_bytes_lowered", requested=config.max_message_bytes,
+                  now=MAX_JOURNALED_MESSAGE_BYTES, why="SQLite stores no value over 1e9 bytes")
             config.max_message_bytes = MAX_JOURNALED_MESSAGE_BYTES
         if config.journal:
             from broker.journal import Journal

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import structlog
-
 from broker.lifecycle import Lifecycle
+from broker.logs import get_logger
 from broker.protocol import (MAX_BACKOFF_S, NAME_IN_USE, Command, Message, ProtocolError, Topic, check_int,
                              check_name, check_resources, check_seconds, hold, retry_names)
 from broker.scheduler import DEFAULT_NEEDS, fits, missing
 from broker.states import TaskState, WorkerState, check_worker_move
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(eq=False, slots=True)

@@ -19,17 +19,17 @@ import time
 from functools import partial
 from typing import AsyncIterator, Iterable
 
-import structlog
 import zmq
 import zmq.asyncio
 
+from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, encode
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
 from client.engine import FAILED, Outbox, settle
 from client.errors import GridqError
 from client.state import ClusterState, events_address_for, subscriber
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: submissions between two yields to the event loop in map()
 MAP_SLICE = 256

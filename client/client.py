@@ -16,15 +16,15 @@ from concurrent.futures import CancelledError, Future
 from functools import partial
 from typing import Iterable, Iterator
 
-import structlog
 import zmq
 
+from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
 from broker.wake import Waker
 from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox, settle
 from client.errors import GridqError
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: default bound on tasks in flight in map()/stream()
 DEFAULT_MAX_IN_FLIGHT = 50_000

@@ -25,14 +25,13 @@ from collections import deque
 from concurrent.futures import InvalidStateError
 from dataclasses import dataclass, field
 
-import structlog
-
+from broker.logs import get_logger
 from broker.protocol import (CLIENT_TAG, MAX_BACKOFF_S, MAX_RETRIES, Command, Message, ProtocolError, SubmitRecord,
                              check_int, check_name, check_resources, check_seconds, decode, pack_value, records,
                              retry_names, unpack_value)
 from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost, task_error
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: most tasks in one SUBMIT message
 SUBMIT_BATCH = 2000
@@ -219,7 +218,7 @@ class Engine:
         late = [r for r in self.requests.values() if r.deadline <= now]
         if not late:
             return
-        log.info("broker_silent_resending", requests=len(self.requests), address=self.address)
+        log.debug("broker_silent_resending", requests=len(self.requests), address=self.address)
         self._out.reconnect = True
         self._out.messages = []  # everything outstanding goes again, on the fresh socket
         for req in list(self.requests.values()):

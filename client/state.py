@@ -29,14 +29,14 @@ import time
 from typing import Callable, Iterator
 
 import msgpack
-import structlog
 import zmq
 
+from broker.logs import get_logger
 from broker.protocol import DEFAULT_EVENTS
 from client.errors import GridqError
 from client.model import ClusterModel, RunningTask, WorkerView
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: a broker publishes broker.stats about once a second: this long without any event means it is gone
 SILENT_AFTER_S = 3.0

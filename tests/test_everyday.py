@@ -10,11 +10,15 @@ import time
 import traceback
 
 import pytest
+import zmq
+from structlog.testing import capture_logs
 
 from broker.protocol import Command, Message, pack_value
+from broker.server import Broker, BrokerConfig
 from broker.states import TaskState
 from client import BrokerUnavailable, Client, GridqError, KeyConflict, TaskError
 from client.errors import RemoteTraceback, task_error
+from tests.conftest import free_port
 from tests.test_core import Harness
 
 
@@ -259,3 +263,54 @@ def test_an_unknown_task_name_fails_suggesting_the_closest_served_names(running)
     with running.client() as c:
         with pytest.raises(TaskError, match="did you mean 'square'"):
             c.submit("sqare", 3).result(timeout=30)
+
+
+# ------------------------------------------------------------------ a quiet library
+
+SILENT_BROKER = """
+    import logging, sys
+    {setup}
+    from client import BrokerUnavailable, Client
+    c = Client({address!r}, timeout=0.2, retries=2)
+    try:
+        c.status()
+    except BrokerUnavailable:
+        print("unavailable")
+    c.close()
+    """
+
+
+def test_the_client_prints_nothing_at_default_settings(cluster):
+    done = run_script(cluster, SILENT_BROKER.format(setup="", address=f"tcp://127.0.0.1:{free_port()}"))
+    assert (done.stdout, done.stderr) == ("unavailable\n", "")
+
+
+def test_the_client_logs_through_stdlib_logging_where_the_application_configured_it(cluster):
+    setup = "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)"
+    done = run_script(cluster, SILENT_BROKER.format(setup=setup, address=f"tcp://127.0.0.1:{free_port()}"))
+    assert done.stdout == "unavailable\n"
+    assert "DEBUG:client.client:broker_silent_resending" in done.stderr
+
+
+def test_a_result_the_broker_already_has_is_logged_at_debug_only():
+    h = Harness()
+    h.join(b"w1")
+    with capture_logs() as logs:
+        h.core.on_worker(b"w1", Message(Command.DONE, {"log": [["gone", True, b"\xc0", 0, 0.0]]}), h.now)
+    assert [(e["log_level"], e["event"]) for e in logs] == [("debug", "result_for_task_not_held")]
+
+
+@pytest.mark.parametrize("max_bytes, level", [(BrokerConfig.max_message_bytes, "debug"), (2_000_000_000, "warning")])
+def test_a_journaled_broker_warns_of_a_lowered_message_cap_only_where_one_was_asked_for(tmp_path, max_bytes, level):
+    ctx = zmq.Context()
+    config = BrokerConfig(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", events="tcp://127.0.0.1:*",
+                          journal=str(tmp_path / "j.db"), max_message_bytes=max_bytes)
+    with capture_logs() as logs:
+        broker = Broker(config, context=ctx)
+    try:
+        assert [e["log_level"] for e in logs if e["event"] == "max_message_bytes_lowered"] == [level]
+    finally:
+        for sock in (broker.frontend, broker.backend, broker.events):
+            sock.close(linger=0)
+        broker.journal.close()
+        ctx.term()

@@ -14,13 +14,12 @@ import threading
 import time
 from collections import deque
 
-import structlog
-
+from broker.logs import get_logger
 from broker.protocol import EncodeError, ProtocolError, error_map, hold, pack_value, unpack_value
 from broker.wake import Waker
 from worker.registry import TaskSpec
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: results that make a slot thread wake the socket thread even while more tasks wait here
 OUTPUT_BATCH = 32

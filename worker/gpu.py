@@ -30,11 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import numpy as np
-import structlog
 
+from broker.logs import get_logger
 from worker.registry import task
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: what each gpu.* built-in holds while it runs
 GPU_NEEDS = {"gpu": 1}

@@ -15,16 +15,16 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import structlog
 import zmq
 
+from broker.logs import get_logger
 from broker.protocol import (DEFAULT_BACKEND, NAME_IN_USE, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError,
                              decode, encode, records)
 from worker.executors import Runner
 from worker.liveness import Liveness
 from worker.registry import TaskSpec
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: how long a stopping worker waits for its running tasks before handing them back
 DEFAULT_DRAIN_S = 30.0

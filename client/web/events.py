@@ -16,15 +16,15 @@ from collections import deque
 from itertools import islice
 from typing import AsyncIterator, Awaitable, Callable
 
-import structlog
 import zmq
 from starlette.responses import Response
 
+from broker.logs import get_logger
 from client.errors import BrokerUnavailable, GridqError
 from client.state import SILENT_AFTER_S
 from client.web.tasks import to_json
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: recent events kept for Last-Event-ID resume
 RING_EVENTS = 20_000

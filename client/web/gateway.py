@@ -7,8 +7,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import structlog
-
+from broker.logs import get_logger
 from broker.protocol import EncodeError, pack_value
 from client.errors import BrokerUnavailable, GridqError, TaskError
 from client.state import DEFAULT_EVENTS, SILENT_AFTER_S
@@ -20,7 +19,7 @@ from client.web.tasks import DEFAULT_WINDOW, TaskWindow
 
 from client.aio import AsyncClient
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 #: how long an HTTP request waits for the broker before answering 503
 BROKER_WAIT_S = 5.0
