@@ -52,6 +52,8 @@ NAME_IN_USE = "worker name in use"
 #: start of a DISCONNECT reason (to a worker) or an ERROR (to a client) that says the peer
 #: dialled the other role's socket; the peer reports it and stops at once
 WRONG_PORT = "wrong port"
+#: gridq's top-level import names (a user's module named so shadows gridq's, or is shadowed)
+OUR_PACKAGES = ("broker", "worker", "client")
 #: msgpack extension code of an array reference inside a value blob.
 ARRAY_EXT = 1
 

@@ -2,7 +2,12 @@
 
 from concurrent.futures import CancelledError
 
-from broker.protocol import EncodeError
+try:
+    from broker.protocol import EncodeError
+except ImportError as exc:  # a module of the user's named like ours, found first on sys.path
+    from client.shadowed import explain
+
+    raise explain(exc, "client") from exc
 from client.aio import AsyncClient, AsyncFuture
 from client.client import Client, GridFuture
 from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost, TaskTimeout

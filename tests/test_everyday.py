@@ -3,6 +3,8 @@ wrong ports, a quiet library, a worker's Ctrl-C (issue 17)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -18,7 +20,7 @@ from broker.server import Broker, BrokerConfig
 from broker.states import TaskState
 from client import BrokerUnavailable, Client, GridqError, KeyConflict, TaskError
 from client.errors import RemoteTraceback, task_error
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port, wait_until
 from tests.test_core import Harness
 
 
@@ -289,7 +291,7 @@ def test_the_client_logs_through_stdlib_logging_where_the_application_configured
     setup = "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)"
     done = run_script(cluster, SILENT_BROKER.format(setup=setup, address=f"tcp://127.0.0.1:{free_port()}"))
     assert done.stdout == "unavailable\n"
-    assert "DEBUG:client.client:broker_silent_resending" in done.stderr
+    assert "DEBUG:client.engine:broker_silent_resending" in done.stderr
 
 
 def test_a_result_the_broker_already_has_is_logged_at_debug_only():
@@ -314,3 +316,64 @@ def test_a_journaled_broker_warns_of_a_lowered_message_cap_only_where_one_was_as
             sock.close(linger=0)
         broker.journal.close()
         ctx.term()
+
+
+# ------------------------------------------------------------------ worker Ctrl-C, import names
+
+
+def test_a_workers_first_sigint_says_it_drains_and_for_how_long_the_second_stops_it_handing_back(cluster, events):
+    cluster.start_broker()
+    worker = cluster.start_worker("--drain-timeout", "60")
+    cluster.wait_workers(1)
+    log = events("task.")
+    with cluster.client() as c:
+        f = c.submit("sleep", 60)
+        log.wait_for("task.started", lambda e: e["task_id"] == f.task_id)
+        worker.send_signal(signal.SIGINT)
+        wait_until(lambda: "worker_draining" in cluster.logs(), 10, what="the draining line")
+        assert "up to 60 s" in cluster.logs() and "Ctrl-C again" in cluster.logs()
+        assert worker.poll() is None  # still finishing its task
+        stopped_at = time.monotonic()
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=10) == 0 and time.monotonic() - stopped_at < 5
+        retried = log.wait_for("task.retried", lambda e: e["task_id"] == f.task_id)
+        assert "handed back" in retried["reason"]
+        c.cancel(f)
+
+
+SHADOWING_TASKS = '''
+import client
+from worker import task
+
+@task
+def which_client():
+    return client.__file__
+'''
+
+
+def test_task_directories_go_to_the_end_of_sys_path_so_a_users_client_py_shadows_nothing(cluster):
+    (cluster.tmp_path / "mytasks.py").write_text(SHADOWING_TASKS)
+    (cluster.tmp_path / "client.py").write_text("raise RuntimeError('the user\\'s own client.py was imported')\n")
+    cluster.start_broker()
+    cluster.start_worker("--tasks", "mytasks")  # python -m worker, from the directory holding both files
+    cluster.wait_workers(1)
+    with cluster.client() as c:
+        assert c.submit("which_client").result(timeout=20).startswith(str(ROOT / "client"))
+
+
+def test_a_task_module_named_like_a_gridq_package_is_refused_with_a_message(cluster):
+    (cluster.tmp_path / "client.py").write_text("")
+    cluster.start_broker()
+    worker = cluster.start_worker("--tasks", "client")
+    assert worker.wait(timeout=20) == 2
+    assert "named like gridq's own package 'client'" in cluster.logs()
+
+
+def test_an_import_of_gridqs_that_finds_a_users_module_named_like_gridqs_says_so(tmp_path):
+    (tmp_path / "broker.py").write_text("X = 1\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for package in ("client", "worker"):
+        done = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, timeout=60)
+        assert done.returncode == 1
+        assert f"'broker' is {tmp_path / 'broker.py'}, a module of yours named like it" in done.stderr

@@ -31,10 +31,30 @@ def parse_resources(text: str) -> dict:
     return out
 
 
+def task_modules(spec: str) -> list[str]:
+    """The module names that ``--tasks`` gives: names (found beside the worker's working
+    directory) or paths of .py files. Their directories go to the END of sys.path, never the
+    front, so a file of the user's named like a library module (``client.py``) shadows nothing."""
+    here = os.getcwd()
+    if sys.path and sys.path[0] in ("", here):  # `python -m worker` puts the working directory first
+        sys.path.append(sys.path.pop(0))
+    names = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        folder = here
+        if item.endswith(".py") or os.sep in item:
+            folder, item = os.path.split(os.path.abspath(item))
+            item = item.removesuffix(".py")
+        if folder not in sys.path and (folder != here or "" not in sys.path):
+            sys.path.append(folder)
+        names.append(item)
+    return names
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gridq-worker", description="Run a gridq worker.")
     p.add_argument("--broker", default=DEFAULT_BACKEND, help="broker backend endpoint")
-    p.add_argument("--tasks", default="", metavar="MODULE[,MODULE...]", help="modules whose @task functions to serve")
+    p.add_argument("--tasks", default="", metavar="MODULE[,MODULE...]",
+                   help="modules (names, or paths of .py files) whose @task functions to serve")
     p.add_argument("--slots", type=int, default=1, metavar="N", help="tasks run at once")
     p.add_argument("--gpu", nargs="*", type=int, default=None, metavar="DEVICE", help="serve GPU tasks on these CUDA devices")
     p.add_argument("--resources", type=parse_resources, default={}, metavar="NAME=QTY[,...]", help="extra named resources")
@@ -59,10 +79,8 @@ def main(argv=None) -> int:
     configure_logging(args.log_format, args.log_level)
     import worker.builtins  # noqa: F401  (registers the built-in tasks)
 
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as `python -m worker` would: --tasks mytasks finds ./mytasks.py
     try:
-        load_modules([m for m in args.tasks.split(",") if m])
+        load_modules(task_modules(args.tasks))
     except Exception as exc:
         log.error("task_module_import_failed", modules=args.tasks, error=f"{type(exc).__name__}: {exc}")
         return 2
@@ -90,8 +108,20 @@ def main(argv=None) -> int:
             print(f"gridq-worker: {exc}", file=sys.stderr)
             return 2
     worker = Worker(config, REGISTRY, gpu=gpu, security=security)
+
+    def on_signal(signum, _frame) -> None:
+        if worker.stopping:
+            log.warning("worker_stopping_now", signal=signal.Signals(signum).name, handing_back=worker.running())
+            worker.stop(at_once=True)
+        else:
+            log.warning("worker_draining", signal=signal.Signals(signum).name, running=worker.running(),
+                        drain_timeout_s=args.drain_timeout,
+                        hint=f"finishing what it runs for up to {args.drain_timeout:g} s; "
+                             "Ctrl-C again to stop at once (its tasks are handed back to the broker)")
+            worker.stop()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: worker.stop())
+        signal.signal(sig, on_signal)
     worker.run()
     if worker.refused:
         hint = "" if worker.refused.startswith(WRONG_PORT) else "; choose another --name"

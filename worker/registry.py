@@ -6,7 +6,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-from broker.protocol import DEFAULT_RESOURCES, check_resources, retry_names
+from broker.protocol import DEFAULT_RESOURCES, OUR_PACKAGES, check_resources, retry_names
 
 
 
@@ -48,4 +48,7 @@ def task(fn: Callable | None = None, *, name: str | None = None, resources: dict
 def load_modules(names: list[str]) -> None:
     """Import the modules given to --tasks so that their @task functions register."""
     for module in names:
+        if module in OUR_PACKAGES:
+            raise ImportError(f"task module {module!r} is named like gridq's own package {module!r}: rename it "
+                              f"(gridq's import names are {', '.join(OUR_PACKAGES)})")
         importlib.import_module(module)

@@ -56,6 +56,7 @@ class Worker:
         self.log = log.bind(worker=self.name)
         self.sock: zmq.Socket | None = None
         self._stopping = False
+        self._stop_now = False  #: hand back what it holds at once, without waiting for the drain
         self.refused: str | None = None  #: why the broker refused this worker for good, if it did
         self.liveness: Liveness | None = None  #: set while run() runs
         #: (sent_at, results, frames) of DONEs that a broker may have lost with a crash: sent, but
@@ -64,9 +65,19 @@ class Worker:
 
     # -------------------------------------------------------------- control
 
-    def stop(self) -> None:
-        """Finish or hand back what this worker holds, say goodbye, return from run()."""
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def running(self) -> int:
+        """Tasks it holds that are not finished (waiting here or running)."""
+        return len(self.runner.unfinished())
+
+    def stop(self, at_once: bool = False) -> None:
+        """Finish (within the drain timeout) or hand back what this worker holds, say goodbye,
+        return from run(); ``at_once``: hand back what it holds now, running tasks too."""
         self._stopping = True
+        self._stop_now = self._stop_now or at_once
 
     def announcement(self) -> Message:
         tasks = {name: spec.resources for name, spec in self.registry.items()}
@@ -137,13 +148,14 @@ class Worker:
             self._send(Message(Command.DISCONNECT, {}))
             self.log.info("worker_left")
             return True
-        if self.liveness.drain_over(now):
+        if self.liveness.drain_over(now) or self._stop_now:
             if self.runner.has_output():
                 self._send_done()  # finished work is reported, never handed back to run again
             unfinished = self.runner.unfinished()
             self._send(Message(Command.RETURN, {"ids": unfinished}))
             self._send(Message(Command.DISCONNECT, {}))
-            self.log.warning("worker_drain_timeout", handed_back=unfinished)
+            self.log.warning("worker_stopped_at_once" if self._stop_now else "worker_drain_timeout",
+                             handed_back=unfinished)
             return True
         return False
 
