@@ -26,7 +26,7 @@ from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, encode
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
 from client.engine import FAILED, Outbox, settle
-from client.errors import GridqError
+from client.errors import GridqError, at_index, map_timeout
 from client.state import ClusterState, events_address_for, subscriber
 
 log = get_logger(__name__)
@@ -161,12 +161,28 @@ class AsyncClient(BaseClient):
         return future
 
     async def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,
-                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False, **options) -> list:
+                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False,
+                  task_timeout: float | None = None, **options) -> list:
         """Run ``name(item)`` for every item; results in input order. Raises the first failure
-        (in input order) unless ``return_exceptions``; ``timeout`` bounds the whole call."""
+        (in input order, its ``index`` set) unless ``return_exceptions``; ``timeout`` bounds the
+        whole call, ``task_timeout`` each task's run. A map that raises (a failure, its timeout,
+        cancellation) cancels its tasks not started yet."""
+        if task_timeout is not None:
+            options["timeout"] = task_timeout
+        futures: list[AsyncFuture] = []
+        try:
+            return await self._map(name, iterable, futures, timeout, max_in_flight, return_exceptions, options)
+        except TimeoutError:
+            self._abandon(*futures)
+            raise map_timeout(len(futures), sum(f.done() for f in futures), timeout) from None
+        except BaseException:
+            self._abandon(*futures)
+            raise
+
+    async def _map(self, name: str, iterable: Iterable, futures: list, timeout: float | None, max_in_flight: int,
+                   return_exceptions: bool, options: dict) -> list:
         loop = self._start()
         deadline = None if timeout is None else loop.time() + timeout
-        futures: list[AsyncFuture] = []
         in_flight = 0
         wake: asyncio.Future | None = None
         context = contextvars.copy_context()  # one for every callback, not a copy per task
@@ -213,13 +229,18 @@ class AsyncClient(BaseClient):
                 f.add_done_callback(one_done, context=context)
             await self._until(all_done, None if timeout is None else loop.time() + timeout)
         out = []
-        for f in futures:
-            if not return_exceptions:
-                out.append(f.result())  # raises the failure (asyncio.CancelledError for a cancelled one)
-            elif f.cancelled():
+        for i, f in enumerate(futures):
+            if f.cancelled():
+                if not return_exceptions:
+                    f.result()  # raises asyncio.CancelledError
                 out.append(asyncio.CancelledError())
+            elif f.exception() is not None:
+                error = at_index(f.exception(), i)
+                if not return_exceptions:
+                    raise error
+                out.append(error)
             else:
-                out.append(f.exception() or f.result())
+                out.append(f.result())
         return out
 
     async def as_completed(self, futures: Iterable[asyncio.Future]) -> AsyncIterator[asyncio.Future]:
@@ -324,10 +345,12 @@ class AsyncClient(BaseClient):
         self._send_now()
         return await asyncio.wait_for(waiter, self._patience() if patience_s is None else patience_s)
 
-    def _abandon(self, future: AsyncFuture) -> None:
-        """A future cancelled here: ask the broker to cancel its task, not waiting for the answer."""
-        if not self._closed and self._loop is not None:
-            self._engine.call(Command.CANCEL, {"ids": [future.task_id]}, None, time.monotonic())
+    def _abandon(self, *futures: AsyncFuture) -> None:
+        """Futures cancelled or given up here: ask the broker to cancel the tasks of those not
+        finished, not waiting for the answer."""
+        ids = [f.task_id for f in futures if not f.done()]
+        if ids and not self._closed and self._loop is not None:
+            self._engine.call(Command.CANCEL, {"ids": ids}, None, time.monotonic())
             self._flush_soon()
 
     def _flush_soon(self) -> None:

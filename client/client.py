@@ -9,9 +9,11 @@ get ``concurrent.futures`` futures back.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from concurrent.futures import CancelledError, Future
 from functools import partial
 from typing import Iterable, Iterator
@@ -22,7 +24,7 @@ from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
 from broker.wake import Waker
 from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox, settle
-from client.errors import GridqError
+from client.errors import GridqError, at_index, map_timeout
 
 log = get_logger(__name__)
 
@@ -47,6 +49,17 @@ class GridFuture(Future):
 
     def __repr__(self) -> str:
         return f"<GridFuture {self.task_id} {self._state}>"
+
+
+#: Clients not closed yet: closed at interpreter exit, so a program that ends (or is
+#: interrupted) without closing its Client still cancels its queued tasks without a key
+_OPEN_CLIENTS: "weakref.WeakSet[Client]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    for client in list(_OPEN_CLIENTS):
+        client.close()
 
 
 class BaseClient:
@@ -107,6 +120,7 @@ class Client(BaseClient):
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._io_loop, name="gridq-client-io", daemon=True)
         self._thread.start()
+        _OPEN_CLIENTS.add(self)
 
     # ================================================================ public API
 
@@ -122,12 +136,25 @@ class Client(BaseClient):
         return future
 
     def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,
-            max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False, **options) -> list:
+            max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False,
+            task_timeout: float | None = None, **options) -> list:
         """Run ``name(item)`` for every item; results in input order. Raises the first failure
-        (in input order) unless ``return_exceptions``, which puts errors in place of results."""
+        (in input order, its ``index`` set) unless ``return_exceptions``, which puts errors in
+        place of results. ``timeout`` bounds the whole call, ``task_timeout`` each task's run.
+        A map that raises (a failure, its timeout, Ctrl-C) cancels its tasks not started yet."""
+        if task_timeout is not None:
+            options["timeout"] = task_timeout
         submissions = (((item,), {}) for item in iterable)
-        futures = list(self.stream(name, submissions, max_in_flight=max_in_flight, ordered=True, **options))
-        return self.gather(futures, timeout, return_exceptions=return_exceptions)
+        futures: list = []
+        try:
+            futures.extend(self.stream(name, submissions, max_in_flight=max_in_flight, ordered=True, **options))
+            return self.gather(futures, timeout, return_exceptions=return_exceptions)
+        except TimeoutError:
+            self._cancel_unfinished(futures)
+            raise map_timeout(len(futures), sum(f.done() for f in futures), timeout) from None
+        except BaseException:
+            self._cancel_unfinished(futures)
+            raise
 
     def stream(self, name: str | None, submissions: Iterable, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                ordered: bool = False, on_submit=None, **options) -> Iterator[GridFuture]:
@@ -172,15 +199,22 @@ class Client(BaseClient):
         """Results of ``futures`` in order; raises the first failure unless ``return_exceptions``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         out = []
-        for f in futures:
+        for i, f in enumerate(futures):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 out.append(f.result(left))
             except (GridqError, CancelledError) as exc:
+                at_index(exc, i)
                 if not return_exceptions:
                     raise
                 out.append(exc)
         return out
+
+    def _cancel_unfinished(self, futures: list) -> None:
+        """Ask the broker to cancel the tasks of ``futures`` not finished (not waiting for the answer)."""
+        ids = [f.task_id for f in futures if not f.done()]
+        if ids and not self._closed.is_set():
+            self._post(("do", partial(self._engine.call, Command.CANCEL, {"ids": ids}), Future()))
 
     def cancel(self, future: GridFuture | str, terminate: bool = False) -> bool:
         """Cancel a task (a future or a task id): True where it will never run (queued, or killed
@@ -202,6 +236,8 @@ class Client(BaseClient):
         return self._call(Command.STATUS, {})["snapshot"]
 
     def close(self) -> None:
+        """Cancel this client's queued tasks without a key (unless ``cancel_on_close=False``), then stop."""
+        _OPEN_CLIENTS.discard(self)
         if self._closed.is_set():
             return
         try:

@@ -83,6 +83,20 @@ class KeyConflict(TaskError):
     broker refused the task (it never answers with another task's result)."""
 
 
+def at_index(error: BaseException, index: int) -> BaseException:
+    """``error`` of item ``index`` of a map or gather: a TaskError notes which item it was."""
+    if isinstance(error, TaskError):
+        error.at_index(index)
+    return error
+
+
+def map_timeout(total: int, finished: int, timeout_s: float | None) -> TimeoutError:
+    """What a map past its ``timeout`` raises (its unfinished tasks were asked to cancel)."""
+    return TimeoutError(f"map: {finished} of {total} tasks finished within its timeout of {timeout_s:g} s; the "
+                        "others were cancelled where they had not started (a running task runs to its end; "
+                        "task_timeout= limits each run)")
+
+
 #: remote error type -> the exception class the client raises for it
 ERROR_CLASSES = {ErrorType.TASK_LOST: TaskLost, ErrorType.TASK_TIMEOUT: TaskTimeout, ErrorType.KEY_CONFLICT: KeyConflict}
 

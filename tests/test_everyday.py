@@ -3,6 +3,7 @@ wrong ports, a quiet library, a worker's Ctrl-C (issue 17)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from structlog.testing import capture_logs
 from broker.protocol import Command, Message, pack_value
 from broker.server import Broker, BrokerConfig
 from broker.states import TaskState
-from client import BrokerUnavailable, Client, GridqError, KeyConflict, TaskError
+from client import AsyncClient, BrokerUnavailable, Client, GridqError, KeyConflict, TaskError, TaskTimeout
 from client.errors import RemoteTraceback, task_error
 from tests.conftest import ROOT, free_port, wait_until
 from tests.test_core import Harness
@@ -377,3 +378,92 @@ def test_an_import_of_gridqs_that_finds_a_users_module_named_like_gridqs_says_so
                               cwd=tmp_path, timeout=60)
         assert done.returncode == 1
         assert f"'broker' is {tmp_path / 'broker.py'}, a module of yours named like it" in done.stderr
+
+
+# ------------------------------------------------------------------ abandoned work is cancelled
+
+
+@pytest.fixture
+def one_slot(cluster):
+    cluster.start_broker()
+    cluster.start_worker("--slots", "1")
+    cluster.wait_workers(1)
+    return cluster
+
+
+def queued(cluster) -> int:
+    with cluster.client() as c:
+        return c.status()["queued"]
+
+
+def test_a_failing_map_says_which_item_failed_and_cancels_what_has_not_started(one_slot, events):
+    log = events("task.")
+    with one_slot.client() as c:
+        with pytest.raises(TaskError, match="ValueError") as raised:
+            c.map("sleep", [0.05, "not seconds", *[0.2] * 30])
+        assert raised.value.index == 1 and raised.value.name == "sleep"
+        assert "item 1 of the map" in "".join(traceback.format_exception(raised.value))
+        wait_until(lambda: queued(one_slot) == 0, 5, what="the rest of the map cancelled")
+        assert len(log.of("task.cancelled")) >= 25
+        results = c.map("sleep", [0, "x", 0], return_exceptions=True)
+        assert results[0] == 0 and results[2] == 0 and isinstance(results[1], TaskError) and results[1].index == 1
+
+
+def test_a_map_past_its_timeout_raises_a_clear_error_and_cancels_the_rest(one_slot):
+    with one_slot.client() as c:
+        with pytest.raises(TimeoutError, match=r"of 20 tasks finished within its timeout of 1 s"):
+            c.map("sleep", [0.3] * 20, timeout=1)
+        wait_until(lambda: queued(one_slot) == 0, 5, what="the rest of the map cancelled")
+        with pytest.raises(TaskTimeout):
+            c.map("sleep", [5], task_timeout=0.3)
+
+
+def test_an_async_map_that_fails_says_which_item_and_cancels_the_rest(one_slot):
+    async def go():
+        async with AsyncClient(one_slot.frontend, timeout=2.0) as c:
+            with pytest.raises(TaskError) as raised:
+                await c.map("sleep", [0.05, "x", *[0.2] * 30])
+            assert raised.value.index == 1
+            for _ in range(100):
+                if (await c.status())["queued"] == 0:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError("the rest of the map was not cancelled")
+
+    asyncio.run(go())
+
+
+def test_ctrl_c_of_a_client_process_cancels_its_queued_tasks(one_slot, events):
+    log = events("task.")
+    script = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        from client import Client
+        with Client({one_slot.frontend!r}, timeout=2.0) as c:
+            c.map("sleep", [0.3] * 50)
+        """)], env=one_slot.env, cwd=one_slot.tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: log.of("task.started"), 20, what="the map running")
+        script.send_signal(signal.SIGINT)
+        assert script.wait(timeout=20) != 0
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait()
+    wait_until(lambda: queued(one_slot) == 0, 5, what="the client's queued tasks cancelled")
+    assert len(log.of("task.cancelled")) >= 40
+
+
+def test_a_client_process_that_ends_without_closing_cancels_its_unkeyed_tasks_and_keeps_keyed_ones(one_slot, events):
+    log = events("task.")
+    done = run_script(one_slot, f"""
+        from client import Client
+        c = Client({one_slot.frontend!r}, timeout=2.0)
+        unkeyed = [c.submit("sleep", 0.3) for _ in range(20)]
+        keyed = c.submit("sleep", 0.01, key="kept-17", priority=-1)
+        c.status()  # every submit has reached the broker
+        print(keyed.task_id)
+        """)
+    assert done.returncode == 0, done.stderr
+    keyed_id = done.stdout.strip()
+    wait_until(lambda: queued(one_slot) == 0, 10, what="the unkeyed tasks cancelled, the keyed one run")
+    log.wait_for("task.succeeded", lambda e: e["task_id"] == keyed_id)
+    assert len(log.of("task.cancelled")) >= 15
