@@ -26,8 +26,8 @@ from concurrent.futures import InvalidStateError
 from dataclasses import dataclass, field
 
 from broker.logs import get_logger
-from broker.protocol import (CLIENT_TAG, MAX_BACKOFF_S, MAX_RETRIES, Command, Message, ProtocolError, SubmitRecord,
-                             check_int, check_name, check_resources, check_seconds, decode, pack_value, records,
+from broker.protocol import (CLIENT_TAG, MAX_BACKOFF_S, MAX_RETRIES, Command, ErrorType, Message, ProtocolError,
+                             SubmitRecord, check_int, check_name, check_resources, check_seconds, decode, pack_value, records,
                              retry_names, unpack_value)
 from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost, task_error
 
@@ -341,7 +341,7 @@ class Engine:
         for task_id, reason in header.get("rejected", ()):
             self._fail(task_id, TaskError("InvalidRequest", str(reason)))
         for task_id, reason in header.get("conflicts", ()):
-            self._fail(task_id, KeyConflict("KeyConflict", str(reason), task_id=task_id))
+            self._fail(task_id, KeyConflict(ErrorType.KEY_CONFLICT, str(reason), task_id=task_id))
         for task_id, first_id in header.get("aliases", ()):
             handles = self._pop(task_id)
             if task_id in self._keyed:

@@ -98,7 +98,8 @@ def map_timeout(total: int, finished: int, timeout_s: float | None) -> TimeoutEr
 
 
 #: remote error type -> the exception class the client raises for it
-ERROR_CLASSES = {ErrorType.TASK_LOST: TaskLost, ErrorType.TASK_TIMEOUT: TaskTimeout, ErrorType.KEY_CONFLICT: KeyConflict}
+ERROR_CLASSES = {ErrorType.TASK_LOST: TaskLost, ErrorType.TASK_TIMEOUT: TaskTimeout,
+                 ErrorType.KEY_CONFLICT: KeyConflict}
 
 
 def task_error(error: dict, *, task_id: str | None = None, name: str | None = None,
