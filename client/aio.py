@@ -172,7 +172,7 @@ class AsyncClient(BaseClient):
         futures: list[AsyncFuture] = []
         try:
             return await self._map(name, iterable, futures, timeout, max_in_flight, return_exceptions, options)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
             self._abandon(*futures)
             raise map_timeout(len(futures), sum(f.done() for f in futures), timeout) from None
         except BaseException:

@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout  # the builtin TimeoutError from Python 3.11 on
 from functools import partial
 from typing import Iterable, Iterator
 
@@ -149,7 +150,7 @@ class Client(BaseClient):
         try:
             futures.extend(self.stream(name, submissions, max_in_flight=max_in_flight, ordered=True, **options))
             return self.gather(futures, timeout, return_exceptions=return_exceptions)
-        except TimeoutError:
+        except (TimeoutError, FutureTimeout):
             self._cancel_unfinished(futures)
             raise map_timeout(len(futures), sum(f.done() for f in futures), timeout) from None
         except BaseException:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from broker.logs import get_logger
 from broker.protocol import (CLIENT_TAG, MAX_BACKOFF_S, MAX_RETRIES, Command, ErrorType, Message, ProtocolError,
-                             SubmitRecord, check_int, check_name, check_resources, check_seconds, decode, pack_value, records,
-                             retry_names, unpack_value)
+                             SubmitRecord, check_int, check_name, check_resources, check_seconds, decode, pack_value,
+                             records, retry_names, unpack_value)
 from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost, task_error
 
 log = get_logger(__name__)
