@@ -21,8 +21,8 @@ from broker.server import Broker, BrokerConfig
 from broker.states import TaskState
 from client import AsyncClient, BrokerUnavailable, Client, GridqError, KeyConflict, TaskError, TaskTimeout
 from client.errors import RemoteTraceback, task_error
-from tests.conftest import ROOT, free_port, wait_until
-from tests.test_core import Harness
+from tests.conftest import ROOT, silent_endpoints
+from tests.harness import Harness, wait_until
 
 
 @pytest.fixture
@@ -284,13 +284,15 @@ SILENT_BROKER = """
 
 
 def test_the_client_prints_nothing_at_default_settings(cluster):
-    done = run_script(cluster, SILENT_BROKER.format(setup="", address=f"tcp://127.0.0.1:{free_port()}"))
+    with silent_endpoints() as (address,):
+        done = run_script(cluster, SILENT_BROKER.format(setup="", address=address))
     assert (done.stdout, done.stderr) == ("unavailable\n", "")
 
 
 def test_the_client_logs_through_stdlib_logging_where_the_application_configured_it(cluster):
     setup = "logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)"
-    done = run_script(cluster, SILENT_BROKER.format(setup=setup, address=f"tcp://127.0.0.1:{free_port()}"))
+    with silent_endpoints() as (address,):
+        done = run_script(cluster, SILENT_BROKER.format(setup=setup, address=address))
     assert done.stdout == "unavailable\n"
     assert "DEBUG:client.engine:broker_silent_resending" in done.stderr
 
@@ -439,7 +441,7 @@ def test_ctrl_c_of_a_client_process_cancels_its_queued_tasks(one_slot, events):
         from client import Client
         with Client({one_slot.frontend!r}, timeout=2.0) as c:
             c.map("sleep", [0.3] * 50)
-        """)], env=one_slot.env, cwd=one_slot.tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        """)], env=one_slot.env, cwd=one_slot.tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: log.of("task.started"), 20, what="the map running")
         script.send_signal(signal.SIGINT)
