@@ -159,10 +159,13 @@ class Core:
         ids = msg.header.get("ids") or []
         if not isinstance(ids, list):
             raise ValueError("ids must be a list of task ids")
+        terminate = msg.header.get("terminate") is True  # also kill it where it runs on a process slot
         cancelled, refused = [], []
         for task_id in ids:
             task = self.tasks.get(task_id) if isinstance(task_id, str) else None
-            if task is None or task.session != session or task.state is not TaskState.QUEUED:
+            if terminate and task is not None and task.session == session and self.moves.terminate(task, now):
+                cancelled.append(task_id)
+            elif task is None or task.session != session or task.state is not TaskState.QUEUED:
                 refused.append(task_id)
             elif task_id in self.leases.held:  # restored after a restart: it may still be running on its worker
                 refused.append(task_id)

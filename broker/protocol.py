@@ -107,6 +107,7 @@ class Command(enum.IntEnum):
     HEARTBEAT = 23  #: both ways, proof of life
     DISCONNECT = 24  #: W->B leaving (hands back held tasks); B->W stop or re-announce
     RETURN = 25  #: W->B tasks handed back unstarted (graceful stop)
+    KILL = 26  #: B->W stop these tasks where they run (past their timeout, or cancelled with terminate)
 
 
 _COMMAND_BYTES = {c: bytes([c]) for c in Command}
@@ -276,10 +277,14 @@ class DoneRecord(NamedTuple):
     ``ahead`` that just started."""
 
     task_id: str
-    ok: bool
+    ok: bool | str  #: True, False, or LOST: the child process running it died (retry it elsewhere)
     value: Any  #: result blob, or an error map when not ok
     nframes: int
     run_s: float
+
+
+#: DoneRecord ``ok`` of a task whose process slot died under it
+LOST = "lost"
 
 
 class ResultRecord(NamedTuple):

@@ -1,0 +1,311 @@
+"""Process slots: one child process per CPU slot, its channel, its shared-memory arena, its recycling.
+
+A slot thread of the Runner (worker/executors.py) hands its ProcessSlot a batch
+of tasks; the slot sends them to its child in one message and reports each
+result as the child answers it. Large argument arrays are copied once into an
+arena of shared memory that the worker creates, the child maps, and the worker
+unlinks as soon as the child has it: a child that dies, or a worker killed with
+``kill -9``, leaves nothing behind in /dev/shm. A child that dies loses only the
+task it ran; the tasks after it in its batch go back to the worker's queue.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import numpy as np
+import structlog
+
+from broker.protocol import LOST, frame_buffer
+from broker.wake import Waker
+from worker.channel import Channel, ChannelClosed, pair
+from worker.child import child_main
+from worker.run import failure
+
+log = structlog.get_logger(__name__)
+
+#: argument frames at least this large travel through the slot's shared-memory arena
+SHM_MIN_BYTES = 256 * 1024
+#: most tasks one message to a child carries
+CHILD_BATCH = 32
+#: how long a child may take to exit once told to (or killed) before it is waited on no more
+JOIN_S = 5.0
+
+
+class ChildDied(RuntimeError):
+    """The child process running a task died (os._exit, a signal, the OOM killer)."""
+
+
+class Killed(RuntimeError):
+    """The broker had the task killed (it ran past its timeout, or was cancelled with terminate)."""
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    modules: tuple = ()  #: --tasks modules each child imports
+    max_tasks_per_child: int = 0  #: 0: no limit
+    max_memory_per_child_mib: int = 0  #: 0: no limit
+
+
+def context(modules) -> multiprocessing.context.BaseContext:
+    """forkserver where the platform has it (children fork from a clean, single-threaded server that
+    preloaded the task modules), else spawn; never a fork of the threaded worker."""
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["worker.child", "worker.builtins", *modules])
+        return ctx
+    return multiprocessing.get_context("spawn")
+
+
+class ProcessSlot:
+    """One CPU slot's child process, driven by one slot thread; kill requests come from any thread."""
+
+    def __init__(self, index: int, options: PoolOptions, ctx) -> None:
+        self.index = index
+        self.options = options
+        self._ctx = ctx
+        self._proc = None
+        self._channel: Channel | None = None
+        self._arena: shared_memory.SharedMemory | None = None
+        self._arena_named = False  #: the child may not have mapped it yet: keep its name until it answers
+        self._ran = 0  #: tasks the current child ran
+        self._started_at = 0.0
+        self.start_s: float | None = None  #: how long the current child took to say hello
+        self._waker = Waker()
+        self._lock = threading.Lock()
+        self._kills: dict[str, str] = {}  #: task id -> why the broker wants it killed
+        self._closed = False
+
+    # ------------------------------------------------------------ any thread
+
+    def request_kill(self, task_id: str, reason: str) -> None:
+        with self._lock:
+            self._kills[task_id] = reason
+        self._waker.wake()
+
+    def close(self) -> None:
+        """Kill the child (the worker is leaving: what it ran was finished or handed back)."""
+        self._closed = True
+        proc = self._proc
+        if proc is not None and proc.pid is not None:
+            _signal(proc.pid, signal.SIGKILL)
+            proc.join(JOIN_S)
+        self._drop_arena()
+        self._waker.wake()
+
+    # ------------------------------------------------------------ slot thread
+
+    def start(self) -> None:
+        mine, theirs = pair()
+        opts = self.options
+        proc = self._ctx.Process(target=child_main, name=f"gridq-slot-{self.index}", daemon=False,
+                                 args=(theirs, list(opts.modules), opts.max_tasks_per_child,
+                                       opts.max_memory_per_child_mib << 20))
+        self._started_at = time.perf_counter()
+        self.start_s = None
+        proc.start()
+        theirs.close()  # the child's end lives in the child only: its death is our EOF
+        self._proc, self._channel, self._ran = proc, Channel(mine), 0
+        if self._closed:  # the worker closed meanwhile
+            self.close()
+
+    def room(self) -> int:
+        """Tasks the current child may still run before --max-tasks-per-child replaces it."""
+        limit = self.options.max_tasks_per_child
+        return max(1, limit - self._ran) if limit else CHILD_BATCH
+
+    def run(self, batch: list, emit) -> list:
+        """Run ``batch`` [(record, frames)] in the child, in order; ``emit(entry, frames, next_record)``
+        reports each outcome as it comes. Returns the tasks the child never started."""
+        if self._closed:
+            return batch
+        if not self._idle_child_alive():
+            self._replace("died while idle")
+        tasks, inline = self._pack(batch)
+        try:
+            self._channel.send(["run", self._arena_change, tasks], inline)
+        except OSError:
+            self._replace("died before it got its tasks")
+            return batch
+        k, leftover = self._collect(batch, emit)
+        with self._lock:
+            for record, _ in batch:
+                self._kills.pop(record[0], None)
+        return leftover
+
+    def _pack(self, batch: list) -> tuple[list, list]:
+        """Task records for the child; large frames copied into the arena, small ones inline."""
+        big = sum(_aligned(n) for _, frames in batch for n in map(_nbytes, frames) if n >= SHM_MIN_BYTES)
+        self._arena_change = self._ensure_arena(big) if big else None
+        tasks, inline, offset = [], [], 0
+        for record, frames in batch:
+            refs = []
+            for frame in frames:
+                view = memoryview(frame_buffer(frame)).cast("B")
+                if view.nbytes >= SHM_MIN_BYTES:
+                    np.frombuffer(self._arena.buf, np.uint8, view.nbytes, offset)[:] = np.frombuffer(view, np.uint8)
+                    refs.append([offset, view.nbytes])
+                    offset += _aligned(view.nbytes)
+                else:
+                    refs.append(len(inline))
+                    inline.append(view)
+            tasks.append([record[0], record[1], record[2], refs])
+        return tasks, inline
+
+    def _collect(self, batch: list, emit) -> tuple[int, list]:
+        poller = select.poll()
+        poller.register(self._channel.fileno(), select.POLLIN)
+        poller.register(self._waker.fd, select.POLLIN)
+        k = 0
+        while k < len(batch):
+            ready = {fd for fd, _ in poller.poll()}
+            if self._waker.fd in ready:
+                self._waker.clear()
+                with self._lock:
+                    reason = self._kills.get(batch[k][0][0])
+                if reason is not None or self._closed:
+                    _signal(self._proc.pid, signal.SIGKILL)
+                    k = self._drain(batch, k, emit)
+                    return k, self._after_death(batch, k, emit, reason)
+            if self._channel.fileno() in ready:
+                try:
+                    k, bye = self._take(self._channel.read_available(), batch, k, emit)
+                except (ChannelClosed, OSError):
+                    return k, self._after_death(batch, k, emit, None)
+                if bye:
+                    self._replace(bye)
+                    return k, batch[k:]
+        return k, []
+
+    def _take(self, messages: list, batch: list, k: int, emit) -> tuple[int, str | None]:
+        for header, frames in messages:
+            if header[0] == "done":
+                if self._arena_named:
+                    self._unlink_arena()  # the child mapped it before it ran anything
+                bye = header[6] if len(header) > 6 else None
+                nxt = batch[k + 1][0] if k + 1 < len(batch) and not bye else None
+                emit(list(header[1:6]), frames, nxt)
+                k += 1
+                self._ran += 1
+                if bye:
+                    return k, bye
+            elif header[0] == "hello":
+                self.start_s = time.perf_counter() - self._started_at
+                log.debug("child_started", slot=self.index, pid=header[1], start_ms=round(self.start_s * 1000, 1))
+        return k, None
+
+    def _drain(self, batch: list, k: int, emit) -> int:
+        """Results the killed child wrote before it died still count."""
+        while True:
+            try:
+                k, _ = self._take(self._channel.read_available(), batch, k, emit)
+            except (ChannelClosed, OSError):
+                return k
+
+    def _after_death(self, batch: list, k: int, emit, reason: str | None) -> list:
+        """The child is gone: the task it ran was killed or is lost, the ones after it never started."""
+        if k >= len(batch):
+            self._replace("killed after its batch")
+            return []
+        record = batch[k][0]
+        proc = self._proc
+        proc.join(JOIN_S)
+        how = _exit_text(proc.exitcode)
+        if reason is not None:
+            emit(*failure(record[0], False, Killed(f"killed on its worker ({reason})"), 0.0, ""), None)
+        elif not self._closed:
+            log.warning("child_died", slot=self.index, pid=proc.pid, task_id=record[0], how=how)
+            emit(*failure(record[0], LOST, ChildDied(f"the child process running it died ({how})"), 0.0, ""), None)
+        self._replace(how)
+        return batch[k + 1:]
+
+    def _idle_child_alive(self) -> bool:
+        """Read what an idle child sent (its hello); False where it died meanwhile."""
+        if self._proc is None:
+            return False
+        while select.select([self._channel.fileno()], [], [], 0)[0]:
+            try:
+                self._take(self._channel.read_available(), [], 0, None)
+            except (ChannelClosed, OSError):
+                return False
+        return True
+
+    def _replace(self, why: str) -> None:
+        """A fresh child for this slot (the old one died, was killed, or reached a limit)."""
+        old = self._proc
+        if old is not None:
+            if old.exitcode is None:
+                _signal(old.pid, signal.SIGKILL)
+            old.join(JOIN_S)
+            self._channel.close()
+            log.info("child_replaced", slot=self.index, pid=old.pid, why=why)
+        self._drop_arena()  # the next child maps a new one
+        self._proc = None
+        if not self._closed:
+            self.start()
+
+    # ------------------------------------------------------------ arena
+
+    def _ensure_arena(self, size: int) -> list | None:
+        """[name, size] where the child must map a new arena, else None (its arena is big enough)."""
+        if self._arena is not None and self._arena.size >= size:
+            return None
+        self._drop_arena()
+        self._arena = shared_memory.SharedMemory(create=True, size=-(-size // (1 << 20)) << 20)
+        self._arena_named = True
+        return [self._arena.name, self._arena.size]
+
+    def _unlink_arena(self) -> None:
+        self._arena_named = False
+        try:
+            self._arena.unlink()
+        except FileNotFoundError:
+            pass
+
+    def _drop_arena(self) -> None:
+        arena, self._arena = self._arena, None
+        if arena is None:
+            return
+        if self._arena_named:
+            self._arena_named = False
+            try:
+                arena.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            arena.close()
+        except BufferError:
+            pass  # a view is still being written: the mapping goes with it
+
+
+def _nbytes(frame) -> int:
+    return memoryview(frame_buffer(frame)).nbytes
+
+
+def _aligned(n: int) -> int:
+    return (n + 63) & ~63
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _exit_text(code) -> str:
+    if code is None:
+        return "exit status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
