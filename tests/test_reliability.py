@@ -232,9 +232,11 @@ def test_sigterm_worker_past_its_drain_timeout_hands_back_what_it_holds_for_an_i
 
 
 def test_task_that_kills_its_worker_fails_with_task_lost_naming_them_while_others_are_served(cluster, events):
+    # on thread slots the task runs in the worker process itself: the worker dies with it
+    # (on process slots only a child dies: tests/test_pool.py)
     cluster.start_broker()
     for name in ("victim-a", "victim-b"):
-        cluster.start_worker("--tasks", TASKS, "--name", name)
+        cluster.start_worker("--tasks", TASKS, "--name", name, "--pool", "thread")
     cluster.start_worker("--name", "bystander")  # built-ins only: never gets rel.crash
     cluster.wait_workers(3)
     log = events("task.", "worker.")
@@ -260,7 +262,7 @@ def test_task_that_kills_its_worker_fails_with_task_lost_naming_them_while_other
 
 def test_worker_running_gil_holding_python_keeps_heartbeating_and_is_not_declared_dead(cluster, events):
     cluster.start_broker()
-    cluster.start_worker("--tasks", TASKS, "--name", "spinner")
+    cluster.start_worker("--tasks", TASKS, "--name", "spinner", "--pool", "thread")  # the GIL of the worker itself
     cluster.wait_workers(1)
     log = events("worker.")
     spin_s = 4 * SILENCE_S
@@ -332,7 +334,8 @@ def test_client_resending_after_a_timeout_does_not_duplicate_tasks(cluster, even
 def test_idempotency_keys_and_results_survive_broker_restarts(cluster, events, tmp_path):
     journal = str(tmp_path / "j.db")
     broker = cluster.start_broker("--journal", journal, liveness=PATIENT)
-    worker = cluster.start_worker("--tasks", TASKS, "--name", "keeper", liveness=PATIENT)
+    # thread slots: the task runs in the worker process, whose pid proves it never restarted
+    worker = cluster.start_worker("--tasks", TASKS, "--name", "keeper", "--pool", "thread", liveness=PATIENT)
     cluster.wait_workers(1)
     path = tmp_path / "runs"
     with cluster.client(timeout=1.0, retries=20) as c:

@@ -166,7 +166,10 @@ class Runner:
 
     def _loop(self, child) -> None:
         if child is not None:
-            child.start()  # boots while the worker announces itself
+            try:
+                child.start()  # boots while the worker announces itself
+            except Exception:  # tried again with the first task, which fails with the error if it persists
+                log.exception("process_slot_start_failed", slot=child.index)
         while True:
             with self._cond:
                 needs = self._startable()
@@ -191,16 +194,17 @@ class Runner:
                 if self._pending:
                     self._cond.notify()  # the next one may fit too
             if in_child:
-                leftover = child.run(batch, self._emit)
+                try:
+                    child.run(batch, self._emit, self._give_back)
+                except Exception as exc:  # a bug here must cost these tasks, never the slot
+                    log.exception("process_slot_failed", slot=child.index)
+                    for record, _ in batch:
+                        if record[0] in self._running:
+                            self._emit(*failure(record[0], False, exc, 0.0), None)
             else:
                 record, frames = batch[0]
                 self._emit(*run_task(self.registry, record[0], record[1], record[2], frames, self.gpu), None)
-                leftover = []
             with self._cond:
-                for record, _ in leftover:  # its child went before it started them: first in line again
-                    self._running.discard(record[0])
-                    self._where.pop(record[0], None)
-                self._pending.extendleft(reversed(leftover))
                 if self._running:
                     hold(self._free, needs, +1)
                 else:
@@ -216,6 +220,17 @@ class Runner:
             if not _ahead(record) or not self._in_child(record[1]) or self._needs(record) != needs:
                 break
             batch.append(self._pending.popleft())
+
+    def _give_back(self, tasks: list) -> None:
+        """Tasks of a child's batch it will not start: first in line again, for any slot."""
+        if not tasks:
+            return
+        with self._cond:
+            for record, _ in tasks:
+                self._running.discard(record[0])
+                self._where.pop(record[0], None)
+            self._pending.extendleft(reversed(tasks))
+            self._cond.notify_all()
 
     def _emit(self, entry: list, frames: list, started=None) -> None:
         """A task's outcome into the log; ``started``: the next task of its batch, starting now."""

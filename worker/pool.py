@@ -35,6 +35,8 @@ log = structlog.get_logger(__name__)
 SHM_MIN_BYTES = 256 * 1024
 #: most tasks one message to a child carries
 CHILD_BATCH = 32
+#: a task of a batch that runs this long without an answer makes the child hand back those behind it
+RELEASE_AFTER_S = 0.003
 #: how long a child may take to exit once told to (or killed) before it is waited on no more
 JOIN_S = 5.0
 
@@ -76,6 +78,7 @@ class ProcessSlot:
         self._arena: shared_memory.SharedMemory | None = None
         self._arena_named = False  #: the child may not have mapped it yet: keep its name until it answers
         self._ran = 0  #: tasks the current child ran
+        self._seq = 0  #: number of the latest batch sent
         self._started_at = 0.0
         self.start_s: float | None = None  #: how long the current child took to say hello
         self._waker = Waker()
@@ -121,24 +124,27 @@ class ProcessSlot:
         limit = self.options.max_tasks_per_child
         return max(1, limit - self._ran) if limit else CHILD_BATCH
 
-    def run(self, batch: list, emit) -> list:
-        """Run ``batch`` [(record, frames)] in the child, in order; ``emit(entry, frames, next_record)``
-        reports each outcome as it comes. Returns the tasks the child never started."""
+    def run(self, batch: list, emit, give_back) -> None:
+        """Run ``batch`` [(record, frames)] in the child, in order. ``emit(entry, frames, next_record)``
+        reports each outcome as it comes; ``give_back(tasks)`` returns tasks the child will not start
+        (the task before them runs long, or the child went) to the worker's queue at once."""
         if self._closed:
-            return batch
+            give_back(batch)
+            return
         if not self._idle_child_alive():
             self._replace("died while idle")
+        self._seq += 1
         tasks, inline = self._pack(batch)
         try:
-            self._channel.send(["run", self._arena_change, tasks], inline)
+            self._channel.send(["run", self._seq, self._arena_change, tasks], inline)
         except OSError:
             self._replace("died before it got its tasks")
-            return batch
-        k, leftover = self._collect(batch, emit)
+            give_back(batch)
+            return
+        self._collect(list(batch), emit, give_back)
         with self._lock:
             for record, _ in batch:
                 self._kills.pop(record[0], None)
-        return leftover
 
     def _pack(self, batch: list) -> tuple[list, list]:
         """Task records for the child; large frames copied into the arena, small ones inline."""
@@ -159,32 +165,45 @@ class ProcessSlot:
             tasks.append([record[0], record[1], record[2], refs])
         return tasks, inline
 
-    def _collect(self, batch: list, emit) -> tuple[int, list]:
+    def _collect(self, batch: list, emit, give_back) -> None:
+        """Wait for the batch's outcomes, a kill request, or the child's death; ``batch`` shrinks to
+        what the child will run when it hands the rest back."""
         poller = select.poll()
         poller.register(self._channel.fileno(), select.POLLIN)
         poller.register(self._waker.fd, select.POLLIN)
         k = 0
+        progress_at = time.monotonic()
+        release_sent = False
         while k < len(batch):
-            ready = {fd for fd, _ in poller.poll()}
+            wait_ms = None
+            if not release_sent and k + 1 < len(batch):
+                wait_ms = max(0.0, progress_at + RELEASE_AFTER_S - time.monotonic()) * 1000
+            ready = {fd for fd, _ in poller.poll(wait_ms)}
+            if not ready and wait_ms is not None:  # the current task runs long: free the ones behind it
+                self._send(["release", self._seq])
+                release_sent = True
             if self._waker.fd in ready:
                 self._waker.clear()
                 with self._lock:
                     reason = self._kills.get(batch[k][0][0])
                 if reason is not None or self._closed:
                     _signal(self._proc.pid, signal.SIGKILL)
-                    k = self._drain(batch, k, emit)
-                    return k, self._after_death(batch, k, emit, reason)
+                    k = self._drain(batch, k, emit, give_back)
+                    self._after_death(batch, k, emit, give_back, reason)
+                    return
             if self._channel.fileno() in ready:
                 try:
-                    k, bye = self._take(self._channel.read_available(), batch, k, emit)
+                    k, bye = self._take(self._channel.read_available(), batch, k, emit, give_back)
                 except (ChannelClosed, OSError):
-                    return k, self._after_death(batch, k, emit, None)
+                    self._after_death(batch, k, emit, give_back, None)
+                    return
+                progress_at = time.monotonic()
                 if bye:
+                    give_back(batch[k:])
                     self._replace(bye)
-                    return k, batch[k:]
-        return k, []
+                    return
 
-    def _take(self, messages: list, batch: list, k: int, emit) -> tuple[int, str | None]:
+    def _take(self, messages: list, batch: list, k: int, emit, give_back) -> tuple[int, str | None]:
         for header, frames in messages:
             if header[0] == "done":
                 if self._arena_named:
@@ -196,24 +215,28 @@ class ProcessSlot:
                 self._ran += 1
                 if bye:
                     return k, bye
+            elif header[0] == "released" and header[1] == self._seq and k <= header[2] < len(batch):
+                # (answered after the batch ran to its end, it concerns no task: read while idle)
+                give_back(batch[header[2]:])  # never started there: first in line again here
+                del batch[header[2]:]
             elif header[0] == "hello":
                 self.start_s = time.perf_counter() - self._started_at
                 log.debug("child_started", slot=self.index, pid=header[1], start_ms=round(self.start_s * 1000, 1))
         return k, None
 
-    def _drain(self, batch: list, k: int, emit) -> int:
+    def _drain(self, batch: list, k: int, emit, give_back) -> int:
         """Results the killed child wrote before it died still count."""
         while True:
             try:
-                k, _ = self._take(self._channel.read_available(), batch, k, emit)
+                k, _ = self._take(self._channel.read_available(), batch, k, emit, give_back)
             except (ChannelClosed, OSError):
                 return k
 
-    def _after_death(self, batch: list, k: int, emit, reason: str | None) -> list:
+    def _after_death(self, batch: list, k: int, emit, give_back, reason: str | None) -> None:
         """The child is gone: the task it ran was killed or is lost, the ones after it never started."""
         if k >= len(batch):
             self._replace("killed after its batch")
-            return []
+            return
         record = batch[k][0]
         proc = self._proc
         proc.join(JOIN_S)
@@ -223,8 +246,14 @@ class ProcessSlot:
         elif not self._closed:
             log.warning("child_died", slot=self.index, pid=proc.pid, task_id=record[0], how=how)
             emit(*failure(record[0], LOST, ChildDied(f"the child process running it died ({how})"), 0.0, ""), None)
+        give_back(batch[k + 1:])
         self._replace(how)
-        return batch[k + 1:]
+
+    def _send(self, header) -> None:
+        try:
+            self._channel.send(header)
+        except OSError:
+            pass  # the child is gone: its EOF tells
 
     def _idle_child_alive(self) -> bool:
         """Read what an idle child sent (its hello); False where it died meanwhile."""
@@ -232,7 +261,7 @@ class ProcessSlot:
             return False
         while select.select([self._channel.fileno()], [], [], 0)[0]:
             try:
-                self._take(self._channel.read_available(), [], 0, None)
+                self._take(self._channel.read_available(), [], 0, None, None)
             except (ChannelClosed, OSError):
                 return False
         return True
