@@ -44,6 +44,14 @@ def wait_file(path: Path, timeout: float = 30.0) -> str:
     return wait_until(lambda: path.exists() and path.read_text(), timeout, what=f"{path.name} written")
 
 
+def start_steady_worker(cluster, name: str):
+    """A broker and a patient 2-slot process-pool worker (no test here may see it declared lost)."""
+    cluster.start_broker(liveness=PATIENT)
+    worker = cluster.start_worker("--tasks", TASKS, "--slots", "2", "--name", name, liveness=PATIENT)
+    cluster.wait_workers(1)
+    return worker
+
+
 def assert_all_gone(procs: list[psutil.Process], timeout: float = 15.0) -> None:
     _, alive = psutil.wait_procs(procs, timeout=timeout)
     assert alive == [], f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
@@ -88,9 +96,7 @@ def test_one_slot_worker_serves_the_next_task_within_seconds_after_a_while_true_
 
 
 def test_task_calling_os_exit_loses_only_itself_and_the_worker_stays_in_status(cluster, events, tmp_path):
-    cluster.start_broker(liveness=PATIENT)
-    worker = cluster.start_worker("--tasks", TASKS, "--slots", "2", "--name", "sturdy", liveness=PATIENT)
-    cluster.wait_workers(1)
+    worker = start_steady_worker(cluster, "sturdy")
     log = events("task.", "worker.")
     release = tmp_path / "release"
     with cluster.client() as c:
@@ -183,9 +189,7 @@ def test_a_16_mib_array_reaches_a_child_intact_through_shared_memory(cluster):
 
 
 def test_sigterm_drains_busy_children_then_leaves_nothing_running(cluster, events, tmp_path):
-    cluster.start_broker(liveness=PATIENT)
-    worker = cluster.start_worker("--tasks", TASKS, "--slots", "2", "--name", "leaving", liveness=PATIENT)
-    cluster.wait_workers(1)
+    worker = start_steady_worker(cluster, "leaving")
     log = events("worker.")
     release = tmp_path / "release"
     with cluster.client() as c:
@@ -207,9 +211,7 @@ def test_sigterm_drains_busy_children_then_leaves_nothing_running(cluster, event
 
 
 def test_child_killed_with_sigkill_mid_task_loses_that_task_only_which_runs_again(cluster, events, tmp_path):
-    cluster.start_broker(liveness=PATIENT)
-    worker = cluster.start_worker("--tasks", TASKS, "--slots", "2", "--name", "steady", liveness=PATIENT)
-    cluster.wait_workers(1)
+    worker = start_steady_worker(cluster, "steady")
     log = events("task.", "worker.")
     release = tmp_path / "release"
     with cluster.client() as c:
