@@ -312,3 +312,62 @@ def test_core_terminate_cancels_a_running_task_only_where_a_child_runs_it():
                           thread.now)
     thread.flush()
     assert thread.state(t) is TaskState.RUNNING and kills(thread, b"t") == []
+
+
+# ==================================================================== the worker's side, in this process
+
+
+def test_tasks_behind_a_long_one_in_a_childs_batch_go_back_and_run_on_the_other_slot(tmp_path):
+    import tests.pool_tasks  # noqa: F401  (registers pool.* here too)
+    from broker.protocol import pack_value
+    from worker.executors import Runner
+    from worker.pool import PoolOptions
+    from worker.registry import REGISTRY
+
+    gate, _ = pack_value([[str(tmp_path / "started"), str(tmp_path / "release")], {}])
+    noop, _ = pack_value([[], {}])
+    runner = Runner(REGISTRY, 2, {"cpu": 2}, pool=PoolOptions(("tests.pool_tasks",)))
+    try:
+        # queued before the children are up: the first slot takes the gate and those sent ahead behind it
+        runner.submit(["long", "pool.gate", gate, 0, 1, None, False], [])
+        for i in range(6):
+            runner.submit([f"short-{i}", "pool.pid", noop, 0, 1, None, True], [])
+        done: dict = {}
+
+        def collect():
+            entries, _ = runner.take_output()
+            done.update((e[0], e) for e in entries if not isinstance(e, str))
+            return {f"short-{i}" for i in range(6)} <= set(done)
+
+        wait_until(collect, 30, what="every short task while the long one still runs")
+        assert "long" not in done
+        (tmp_path / "release").touch()
+        wait_until(lambda: collect() and "long" in done, 30, what="the long task")
+        assert all(e[1] is True for e in done.values())
+    finally:
+        runner.close()
+
+
+def test_a_child_handing_back_batches_at_random_moments_runs_each_task_once_in_order(monkeypatch):
+    import worker.builtins  # noqa: F401
+    from broker.protocol import pack_value
+    from worker import pool
+
+    monkeypatch.setattr(pool, "RELEASE_AFTER_S", 0.0001)  # ask for the rest of nearly every batch back
+    slot = pool.ProcessSlot(0, pool.PoolOptions(), pool.context(()))
+    blob, _ = pack_value([[], {}])
+    try:
+        slot.start()
+        queue = [([f"t{i}", "noop", blob, 0, 1, None, True], []) for i in range(1000)]
+        ran: list = []
+        while queue:
+            batch, queue = queue[:32], queue[32:]
+            back: list = []
+            slot.run(batch, lambda entry, frames, started: ran.append(entry[0]), back.extend)
+            ids = [r[0] for r, _ in batch]
+            assert ran[len(ran) - (len(ids) - len(back)):] == ids[:len(ids) - len(back)]  # a prefix ran
+            assert [r[0] for r, _ in back] == ids[len(ids) - len(back):]  # the rest came back
+            queue = back + queue
+        assert ran == [f"t{i}" for i in range(1000)]
+    finally:
+        slot.close()
