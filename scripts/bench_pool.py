@@ -125,13 +125,13 @@ def cluster_figures(pool: str, cfg, logdir: Path) -> dict:
 def hop_figures(n: int) -> dict:
     """In this process: one ProcessSlot, tasks alone and in batches, against calling them here."""
     import worker.builtins  # noqa: F401
-    from broker.protocol import pack_value
+    from broker.protocol import DispatchRecord, pack_value
     from worker.pool import CHILD_BATCH, PoolOptions, ProcessSlot, context
     from worker.registry import REGISTRY
     from worker.run import run_task
 
     blob, _ = pack_value([[], {}])
-    records = [([f"t{i}", "noop", blob, 0, 1, None, True], []) for i in range(n)]
+    records = [(DispatchRecord(f"t{i}", "noop", blob, 0, 1, None, True), []) for i in range(n)]
     emitted = []
 
     def emit(entry, frames, started):
@@ -142,7 +142,7 @@ def hop_figures(n: int) -> dict:
 
     start = time.perf_counter()
     for record, frames in records:
-        run_task(REGISTRY, record[0], record[1], record[2], frames)
+        run_task(REGISTRY, record.task_id, record.name, record.args, frames)
     here_us = (time.perf_counter() - start) / n * 1e6
 
     slot = ProcessSlot(0, PoolOptions(), context(()))

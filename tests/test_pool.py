@@ -17,11 +17,11 @@ import numpy as np
 import psutil
 import pytest
 
-from broker.protocol import LOST, Command, Message
+from broker.protocol import LOST, Command, DispatchRecord, Message
 from broker.states import TaskState
 from client import TaskLost, TaskTimeout
 from tests.conftest import wait_until
-from tests.test_core import Harness
+from tests.harness import Harness
 
 TASKS = "tests.pool_tasks"
 #: liveness where a test asserts that no worker was lost: a loaded 2-core machine may starve a
@@ -329,21 +329,21 @@ def test_tasks_behind_a_long_one_in_a_childs_batch_go_back_and_run_on_the_other_
     runner = Runner(REGISTRY, 2, {"cpu": 2}, pool=PoolOptions(("tests.pool_tasks",)))
     try:
         # queued before the children are up: the first slot takes the gate and those sent ahead behind it
-        runner.submit(["long", "pool.gate", gate, 0, 1, None, False], [])
+        runner.submit(DispatchRecord("long", "pool.gate", gate, 0, 1, None, False), [])
         for i in range(6):
-            runner.submit([f"short-{i}", "pool.pid", noop, 0, 1, None, True], [])
+            runner.submit(DispatchRecord(f"short-{i}", "pool.pid", noop, 0, 1, None, True), [])
         done: dict = {}
 
         def collect():
             entries, _ = runner.take_output()
-            done.update((e[0], e) for e in entries if not isinstance(e, str))
+            done.update((e.task_id, e) for e in entries if not isinstance(e, str))
             return {f"short-{i}" for i in range(6)} <= set(done)
 
         wait_until(collect, 30, what="every short task while the long one still runs")
         assert "long" not in done
         (tmp_path / "release").touch()
         wait_until(lambda: collect() and "long" in done, 30, what="the long task")
-        assert all(e[1] is True for e in done.values())
+        assert all(e.ok is True for e in done.values())
     finally:
         runner.close()
 
@@ -358,15 +358,15 @@ def test_a_child_handing_back_batches_at_random_moments_runs_each_task_once_in_o
     blob, _ = pack_value([[], {}])
     try:
         slot.start()
-        queue = [([f"t{i}", "noop", blob, 0, 1, None, True], []) for i in range(1000)]
+        queue = [(DispatchRecord(f"t{i}", "noop", blob, 0, 1, None, True), []) for i in range(1000)]
         ran: list = []
         while queue:
             batch, queue = queue[:32], queue[32:]
             back: list = []
-            slot.run(batch, lambda entry, frames, started: ran.append(entry[0]), back.extend)
-            ids = [r[0] for r, _ in batch]
+            slot.run(batch, lambda entry, frames, started: ran.append(entry.task_id), back.extend)
+            ids = [r.task_id for r, _ in batch]
             assert ran[len(ran) - (len(ids) - len(back)):] == ids[:len(ids) - len(back)]  # a prefix ran
-            assert [r[0] for r, _ in back] == ids[len(ids) - len(back):]  # the rest came back
+            assert [r.task_id for r, _ in back] == ids[len(ids) - len(back):]  # the rest came back
             queue = back + queue
         assert ran == [f"t{i}" for i in range(1000)]
     finally:

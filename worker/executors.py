@@ -21,7 +21,7 @@ from collections import deque
 
 import structlog
 
-from broker.protocol import hold
+from broker.protocol import DispatchRecord, DoneRecord, hold
 from broker.wake import Waker
 from worker.registry import TaskSpec
 from worker.run import failure, run_task
@@ -70,7 +70,7 @@ class Runner:
 
     # ------------------------------------------------------------ socket thread side
 
-    def submit(self, record: list, frames: list) -> None:
+    def submit(self, record: DispatchRecord, frames: list) -> None:
         with self._cond:
             self._pending.append((record, frames))
             self._cond.notify()
@@ -84,7 +84,7 @@ class Runner:
         not started yet is dropped, one in a child is killed with it; a thread runs on."""
         with self._cond:
             for task_id in ids:
-                waiting = next((i for i, (r, _) in enumerate(self._pending) if r[0] == task_id), None)
+                waiting = next((i for i, (r, _) in enumerate(self._pending) if r.task_id == task_id), None)
                 if waiting is not None:
                     del self._pending[waiting]
                     self._log.append(failure(task_id, False, RuntimeError(f"dropped before it started ({reason})"),
@@ -97,20 +97,20 @@ class Runner:
     def take_unstarted(self) -> list[str]:
         """Withdraw every task not yet started (to hand back on a graceful stop)."""
         with self._cond:
-            ids = [record[0] for record, _ in self._pending]
+            ids = [record.task_id for record, _ in self._pending]
             self._pending.clear()
         return ids
 
     def held(self) -> list[str]:
         """Every task this worker holds: waiting, running, or finished but not yet reported."""
         with self._cond:
-            return [*(r[0] for r, _ in self._pending), *self._running,
-                    *(e[0][0] for e in self._log if not isinstance(e, str))]
+            return [*(r.task_id for r, _ in self._pending), *self._running,
+                    *(e[0].task_id for e in self._log if not isinstance(e, str))]
 
     def unfinished(self) -> list[str]:
         """Tasks waiting or running here, without those finished and not yet reported."""
         with self._cond:
-            return [*(r[0] for r, _ in self._pending), *self._running]
+            return [*(r.task_id for r, _ in self._pending), *self._running]
 
     def busy(self) -> bool:
         with self._cond:
@@ -148,11 +148,10 @@ class Runner:
         spec = self.registry.get(name)
         return bool(self.children) and spec is not None and not spec.needs_gpu
 
-    def _needs(self, record: list) -> dict:
-        needs = record[5] if len(record) > 5 and isinstance(record[5], dict) else None
-        if needs is not None:
-            return needs
-        spec = self.registry.get(record[1])
+    def _needs(self, record: DispatchRecord) -> dict:
+        if isinstance(record.needs, dict):
+            return record.needs
+        spec = self.registry.get(record.name)
         return spec.resources if spec is not None else {}
 
     def _startable(self):
@@ -181,16 +180,16 @@ class Runner:
                 if self._closing:
                     return
                 batch = [self._pending.popleft()]
-                in_child = child is not None and self._in_child(batch[0][0][1])
+                in_child = child is not None and self._in_child(batch[0][0].name)
                 if in_child:
                     self._extend(batch, needs, child)
                 hold(self._free, needs, -1)
                 for record, _ in batch:
-                    self._running.add(record[0])
+                    self._running.add(record.task_id)
                     if in_child:
-                        self._where[record[0]] = child
-                if _ahead(batch[0][0]):
-                    self._log.append(batch[0][0][0])  # the broker waits to hear that it started
+                        self._where[record.task_id] = child
+                if batch[0][0].ahead:
+                    self._log.append(batch[0][0].task_id)  # the broker waits to hear that it started
                 if self._pending:
                     self._cond.notify()  # the next one may fit too
             if in_child:
@@ -199,11 +198,11 @@ class Runner:
                 except Exception as exc:  # a bug here must cost these tasks, never the slot
                     log.exception("process_slot_failed", slot=child.index)
                     for record, _ in batch:
-                        if record[0] in self._running:
-                            self._emit(*failure(record[0], False, exc, 0.0), None)
+                        if record.task_id in self._running:
+                            self._emit(*failure(record.task_id, False, exc, 0.0), None)
             else:
                 record, frames = batch[0]
-                self._emit(*run_task(self.registry, record[0], record[1], record[2], frames, self.gpu), None)
+                self._emit(*run_task(self.registry, record.task_id, record.name, record.args, frames, self.gpu), None)
             with self._cond:
                 if self._running:
                     hold(self._free, needs, +1)
@@ -217,7 +216,7 @@ class Runner:
         limit = min(child.room(), share)
         while len(batch) < limit and self._pending:
             record = self._pending[0][0]
-            if not _ahead(record) or not self._in_child(record[1]) or self._needs(record) != needs:
+            if not record.ahead or not self._in_child(record.name) or self._needs(record) != needs:
                 break
             batch.append(self._pending.popleft())
 
@@ -227,28 +226,24 @@ class Runner:
             return
         with self._cond:
             for record, _ in tasks:
-                self._running.discard(record[0])
-                self._where.pop(record[0], None)
+                self._running.discard(record.task_id)
+                self._where.pop(record.task_id, None)
             self._pending.extendleft(reversed(tasks))
             self._cond.notify_all()
 
-    def _emit(self, entry: list, frames: list, started=None) -> None:
+    def _emit(self, entry: DoneRecord, frames: list, started: DispatchRecord | None = None) -> None:
         """A task's outcome into the log; ``started``: the next task of its batch, starting now."""
         with self._cond:
-            self._running.discard(entry[0])
-            self._where.pop(entry[0], None)
+            self._running.discard(entry.task_id)
+            self._where.pop(entry.task_id, None)
             self._log.append((entry, frames))
             self._results += 1
-            if started is not None and _ahead(started):
-                self._log.append(started[0])
+            if started is not None and started.ahead:
+                self._log.append(started.task_id)
             # tiny tasks with more waiting here: let results gather into one DONE (the socket
             # thread also sends what is there every 2 ms); otherwise report at once
             wake = not self._woken and (not (self._pending or started) or self._results >= OUTPUT_BATCH
-                                        or entry[4] >= BATCH_BELOW_S)
+                                        or entry.run_s >= BATCH_BELOW_S)
             self._woken = self._woken or wake
         if wake:
             self.waker.wake()
-
-
-def _ahead(record: list) -> bool:
-    return len(record) > 6 and bool(record[6])

@@ -23,7 +23,7 @@ from multiprocessing import shared_memory
 import numpy as np
 import structlog
 
-from broker.protocol import LOST, frame_buffer
+from broker.protocol import LOST, DoneRecord, frame_buffer
 from broker.wake import Waker
 from worker.channel import Channel, ChannelClosed, pair
 from worker.child import child_main
@@ -113,8 +113,13 @@ class ProcessSlot:
                                        opts.max_memory_per_child_mib << 20))
         self._started_at = time.perf_counter()
         self.start_s = None
-        proc.start()
-        theirs.close()  # the child's end lives in the child only: its death is our EOF
+        try:
+            proc.start()
+        except BaseException:
+            mine.close()
+            raise
+        finally:
+            theirs.close()  # the child's end lives in the child only: its death is our EOF
         self._proc, self._channel, self._ran = proc, Channel(mine), 0
         if self._closed:  # the worker closed meanwhile
             self.close()
@@ -144,7 +149,7 @@ class ProcessSlot:
         self._collect(list(batch), emit, give_back)
         with self._lock:
             for record, _ in batch:
-                self._kills.pop(record[0], None)
+                self._kills.pop(record.task_id, None)
 
     def _pack(self, batch: list) -> tuple[list, list]:
         """Task records for the child; large frames copied into the arena, small ones inline."""
@@ -162,7 +167,7 @@ class ProcessSlot:
                 else:
                     refs.append(len(inline))
                     inline.append(view)
-            tasks.append([record[0], record[1], record[2], refs])
+            tasks.append([record.task_id, record.name, record.args, refs])
         return tasks, inline
 
     def _collect(self, batch: list, emit, give_back) -> None:
@@ -185,7 +190,7 @@ class ProcessSlot:
             if self._waker.fd in ready:
                 self._waker.clear()
                 with self._lock:
-                    reason = self._kills.get(batch[k][0][0])
+                    reason = self._kills.get(batch[k][0].task_id)
                 if reason is not None or self._closed:
                     _signal(self._proc.pid, signal.SIGKILL)
                     k = self._drain(batch, k, emit, give_back)
@@ -210,7 +215,7 @@ class ProcessSlot:
                     self._unlink_arena()  # the child mapped it before it ran anything
                 bye = header[6] if len(header) > 6 else None
                 nxt = batch[k + 1][0] if k + 1 < len(batch) and not bye else None
-                emit(list(header[1:6]), frames, nxt)
+                emit(DoneRecord(*header[1:6]), frames, nxt)
                 k += 1
                 self._ran += 1
                 if bye:
@@ -242,10 +247,10 @@ class ProcessSlot:
         proc.join(JOIN_S)
         how = _exit_text(proc.exitcode)
         if reason is not None:
-            emit(*failure(record[0], False, Killed(f"killed on its worker ({reason})"), 0.0, ""), None)
+            emit(*failure(record.task_id, False, Killed(f"killed on its worker ({reason})"), 0.0, ""), None)
         elif not self._closed:
-            log.warning("child_died", slot=self.index, pid=proc.pid, task_id=record[0], how=how)
-            emit(*failure(record[0], LOST, ChildDied(f"the child process running it died ({how})"), 0.0, ""), None)
+            log.warning("child_died", slot=self.index, pid=proc.pid, task_id=record.task_id, how=how)
+            emit(*failure(record.task_id, LOST, ChildDied(f"the child process running it died ({how})"), 0.0, ""), None)
         give_back(batch[k + 1:])
         self._replace(how)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 import traceback
 
-from broker.protocol import EncodeError, ProtocolError, pack_value, unpack_value
+from broker.protocol import DoneRecord, EncodeError, ProtocolError, pack_value, unpack_value
 from worker.registry import TaskSpec
 
 
 def run_task(registry: dict[str, TaskSpec], task_id: str, name: str, args_blob, frames: list, gpu=None) -> tuple:
-    """Run one task here and now: ``([task_id, ok, value, nframes, run_s], result frames)``."""
+    """Run one task here and now: ``(DoneRecord, result frames)``."""
     started = time.perf_counter()
     try:
         spec = registry.get(name)
@@ -25,7 +25,7 @@ def run_task(registry: dict[str, TaskSpec], task_id: str, name: str, args_blob, 
         else:
             value = spec.fn(*args, **kwargs)
         blob, out_frames = pack_value(value)
-        return [task_id, True, blob, len(out_frames), time.perf_counter() - started], out_frames
+        return DoneRecord(task_id, True, blob, len(out_frames), time.perf_counter() - started), out_frames
     except BaseException as exc:  # a task may raise anything; it must not kill the slot
         if isinstance(exc, EncodeError):
             exc = EncodeError(f"result of {name!r} cannot be sent back: {exc}")
@@ -36,4 +36,4 @@ def failure(task_id: str, ok, exc: BaseException, run_s: float, traceback_text: 
     """A DONE entry for a task that did not succeed; ``ok`` is False, or LOST where its child died."""
     text = "".join(traceback.format_exception(exc)) if traceback_text is None else traceback_text
     error = {"type": type(exc).__name__, "message": str(exc), "traceback": text}
-    return [task_id, ok, error, 0, run_s], []
+    return DoneRecord(task_id, ok, error, 0, run_s), []
