@@ -22,7 +22,7 @@ from collections import deque
 import structlog
 
 from broker.protocol import DispatchRecord, DoneRecord, hold
-from broker.wake import Waker
+from broker.shared import Waker
 from worker.registry import TaskSpec
 from worker.run import failure, run_task
 

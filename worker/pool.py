@@ -24,7 +24,7 @@ import numpy as np
 import structlog
 
 from broker.protocol import LOST, DoneRecord, frame_buffer
-from broker.wake import Waker
+from broker.shared import Waker
 from worker.channel import Channel, ChannelClosed, pair
 from worker.child import child_main
 from worker.run import failure
