@@ -313,7 +313,9 @@ class Core:
         if self.moves.dirty:
             self.moves.dispatch(now)
         self.results.flush()
-        return self._out.take()
+        out = self._out.take()
+        out.events = self.events.in_runs(out.events)
+        return out
 
     def shutdown(self) -> None:
         """Tell every worker the broker is going away."""

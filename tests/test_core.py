@@ -550,3 +550,45 @@ def test_journal_keeps_arguments_until_the_task_finishes_then_keeps_the_result(t
     journal.restore(fresh, 0.0)
     assert unpack_value(fresh.tasks["a"].result[1]) == 6.0 and "a" in fresh.sessions["s1"].outbox
     journal.close()
+
+
+def test_a_flush_publishes_runs_of_one_topic_with_seqs_in_order_and_each_task_in_lifecycle_order(h):
+    from broker.events import runs
+
+    h.join(b"w1", slots=2)
+    _run_once(h, b"w1")  # noop is known to be short: the next ones are sent ahead
+    ids = [h.submit() for _ in range(8)]
+    h.dispatched(b"w1")
+    h.events.clear()
+    blob, _ = pack_value(None)
+    log = []  # as a worker reports: each start, then each result, interleaved
+    for t in ids:
+        log += [t, [t, True, blob, 0, 0.0001]]
+    h.core.on_client(b"c1", Message(Command.STATUS, {"rid": 1}), h.now)  # a snapshot before: a fixed point
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": log}), h.now)
+    out = h.flush()
+    seqs = [f["seq"] for _, f in out.events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    snapshot_seq = [m for _, m in h.to_clients if m.command is Command.SNAPSHOT][-1].header["snapshot"]["seq"]
+    assert seqs[0] == snapshot_seq + 1
+    assert [(topic, len(events)) for topic, events in runs(out.events)][-2:] == [("task.started", 6),
+                                                                                ("task.succeeded", 8)]
+    for t in ids:
+        mine = [topic for topic, f in out.events if f.get("task_id") == t]
+        assert mine in (["task.started", "task.succeeded"], ["task.succeeded"]), (t, mine)
+
+
+def test_events_never_move_across_a_snapshot_taken_within_the_flush(h):
+    h.join(b"w1", slots=2)
+    x = h.submit()
+    h.dispatched(b"w1")
+    blob, _ = pack_value(None)
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": [[x, True, blob, 0, 0.0001]]}), h.now)
+    h.core.on_client(b"c1", Message(Command.STATUS, {"rid": 2}), h.now)
+    h.core.on_client(b"c1", Message(Command.SUBMIT, {"rid": 3, "session": "s1", "tasks": [
+        ["b", "noop", blob, 0, None, 0, None, None, None]]}), h.now)
+    out = h.flush()
+    snap = [m for _, m in out.clients if m.command is Command.SNAPSHOT][0].header["snapshot"]
+    # task.submitted would sort before task.succeeded, but the snapshot already counts x done, not b
+    assert [(t, f["task_id"]) for t, f in out.events if f["seq"] <= snap["seq"]] == [("task.succeeded", x)]
+    assert snap["done"] == 1 and snap["queued"] == 0
