@@ -6,7 +6,6 @@ import collections
 import threading
 import time
 
-import msgpack
 import numpy as np
 import zmq
 
