@@ -14,9 +14,11 @@ STATS_WINDOW = 2048
 STATS_INTERVAL_S = 1.0
 #: seconds of completions the rate and percentiles of broker.stats cover
 STATS_SPAN_S = 10.0
-#: topics whose events may move within a flush to make runs of one topic (one message each):
-#: between two events of other topics a task has at most one event of each of these, and this
-#: rank is its lifecycle order, so a stable sort by rank never shows a task's events out of order
+#: topics whose events may move within a flush to make runs of one topic (one message each). Between
+#: two events of other topics (or a snapshot) a task has at most one event of each, in this order
+#: (its lifecycle). Submissions depend on nothing and go first; the others keep their order on each
+#: worker (a slot freed before it is taken again, as subscribers count running tasks) and interleave
+#: across workers, so a subscriber never sees a task's events, or a worker's slots, out of order.
 RUN_RANK = {Topic.TASK_SUBMITTED: 0, Topic.TASK_STARTED: 1, Topic.TASK_SUCCEEDED: 2, Topic.TASK_FAILED: 3}
 
 
@@ -149,7 +151,16 @@ class Stats:
 def _sorted_into(ordered: list, stretch: list) -> None:
     if len(stretch) > 1:
         seqs = [fields["seq"] for _, fields in stretch]
-        stretch.sort(key=lambda event: RUN_RANK[event[0]])
+        depth: dict = {}  #: worker -> its events seen so far in this stretch
+        keys = []
+        for pos, (topic, fields) in enumerate(stretch):
+            worker = fields.get("worker")
+            if topic == Topic.TASK_SUBMITTED or worker is None:  # nothing on a worker to keep in step with
+                keys.append((RUN_RANK[topic] > 0, 0, RUN_RANK[topic], pos))
+            else:
+                k = depth[worker] = depth.get(worker, -1) + 1
+                keys.append((True, k, RUN_RANK[topic], pos))
+        stretch[:] = [event for _, event in sorted(zip(keys, stretch), key=lambda pair: pair[0])]
         for (_, fields), seq in zip(stretch, seqs):
             fields["seq"] = seq
     ordered.extend(stretch)

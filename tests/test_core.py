@@ -552,30 +552,35 @@ def test_journal_keeps_arguments_until_the_task_finishes_then_keeps_the_result(t
     journal.close()
 
 
-def test_a_flush_publishes_runs_of_one_topic_with_seqs_in_order_and_each_task_in_lifecycle_order(h):
+def test_a_flush_publishes_runs_of_one_topic_with_seqs_in_order_and_each_task_and_worker_in_order(h):
     from broker.events import runs
 
-    h.join(b"w1", slots=2)
-    _run_once(h, b"w1")  # noop is known to be short: the next ones are sent ahead
-    ids = [h.submit() for _ in range(8)]
-    h.dispatched(b"w1")
+    workers = [b"w1", b"w2", b"w3", b"w4"]
+    h.join(workers[0])
+    _run_once(h, workers[0])  # noop is known to be short: the next ones are sent ahead
+    for wid in workers[1:]:
+        h.join(wid)
+    running = [h.submit() for _ in workers]
+    queued = [h.submit() for _ in workers]
+    first = {h.core.tasks[t].worker: t for t in running}
+    ahead = {h.core.tasks[u].worker: u for u in reversed(queued)}  # each worker's first task sent ahead
+    assert set(first) == set(workers) and len(ahead) >= 2
     h.events.clear()
     blob, _ = pack_value(None)
-    log = []  # as a worker reports: each start, then each result, interleaved
-    for t in ids:
-        log += [t, [t, True, blob, 0, 0.0001]]
     h.core.on_client(b"c1", Message(Command.STATUS, {"rid": 1}), h.now)  # a snapshot before: a fixed point
-    h.core.on_worker(b"w1", Message(Command.DONE, {"log": log}), h.now)
+    for wid in workers:  # each worker: its running task's result, then the start of the one sent ahead
+        log = [[first[wid], True, blob, 0, 0.0001]] + ([ahead[wid]] if wid in ahead else [])
+        h.core.on_worker(wid, Message(Command.DONE, {"log": log}), h.now)
     out = h.flush()
     seqs = [f["seq"] for _, f in out.events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     snapshot_seq = [m for _, m in h.to_clients if m.command is Command.SNAPSHOT][-1].header["snapshot"]["seq"]
     assert seqs[0] == snapshot_seq + 1
-    assert [(topic, len(events)) for topic, events in runs(out.events)][-2:] == [("task.started", 6),
-                                                                                ("task.succeeded", 8)]
-    for t in ids:
-        mine = [topic for topic, f in out.events if f.get("task_id") == t]
-        assert mine in (["task.started", "task.succeeded"], ["task.succeeded"]), (t, mine)
+    assert [(topic, len(events)) for topic, events in runs(out.events)][:2] == [("task.succeeded", 4),
+                                                                                ("task.started", len(ahead))]
+    for wid in ahead:  # on each worker: the slot freed, then taken again
+        mine = [(topic, f["task_id"]) for topic, f in out.events if f.get("worker") == wid.decode()]
+        assert mine[:2] == [("task.succeeded", first[wid]), ("task.started", ahead[wid])], mine
 
 
 def test_events_never_move_across_a_snapshot_taken_within_the_flush(h):
