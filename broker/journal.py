@@ -53,7 +53,7 @@ _UPSERT = """INSERT OR REPLACE INTO tasks VALUES
     (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
 #: a finished task's arguments are dropped with its last state change
 _UPDATE = """UPDATE tasks SET state = ?1, attempts = ?2, worker_name = ?3, lost_on = ?4, watchers = ?5,
-    result = ?6, result_frames = ?7, acked = max(acked, ?8),
+    result = ?6, result_frames = ?7, acked = ?8,
     args = CASE WHEN ?6 IS NULL THEN args END, frames = CASE WHEN ?6 IS NULL THEN frames END,
     finished_wall = CASE WHEN ?6 IS NULL THEN NULL ELSE coalesce(finished_wall, ?10) END
     WHERE task_id = ?9"""
@@ -122,7 +122,7 @@ class Journal:
         wall = time.time()
         rows = [self._row(t, wall) for t in self._new.values()]
         updates = [self._update(t, wall) for t in self._dirty.values()]
-        if self._delivered:  # acked is never set back (``max`` in _UPDATE)
+        if self._delivered:  # a keyed result read back later and delivered again is unacked again
             rows = [r if r[0] not in self._delivered else (*r[:17], 1, *r[18:]) for r in rows]
             updates = [u if u[8] not in self._delivered else (*u[:7], 1, *u[8:]) for u in updates]
         gone = [(t,) for t in self._gone]
