@@ -156,6 +156,23 @@ def decode(frames: Sequence, tag: bytes) -> Message:
     return Message(command, header, list(frames[3:]))
 
 
+def event_body(events: list, pack=msgpack.packb) -> bytes:
+    """The second frame of an event message: one event's map, or an array of several of one topic."""
+    return pack(events[0] if len(events) == 1 else events)
+
+
+def read_events(body) -> list[dict]:
+    """The events in an event message's second frame (a map, or an array of maps, in seq order)."""
+    try:
+        value = msgpack.unpackb(body, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"event body is not msgpack: {exc}") from None
+    events = [value] if isinstance(value, dict) else value
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ProtocolError("an event body is a map or an array of maps")
+    return events
+
+
 def as_bytes(frame) -> bytes:
     """A frame's bytes (``bytes`` as is, a ``zmq.Frame`` copied out)."""
     if isinstance(frame, bytes):

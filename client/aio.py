@@ -25,7 +25,7 @@ import zmq.asyncio
 
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, encode
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
-from client.engine import FAILED, Outbox, settle
+from client.engine import FAILED, MapResults, Outbox, outcome, settle
 from client.errors import GridqError
 from client.state import ClusterState, events_address_for, subscriber
 
@@ -161,34 +161,38 @@ class AsyncClient(BaseClient):
     async def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,
                   max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False, **options) -> list:
         """Run ``name(item)`` for every item; results in input order. Raises the first failure
-        (in input order) unless ``return_exceptions``; ``timeout`` bounds the whole call."""
+        (in input order; nothing more is submitted after it) unless ``return_exceptions``;
+        ``timeout`` bounds the whole call. Holds the futures in flight only."""
         loop = self._start()
         deadline = None if timeout is None else loop.time() + timeout
-        futures: list[AsyncFuture] = []
-        in_flight = 0
+        results = MapResults(return_exceptions)
+        index_of: dict = {}  #: future in flight -> its item's index (only these are held)
         wake: asyncio.Future | None = None
         context = contextvars.copy_context()  # one for every callback, not a copy per task
 
-        def finished(_f) -> None:
-            nonlocal in_flight
-            in_flight -= 1
+        def finished(future) -> None:
+            results.finish(index_of.pop(future), *outcome(future, asyncio.CancelledError))
             if wake is not None and not wake.done():
                 wake.set_result(None)
 
-        for i, item in enumerate(iterable, 1):
-            while in_flight >= max_in_flight:
-                wake = loop.create_future()
-                await self._until(wake, deadline)
-            future = self.submit(name, item, **options)
-            future.add_done_callback(finished, context=context)
-            futures.append(future)
-            in_flight += 1
-            if i % MAP_SLICE == 0:
-                await asyncio.sleep(0)  # let the batch go out and replies in; never hold the loop
-        while in_flight:
+        async def wait_one() -> None:
+            nonlocal wake
             wake = loop.create_future()
             await self._until(wake, deadline)
-        return await self.gather(futures, return_exceptions=return_exceptions)
+
+        for i, item in enumerate(iterable, 1):
+            if results.stopping:
+                break
+            while len(index_of) >= max_in_flight:
+                await wait_one()
+            future = self.submit(name, item, **options)
+            index_of[future] = results.start()
+            future.add_done_callback(finished, context=context)
+            if i % MAP_SLICE == 0:
+                await asyncio.sleep(0)  # let the batch go out and replies in; never hold the loop
+        while not results.settled():
+            await wait_one()
+        return results.outcome()
 
     async def gather(self, futures: Iterable[asyncio.Future], return_exceptions: bool = False, *,
                      timeout: float | None = None) -> list:

@@ -21,13 +21,14 @@ import zmq
 
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
 from broker.wake import Waker
-from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox, settle
+from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, MapResults, Outbox, outcome, settle
 from client.errors import GridqError
 
 log = structlog.get_logger(__name__)
 
-#: default bound on tasks in flight in map()/stream()
-DEFAULT_MAX_IN_FLIGHT = 50_000
+#: default bound on tasks in flight in map()/stream(): enough to keep workers fed; more only
+#: makes the garbage collector walk more live futures (measured in docs/PERFORMANCE.md)
+DEFAULT_MAX_IN_FLIGHT = 5_000
 
 
 class GridFuture(Future):
@@ -122,45 +123,61 @@ class Client(BaseClient):
     def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,
             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False, **options) -> list:
         """Run ``name(item)`` for every item; results in input order. Raises the first failure
-        (in input order) unless ``return_exceptions``, which puts errors in place of results."""
-        submissions = (((item,), {}) for item in iterable)
-        futures = list(self.stream(name, submissions, max_in_flight=max_in_flight, ordered=True, **options))
-        return self.gather(futures, timeout, return_exceptions=return_exceptions)
+        (in input order; nothing more is submitted after a failure) unless ``return_exceptions``,
+        which puts errors in place of results. ``timeout`` bounds the whole call. Holds the
+        futures in flight only: the results list is what grows."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results = MapResults(return_exceptions)
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        index_of: dict = {}  #: future in flight -> its item's index
+
+        def wait_one() -> None:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    raise queue.Empty
+                future = finished.get(timeout=left)
+            except queue.Empty:
+                raise TimeoutError(f"map of {name!r}: {len(index_of)} tasks unfinished after {timeout} s") from None
+            results.finish(index_of.pop(future), *outcome(future, CancelledError))
+
+        for item in iterable:
+            if results.stopping:
+                break
+            while len(index_of) >= max_in_flight:
+                wait_one()
+            future = self.submit(name, item, **options)
+            index_of[future] = results.start()
+            future.add_done_callback(finished.put)
+        while not results.settled():
+            wait_one()
+        return results.outcome()
 
     def stream(self, name: str | None, submissions: Iterable, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-               ordered: bool = False, on_submit=None, **options) -> Iterator[GridFuture]:
-        """Submit lazily from ``submissions``, never more than ``max_in_flight`` unfinished.
+               on_submit=None, **options) -> Iterator[GridFuture]:
+        """Submit lazily from ``submissions``, never more than ``max_in_flight`` unfinished, and
+        yield futures as they finish (holding only those in flight).
 
         Items are ``(args, kwargs)`` (then ``name`` applies) or, with ``name=None``,
-        ``(name, args, kwargs, options)``. Yields futures as they finish
-        (``ordered=False``) or all of them in submission order once submitted
-        (``ordered=True``; wait on them yourself). ``on_submit(future, item)``,
-        where given, is called as each task is submitted, so a caller can tie a
-        future that finishes later back to the item it came from.
+        ``(name, args, kwargs, options)``. ``on_submit(future, item)``, where given, is called
+        as each task is submitted, so a caller can tie a future that finishes later back to
+        the item it came from.
         """
         done: queue.SimpleQueue = queue.SimpleQueue()
         in_flight = 0
-        submitted: list = []
         for item in submissions:
             if name is None:
                 task_name, args, kwargs, opts = item
             else:
                 (args, kwargs), task_name, opts = item, name, options
             while in_flight >= max_in_flight:
-                finished = done.get()
+                yield done.get()
                 in_flight -= 1
-                if not ordered:
-                    yield finished
             future = self.submit(task_name, *args, **opts, **kwargs)
             if on_submit is not None:
                 on_submit(future, item)
             in_flight += 1
             future.add_done_callback(done.put)
-            if ordered:
-                submitted.append(future)
-        if ordered:
-            yield from submitted
-            return
         while in_flight:
             yield done.get()
             in_flight -= 1
