@@ -100,6 +100,8 @@ class ProcessSlot:
         if proc is not None and proc.pid is not None:
             _signal(proc.pid, signal.SIGKILL)
             proc.join(JOIN_S)
+        if self._channel is not None:
+            self._channel.close()  # a slot thread still reading it gets an error: it stops there
         self._drop_arena()
         self._waker.wake()
 
