@@ -10,6 +10,7 @@ import structlog
 
 from broker.logs import add_logging_flags, configure_logging
 from broker.protocol import DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND
+from broker.runtime import tune_gc
 from broker.server import Broker, BrokerConfig
 
 log = structlog.get_logger("broker")
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: broker.stop())
     if security is not None:
         signal.signal(signal.SIGHUP, lambda *_: security.reload())
+    tune_gc()
     try:
         broker.run()
     finally:

@@ -83,7 +83,7 @@ class Core:
     # timers, read by tests that check none is left behind
     _held = property(lambda self: self.leases.held)
     _expiry = property(lambda self: self.results.expiry)
-    _acked_expiry = property(lambda self: self.results.acked_expiry)
+    _recent = property(lambda self: self.results.recent)
     _deadlines = property(lambda self: self.moves.deadlines)
     _last_stats_at = property(lambda self: self.stats.last_at, lambda self, v: setattr(self.stats, "last_at", v))
 
@@ -123,8 +123,10 @@ class Core:
                 if existing.session != session:
                     rejected.append([task_id, "task id already in use by another session"])
                 continue  # a resend: accepted once already
+            if (session, task_id) in self.results.recent:
+                continue  # a late resend of a task whose result was fetched already
             digest = None if key is None else task_digest(rec.name, rec.args, frames)
-            first = self.table.keyed(key) if key is not None else None
+            first = self._keyed(key, now) if key is not None else None
             if first is not None and first.digest is not None and first.digest != digest:
                 conflicts.append([task_id, f"key {key!r} belongs to another task ({first.name!r}, id {first.task_id}): "
                                            "a key stands for one task name and its arguments"])
@@ -147,6 +149,15 @@ class Core:
         self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases,
                                               "conflicts": conflicts, **self._incarnation})
 
+    def _keyed(self, key: str, now: float) -> Task | None:
+        """The task first submitted with ``key``: in memory, or a finished one read back from the journal."""
+        task = self.table.keyed(key)
+        if task is None and self.journal is not None:
+            rec = self.journal.keyed(key, self.result_ttl_s)
+            if rec is not None:
+                task = self.restore_task(rec, now, counted=False)
+        return task
+
     def _on_fetch(self, route: bytes, rid, msg: Message, now: float) -> None:
         session = check_name(msg.header.get("session"), "session")
         acks = msg.header.get("ack") or []
@@ -164,10 +175,13 @@ class Core:
         ids = msg.header.get("ids") or []
         if not isinstance(ids, list):
             raise ValueError("ids must be a list of task ids")
+        terminate = msg.header.get("terminate") is True  # also kill it where it runs on a process slot
         cancelled, refused = [], []
         for task_id in ids:
             task = self.tasks.get(task_id) if isinstance(task_id, str) else None
-            if task is None or task.session != session or task.state is not TaskState.QUEUED:
+            if terminate and task is not None and task.session == session and self.moves.terminate(task, now):
+                cancelled.append(task_id)
+            elif task is None or task.session != session or task.state is not TaskState.QUEUED:
                 refused.append(task_id)
             elif task_id in self.leases.held:  # restored after a restart: it may still be running on its worker
                 refused.append(task_id)
@@ -272,12 +286,15 @@ class Core:
             self.moves.compact_deadlines()
             self.stats.emit(now)
             self.results.tidy()
+            if self.journal is not None:
+                self.journal.sweep(self.result_ttl_s)
 
     def next_tick_in(self) -> float:
         return min(0.1, self.heartbeat_s / 4)
 
-    def restore_task(self, rec: dict, now: float) -> None:
-        """Take one journaled task back (broker restart). Running ones wait for their worker."""
+    def restore_task(self, rec: dict, now: float, counted: bool = True) -> Task:
+        """Take one journaled task back (broker restart, or a keyed result read back). Running
+        ones wait for their worker."""
         task = Task(rec["task_id"], rec["session"], rec["name"], rec["args"], rec["frames"], rec["override"],
                     rec["priority"], rec["retries"], rec["timeout_s"], rec["key"], now,
                     attempts=rec["attempts"], worker_name=rec["worker_name"], lost_on=rec["lost_on"],
@@ -290,14 +307,15 @@ class Core:
             task.result = rec["result"]
             task.args, task.frames = b"", []
             task.finished_at = now
-            self.table.add(task, restored=True)
+            self.table.add(task, restored=True, counted=counted)
             self.results.finished(task, now, ttl_s=max(0.0, rec["ttl_left_s"] or 0.0), deliver=not rec["acked"])
-            return
+            return task
         self.table.add(task, restored=True)
         if state in (TaskState.RUNNING, TaskState.DISPATCHED) and task.worker_name:
             self.leases.hold_for(task.task_id, task.worker_name, now)
         else:
             self.moves.enqueue(task, now)
+        return task
 
     # ================================================================ flush
 
@@ -306,7 +324,9 @@ class Core:
         if self.moves.dirty:
             self.moves.dispatch(now)
         self.results.flush()
-        return self._out.take()
+        out = self._out.take()
+        out.events = self.events.in_runs(out.events)
+        return out
 
     def shutdown(self) -> None:
         """Tell every worker the broker is going away."""

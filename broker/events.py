@@ -14,6 +14,12 @@ STATS_WINDOW = 2048
 STATS_INTERVAL_S = 1.0
 #: seconds of completions the rate and percentiles of broker.stats cover
 STATS_SPAN_S = 10.0
+#: topics whose events may move within a flush to make runs of one topic (one message each). Between
+#: two events of other topics (or a snapshot) a task has at most one event of each, in this order
+#: (its lifecycle). Submissions depend on nothing and go first; the others keep their order on each
+#: worker (a slot freed before it is taken again, as subscribers count running tasks) and interleave
+#: across workers, so a subscriber never sees a task's events, or a worker's slots, out of order.
+RUN_RANK = {Topic.TASK_SUBMITTED: 0, Topic.TASK_STARTED: 1, Topic.TASK_SUCCEEDED: 2, Topic.TASK_FAILED: 3}
 
 
 @dataclass(slots=True)
@@ -39,6 +45,7 @@ class Events:
         self.seq = 0  #: last event sequence number used
         self.publish = True  #: build event maps (off while nobody subscribes)
         self.wall = 0.0  #: unix time of the latest call, for event timestamps
+        self._cuts: list = []  #: positions in out.events no event may move across (a snapshot's seq)
 
     def emit(self, topic: str, **fields) -> None:
         self.seq += 1  # counted even unpublished: a snapshot's seq must match what subscribers see
@@ -46,6 +53,25 @@ class Events:
             fields["seq"] = self.seq
             fields["ts"] = self.wall
             self.out.events.append((topic, fields))
+
+    def cut(self) -> None:
+        """A snapshot was taken now: the events before it keep their seqs (it includes them)."""
+        self._cuts.append(len(self.out.events))
+
+    def in_runs(self, events: list) -> list:
+        """``events`` (one flush's) reordered into longer runs of one topic where ``RUN_RANK``
+        allows, seqs renumbered in the new order (each stretch keeps its own seqs)."""
+        cuts, self._cuts = set(self._cuts), []
+        if len(events) < 2:
+            return events
+        ordered, stretch = [], []
+        for i, event in enumerate(events):
+            if i in cuts or event[0] not in RUN_RANK:
+                _sorted_into(ordered, stretch)
+                stretch = []
+            (stretch if event[0] in RUN_RANK else ordered).append(event)
+        _sorted_into(ordered, stretch)
+        return ordered
 
     def failed(self, task, worker: str | None, error: dict, resources: dict) -> None:
         # error_type and resources let a subscriber keep per-resource queues and slots exact
@@ -93,6 +119,7 @@ class Stats:
 
     def snapshot(self, now: float) -> dict:
         # copies, not the live dicts: the reply is encoded after later messages of this loop turn
+        self.events.cut()
         workers, running = [], []
         for w in self.workers.values():
             workers.append({
@@ -119,6 +146,37 @@ class Stats:
                 for res in needs:
                     queues[res] = queues.get(res, 0) + 1
         return queues
+
+
+def _sorted_into(ordered: list, stretch: list) -> None:
+    if len(stretch) > 1:
+        seqs = [fields["seq"] for _, fields in stretch]
+        depth: dict = {}  #: worker -> its events seen so far in this stretch
+        keys = []
+        for pos, (topic, fields) in enumerate(stretch):
+            worker = fields.get("worker")
+            if topic == Topic.TASK_SUBMITTED or worker is None:  # nothing on a worker to keep in step with
+                keys.append((RUN_RANK[topic] > 0, 0, RUN_RANK[topic], pos))
+            else:
+                k = depth[worker] = depth.get(worker, -1) + 1
+                keys.append((True, k, RUN_RANK[topic], pos))
+        stretch[:] = [event for _, event in sorted(zip(keys, stretch), key=lambda pair: pair[0])]
+        for (_, fields), seq in zip(stretch, seqs):
+            fields["seq"] = seq
+    ordered.extend(stretch)
+
+
+def runs(events: list) -> list:
+    """``(topic, [fields, ...])`` per run of consecutive events of one topic: one message each."""
+    out: list = []
+    last = None
+    for topic, fields in events:
+        if topic == last:
+            out[-1][1].append(fields)
+        else:
+            out.append((topic, [fields]))
+            last = topic
+    return out
 
 
 def error_text(error: dict) -> str:

@@ -44,7 +44,11 @@ CREATE TABLE IF NOT EXISTS tasks (
     extra BLOB                 -- msgpack map: digest (of a keyed task), retry_on, backoff_s, error_retries
 );
 CREATE INDEX IF NOT EXISTS tasks_key ON tasks(key) WHERE key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_keyed_finished ON tasks(finished_wall) WHERE key IS NOT NULL;
 """
+#: seconds between two sweeps of keyed results past their TTL (they are out of memory: only the
+#: journal knows them)
+SWEEP_INTERVAL_S = 60.0
 
 _UPSERT = """INSERT OR REPLACE INTO tasks VALUES
     (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"""
@@ -83,6 +87,9 @@ class Journal:
         self._new: dict = {}  #: task_id -> Task to insert whole, as it is at commit time
         self._dirty: dict = {}  #: task_id -> Task whose state columns to rewrite
         self._gone: set = set()  #: task ids to delete
+        self._delivered: set = set()  #: ids of finished tasks every waiting session has fetched
+        self._sweep_before: float | None = None  #: delete keyed results finished before this (unix time)
+        self._last_sweep = 0.0
         self.commits = 0
 
     # ------------------------------------------------------------ marking (called by the core)
@@ -98,6 +105,20 @@ class Journal:
 
     finished = fetched = state
 
+    def delivered(self, task) -> None:
+        """Nobody waits for its result any more: a restart redelivers it to no one, and a keyed
+        one is read back (``keyed``) only when its key is submitted again."""
+        self._delivered.add(task.task_id)
+        self.state(task)
+
+    def sweep(self, ttl_s: float) -> None:
+        """Delete (with the next commit) keyed results older than ``ttl_s``: the core holds
+        only those a session still has to fetch, and forgets those itself."""
+        wall = time.time()
+        if wall - self._last_sweep >= SWEEP_INTERVAL_S:
+            self._last_sweep = wall
+            self._sweep_before = wall - ttl_s
+
     def forgotten(self, task) -> None:
         self._new.pop(task.task_id, None)
         self._dirty.pop(task.task_id, None)
@@ -106,13 +127,17 @@ class Journal:
     # ------------------------------------------------------------ writing
 
     def commit(self) -> None:
-        if not self._new and not self._dirty and not self._gone:
+        if not self._new and not self._dirty and not self._gone and self._sweep_before is None:
             return
         wall = time.time()
         rows = [self._row(t, wall) for t in self._new.values()]
         updates = [self._update(t, wall) for t in self._dirty.values()]
+        if self._delivered:  # a keyed result read back later and delivered again is unacked again
+            rows = [r if r[0] not in self._delivered else (*r[:17], 1, *r[18:]) for r in rows]
+            updates = [u if u[8] not in self._delivered else (*u[:7], 1, *u[8:]) for u in updates]
         gone = [(t,) for t in self._gone]
-        self._new, self._dirty, self._gone = {}, {}, set()
+        sweep, self._sweep_before = self._sweep_before, None
+        self._new, self._dirty, self._gone, self._delivered = {}, {}, set(), set()
         db = self.db
         db.execute("BEGIN")
         try:
@@ -122,6 +147,8 @@ class Journal:
                 db.executemany(_UPDATE, updates)
             if gone:
                 db.executemany("DELETE FROM tasks WHERE task_id = ?", gone)
+            if sweep is not None:
+                db.execute("DELETE FROM tasks WHERE key IS NOT NULL AND finished_wall < ?", (sweep,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -155,30 +182,43 @@ class Journal:
     # ------------------------------------------------------------ replay
 
     def restore(self, core, now: float) -> None:
-        """Load every journaled task into ``core`` as a restarted broker must see it."""
+        """Load every journaled task into ``core`` as a restarted broker must see it; keyed results
+        that every session has fetched stay here until their key is submitted again (``keyed``)."""
         wall = time.time()
         counts = {s.value: 0 for s in TaskState}
-        rows = self.db.execute("SELECT * FROM tasks ORDER BY rowid").fetchall()
+        rows = self.db.execute("SELECT * FROM tasks WHERE NOT (key IS NOT NULL AND acked = 1 AND result IS NOT NULL)"
+                               " ORDER BY rowid").fetchall()
         for row in rows:
-            (task_id, session, name, args, frames, override, priority, retries, timeout_s, key, state, attempts,
-             worker_name, lost_on, watchers, result, result_frames, acked, submitted_wall, finished_wall, extra) = row
-            record = {
-                "task_id": task_id, "session": session, "name": name, "args": args or b"",
-                "frames": msgpack.unpackb(frames) if frames else [],
-                "override": msgpack.unpackb(override) if override else None,
-                "priority": priority, "retries": retries, "timeout_s": timeout_s, "key": key,
-                "state": TaskState(state), "attempts": attempts, "worker_name": worker_name,
-                "lost_on": msgpack.unpackb(lost_on), "watchers": set(msgpack.unpackb(watchers)),
-                "result": None, "acked": bool(acked), "submitted_wall": submitted_wall,
-                "ttl_left_s": None, **(msgpack.unpackb(extra) if extra else {}),
-            }
-            if result is not None:
-                status, value, info = msgpack.unpackb(result, strict_map_key=False)
-                record["result"] = (status, value, msgpack.unpackb(result_frames) if result_frames else [], info)
-                record["ttl_left_s"] = core.result_ttl_s - (wall - (finished_wall or wall))
-            core.restore_task(record, now)
-            counts[state] += 1
+            core.restore_task(self._record(row, core.result_ttl_s, wall), now)
+            counts[row[10]] += 1
         log.info("journal_replayed", path=self.path, tasks=len(rows), **{k: v for k, v in counts.items() if v})
+
+    def keyed(self, key: str, ttl_s: float) -> dict | None:
+        """The finished task first submitted with ``key`` within ``ttl_s``, as ``restore`` reads it."""
+        wall = time.time()
+        row = self.db.execute("SELECT * FROM tasks WHERE key = ? AND result IS NOT NULL AND finished_wall >= ?"
+                              " ORDER BY rowid LIMIT 1", (key, wall - ttl_s)).fetchone()
+        return None if row is None else self._record(row, ttl_s, wall)
+
+    @staticmethod
+    def _record(row: tuple, ttl_s: float, wall: float) -> dict:
+        (task_id, session, name, args, frames, override, priority, retries, timeout_s, key, state, attempts,
+         worker_name, lost_on, watchers, result, result_frames, acked, submitted_wall, finished_wall, extra) = row
+        record = {
+            "task_id": task_id, "session": session, "name": name, "args": args or b"",
+            "frames": msgpack.unpackb(frames) if frames else [],
+            "override": msgpack.unpackb(override) if override else None,
+            "priority": priority, "retries": retries, "timeout_s": timeout_s, "key": key,
+            "state": TaskState(state), "attempts": attempts, "worker_name": worker_name,
+            "lost_on": msgpack.unpackb(lost_on), "watchers": set(msgpack.unpackb(watchers)),
+            "result": None, "acked": bool(acked), "submitted_wall": submitted_wall,
+            "ttl_left_s": None, **(msgpack.unpackb(extra) if extra else {}),
+        }
+        if result is not None:
+            status, value, info = msgpack.unpackb(result, strict_map_key=False)
+            record["result"] = (status, value, msgpack.unpackb(result_frames) if result_frames else [], info)
+            record["ttl_left_s"] = ttl_s - (wall - (finished_wall or wall))
+        return record
 
     def close(self) -> None:
         try:

@@ -13,7 +13,8 @@ import math
 
 from broker.events import Events, Stats, error_text
 from broker.logs import get_logger
-from broker.protocol import MAX_BACKOFF_S, Command, DispatchRecord, DoneRecord, ErrorType, Message, Topic, hold
+from broker.protocol import (LOST, MAX_BACKOFF_S, Command, DispatchRecord, DoneRecord, ErrorType, Message, Topic,
+                             hold)
 from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, missing
 from broker.sessions import Sessions
 from broker.states import TaskState, WorkerState
@@ -59,6 +60,22 @@ class Lifecycle:
             self.sched.discard(task.cls)
         self.finish(task, TaskState.CANCELLED, None, [], now)
         self.events.emit(Topic.TASK_CANCELLED, task_id=task.task_id, name=task.name, resources=self.needs_of(task))
+
+    def terminate(self, task: Task, now: float) -> bool:
+        """Cancel a task running on a process slot: its child is killed, its slot freed when the
+        worker confirms. False where it does not run, or runs where nothing can stop it."""
+        worker = self.workers.get(task.worker) if task.state is TaskState.RUNNING else None
+        if worker is None or task.name not in worker.killable:
+            return False
+        self.finish(task, TaskState.CANCELLED, None, [], now, self.info(task, now - (task.started_at or now)))
+        self.events.emit(Topic.TASK_CANCELLED, task_id=task.task_id, name=task.name, resources=self.needs_of(task))
+        self.kill(worker, task.task_id, "cancelled")
+        return True
+
+    def kill(self, worker, task_id: str, reason: str) -> None:
+        """Have the worker stop a task where it runs; its slot stays held until the worker answers."""
+        if worker is not None and worker.pool is not None:
+            self.out.workers.append((worker.wid, Message(Command.KILL, {"ids": [task_id], "reason": reason})))
 
     # ------------------------------------------------------------ on a worker
 
@@ -165,7 +182,11 @@ class Lifecycle:
         worker.served += 1
         task = self.table.get(task_id)
         if task is None or task.state is not TaskState.RUNNING or task.worker != worker.wid:
-            return  # timed out meanwhile: its slot is free again, the result is late
+            return  # timed out or killed meanwhile: its slot is free again, the result is late
+        if rec.ok == LOST:  # the child process running it died; the worker lives on
+            detail = rec.value.get("message") if isinstance(rec.value, dict) else None
+            self.requeue(task, f"lost with a child process of worker {worker.name}: {detail}", now, lost=True)
+            return
         run_s = float(run_s) if isinstance(run_s, (int, float)) and 0 <= run_s < math.inf else 0.0
         self.sched.ahead.observe(task.name, run_s)
         if rec.ok:
@@ -236,6 +257,7 @@ class Lifecycle:
                 error = {"type": ErrorType.TASK_TIMEOUT, "traceback": "",
                          "message": f"task {task_id} ran past its timeout of {task.timeout_s} s"}
                 self.fail(task, task.worker_name, error, now, now - (task.started_at or now))
+                self.kill(self.workers.get(task.worker), task_id, "timeout")
 
     def expire_backoffs(self, now: float) -> None:
         """Queue the tasks whose backoff is over (a cancelled one is no longer QUEUED)."""

@@ -115,6 +115,7 @@ class Command(enum.IntEnum):
     HEARTBEAT = 23  #: both ways, proof of life
     DISCONNECT = 24  #: W->B leaving (hands back held tasks); B->W stop or re-announce
     RETURN = 25  #: W->B tasks handed back unstarted (graceful stop)
+    KILL = 26  #: B->W stop these tasks where they run (past their timeout, or cancelled with terminate)
 
 
 _COMMAND_BYTES = {c: bytes([c]) for c in Command}
@@ -161,6 +162,23 @@ def decode(frames: Sequence, tag: bytes) -> Message:
     if not isinstance(header, dict):
         raise ProtocolError(f"header must be a map, got {type(header).__name__}")
     return Message(command, header, list(frames[3:]))
+
+
+def event_body(events: list, pack=msgpack.packb) -> bytes:
+    """The second frame of an event message: one event's map, or an array of several of one topic."""
+    return pack(events[0] if len(events) == 1 else events)
+
+
+def read_events(body) -> list[dict]:
+    """The events in an event message's second frame (a map, or an array of maps, in seq order)."""
+    try:
+        value = msgpack.unpackb(body, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"event body is not msgpack: {exc}") from None
+    events = [value] if isinstance(value, dict) else value
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise ProtocolError("an event body is a map or an array of maps")
+    return events
 
 
 def as_bytes(frame) -> bytes:
@@ -332,10 +350,14 @@ class DoneRecord(NamedTuple):
     ``ahead`` that just started."""
 
     task_id: str
-    ok: bool
+    ok: bool | str  #: True, False, or LOST: the child process running it died (retry it elsewhere)
     value: Any  #: result blob, or an error map when not ok
     nframes: int
     run_s: float
+
+
+#: DoneRecord ``ok`` of a task whose process slot died under it
+LOST = "lost"
 
 
 class ResultRecord(NamedTuple):

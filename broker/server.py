@@ -15,11 +15,12 @@ import msgpack
 import zmq
 
 from broker.core import Core
+from broker.events import runs
 from broker.logs import get_logger
 from broker.mdp import MdpBridge
 from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, MDP_CLIENT_TAG,
                              MDP_WORKER_TAG, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError, Topic, decode,
-                             encode)
+                             encode, event_body)
 from broker.security import is_loopback
 
 log = get_logger(__name__)
@@ -269,10 +270,10 @@ class Broker:
             self._send_frames(self.frontend, frames)
         if out.events:
             send, topics, pack = self.events.send, _TOPICS, msgpack.Packer().pack
-            for topic, fields in out.events:
+            for topic, events in runs(out.events):  # one message per run of one topic
                 # two plain sends: send_multipart's per-frame flag handling costs more than the event
                 send(topics.get(topic) or topic.encode(), zmq.SNDMORE)
-                send(pack(fields))
+                send(event_body(events, pack))
 
     def _send_worker(self, wid: bytes, msg) -> None:
         try:

@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 
 from broker.events import Outgoing
 from broker.protocol import Command, Message, ResultRecord
+from broker.recent import RecentIds
 from broker.states import TERMINAL
 
-#: how long a task whose result was fetched is still remembered (to recognise late resends)
+#: how long the id of a task whose result was fetched is still remembered (to recognise late resends)
 ACKED_GRACE_S = 120.0
+#: without a journal, most keyed results kept in memory once fetched (oldest forgotten first; with a
+#: journal they live there and are read back when their key is submitted again)
+MAX_KEYED_RESULTS = 100_000
 
 
 @dataclass(eq=False, slots=True)
@@ -26,7 +30,9 @@ class Session:
 class Sessions:
     """Owns: a finished task is in the outbox of its session and of every watcher until acked
     or forgotten; a parked FETCH is answered as soon as results arrive or its wait ends; a
-    finished task is forgotten after its TTL (soon after an ack when nothing may ask again)."""
+    finished task is forgotten after its TTL, or as soon as every session that waits for it
+    acknowledged it: then only a compact record of its id remains (``recent``), or, for a keyed
+    task, its journal row (without a journal: memory, at most ``MAX_KEYED_RESULTS`` of them)."""
 
     def __init__(self, table, out: Outgoing, result_ttl_s: float, incarnation: dict) -> None:
         self.table = table
@@ -37,10 +43,13 @@ class Sessions:
         self._new_results: set = set()  #: sessions with results since the last flush
         self._fetch_expiry: list = []  #: (expires_at, seq, sid, rid); seq: rids are peer data, never compared
         self._fetch_seq = 0
-        #: finished tasks -> when they are forgotten: after the result TTL, or soon after their result
-        #: was fetched; insertion order is expiry order (each delay is a constant)
+        #: finished tasks not fetched yet -> when they are forgotten (after the result TTL);
+        #: insertion order is expiry order (the delay is a constant)
         self.expiry: OrderedDict = OrderedDict()
-        self.acked_expiry: OrderedDict = OrderedDict()
+        #: ids of tasks forgotten once fetched, kept a while to recognise a late resend of their SUBMIT
+        self.recent = RecentIds(min(ACKED_GRACE_S, result_ttl_s))
+        #: without a journal: fetched keyed tasks kept for their key -> None, oldest first
+        self.keyed_kept: OrderedDict = OrderedDict()
 
     def get(self, sid: str) -> Session:
         sess = self.sessions.get(sid)
@@ -107,17 +116,31 @@ class Sessions:
                                                 frames)))
 
     def _acked(self, task_id: str, sid: str, now: float) -> None:
-        """A session confirmed it holds the result: drop the payload unless a key may ask again,
-        and forget the task soon (a resend of its SUBMIT can only come within the client's retries)."""
+        """A session confirmed it holds the result. Once nobody waits for it any more, the task
+        leaves memory: a plain one leaves a compact record of its id (a late resend of its SUBMIT
+        can only come within the client's retries); a keyed one stays findable by its key, in the
+        journal (read back on demand) or, without one, in memory for its TTL (bounded)."""
         task = self.table.get(task_id)
-        if task is None or task.result is None or task.key is not None:
+        if task is None or task.result is None:
             return
-        if task.session == sid and not task.watchers:
-            status, _value, _frames, info = task.result
-            task.result = (status, None, [], info)
-            self.table.mark(task)
-            if self.expiry.pop(task_id, None) is not None:
-                self.acked_expiry[task_id] = now + min(ACKED_GRACE_S, self.result_ttl_s)
+        if task.key is None:  # only keyed tasks have watchers
+            if task.session == sid:
+                self.forget(task)
+                self.recent.add(sid, task_id, now)
+            return
+        if any(task_id in sess.outbox for s in (task.session, *task.watchers)
+               if (sess := self.sessions.get(s)) is not None):
+            return  # another session has still to fetch it
+        if self.table.journal is not None:
+            self.expiry.pop(task_id, None)
+            self.table.delivered(task)
+            self.table.drop(task)
+        else:
+            self.keyed_kept[task_id] = None
+            while len(self.keyed_kept) > MAX_KEYED_RESULTS:
+                old = self.table.get(self.keyed_kept.popitem(last=False)[0])
+                if old is not None and old.state in TERMINAL:
+                    self.forget(old)
 
     # ------------------------------------------------------------ time
 
@@ -130,16 +153,17 @@ class Sessions:
                 route, _, _, _ = sess.fetch
                 sess.fetch = None
                 self._reply_empty(route, rid)
-        for expiry in (self.expiry, self.acked_expiry):
-            while expiry and next(iter(expiry.values())) <= now:
-                task_id, _ = expiry.popitem(last=False)
-                task = self.table.get(task_id)
-                if task is not None and task.state in TERMINAL:
-                    self.forget(task)
+        expiry = self.expiry
+        while expiry and next(iter(expiry.values())) <= now:
+            task_id, _ = expiry.popitem(last=False)
+            task = self.table.get(task_id)
+            if task is not None and task.state in TERMINAL:
+                self.forget(task)
+        self.recent.expire(now)
 
     def forget(self, task) -> None:
         self.expiry.pop(task.task_id, None)
-        self.acked_expiry.pop(task.task_id, None)
+        self.keyed_kept.pop(task.task_id, None)
         self.table.forget(task)
         for sid in (task.session, *task.watchers):
             sess = self.sessions.get(sid)

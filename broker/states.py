@@ -11,7 +11,7 @@ class TaskState(str, enum.Enum):
     RUNNING = "running"  #: dispatched to a worker that holds it
     SUCCEEDED = "succeeded"  #: a result came back (terminal)
     FAILED = "failed"  #: raised, timed out, lost too often or unservable (terminal)
-    CANCELLED = "cancelled"  #: cancelled while queued; it never ran (terminal)
+    CANCELLED = "cancelled"  #: cancelled while queued (it never ran), or killed running with terminate (terminal)
 
 
 class WorkerState(str, enum.Enum):
@@ -28,8 +28,8 @@ TASK_MOVES: dict[TaskState, frozenset[TaskState]] = {
     TaskState.QUEUED: frozenset({TaskState.RUNNING, TaskState.DISPATCHED, TaskState.CANCELLED, TaskState.FAILED}),
     # DISPATCHED -> QUEUED: its worker died or handed it back before starting it
     TaskState.DISPATCHED: frozenset({TaskState.RUNNING, TaskState.QUEUED}),
-    # RUNNING -> QUEUED: its worker died or handed it back
-    TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.QUEUED}),
+    # RUNNING -> QUEUED: its worker died or handed it back; -> CANCELLED: killed on a process slot
+    TaskState.RUNNING: frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.QUEUED, TaskState.CANCELLED}),
     TaskState.SUCCEEDED: frozenset(),
     TaskState.FAILED: frozenset(),
     TaskState.CANCELLED: frozenset(),

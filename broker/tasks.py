@@ -74,16 +74,18 @@ class TaskTable:
         return task is not None and task.state is TaskState.QUEUED
 
     def keyed(self, key: str) -> Task | None:
-        """The live task first submitted with ``key``, if any."""
+        """The task first submitted with ``key`` if it is in memory (see ``Journal.keyed`` for the rest)."""
         task_id = self.keys.get(key)
         return None if task_id is None else self.tasks.get(task_id)
 
-    def add(self, task: Task, restored: bool = False) -> None:
-        """A task accepted now (journaled), or ``restored`` from the journal (as it was)."""
+    def add(self, task: Task, restored: bool = False, counted: bool = True) -> None:
+        """A task accepted now (journaled), or ``restored`` from the journal (as it was); a keyed
+        result read back from the journal is not ``counted`` again."""
         self.tasks[task.task_id] = task
         if task.key is not None:
             self.keys[task.key] = task.task_id
-        self.counts[COUNTER[task.state]] += 1
+        if counted:
+            self.counts[COUNTER[task.state]] += 1
         if self.journal is not None and not restored:
             self.journal.accepted(task)
 
@@ -107,9 +109,18 @@ class TaskTable:
         if self.journal is not None:
             self.journal.state(task)
 
-    def forget(self, task: Task) -> None:
+    def delivered(self, task: Task) -> None:
+        """Every session waiting for the finished ``task`` has its result (a restart redelivers none)."""
+        if self.journal is not None:
+            self.journal.delivered(task)
+
+    def drop(self, task: Task) -> None:
+        """Out of memory only: its journal row stays (a keyed result, read back by its key)."""
         del self.tasks[task.task_id]
         if task.key is not None and self.keys.get(task.key) == task.task_id:
             del self.keys[task.key]
+
+    def forget(self, task: Task) -> None:
+        self.drop(task)
         if self.journal is not None:
             self.journal.forgotten(task)

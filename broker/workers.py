@@ -29,6 +29,8 @@ class Worker:
     tiebreak: int = 0
     served: int = 0
     pid: int | None = None  #: its process id as it announced it (tells two workers of one name apart)
+    pool: str | None = None  #: "process" or "thread" as announced (None: a peer that takes no KILL)
+    killable: frozenset = frozenset()  #: names of tasks that run on its process slots (KILL stops them)
     last_heard: float = 0.0
     last_sent: float = 0.0
 
@@ -97,9 +99,11 @@ class Workers:
         claims = set(listed)
         self._tiebreak += 1
         pid = header.get("pid") if isinstance(header.get("pid"), int) else None
+        pool = header.get("pool") if header.get("pool") in ("process", "thread") else None
+        killable = header.get("killable") if isinstance(header.get("killable"), list) else []
         worker = Worker(wid, worker_name, resources, dict(resources), slots, serves,
                         now + self.heartbeat_s * self.liveness, tiebreak=self._tiebreak, last_heard=now,
-                        last_sent=now, pid=pid)
+                        last_sent=now, pid=pid, pool=pool, killable=frozenset(n for n in killable if isinstance(n, str)))
         sched = self.moves.sched
         for old in list(self.all.values()):
             if old.wid == wid:

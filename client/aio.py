@@ -25,7 +25,7 @@ import zmq.asyncio
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, encode
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
-from client.engine import FAILED, Outbox, settle
+from client.engine import FAILED, MapResults, Outbox, outcome, settle
 from client.errors import GridqError, at_index, map_timeout
 from client.state import ClusterState, events_address_for, subscriber
 
@@ -164,49 +164,53 @@ class AsyncClient(BaseClient):
                   max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False,
                   task_timeout: float | None = None, **options) -> list:
         """Run ``name(item)`` for every item; results in input order. Raises the first failure
-        (in input order, its ``index`` set) unless ``return_exceptions``; ``timeout`` bounds the
-        whole call, ``task_timeout`` each task's run. A map that raises (a failure, its timeout,
+        (in input order, its ``index`` set; nothing more is submitted after it) unless
+        ``return_exceptions``; ``timeout`` bounds the whole call, ``task_timeout`` each task's run.
+        Holds the futures in flight only. A map that raises (a failure, its timeout,
         cancellation) cancels its tasks not started yet."""
         if task_timeout is not None:
             options["timeout"] = task_timeout
-        futures: list[AsyncFuture] = []
+        index_of: dict = {}  #: future in flight -> its item's index (only these are held)
+        results = MapResults(return_exceptions)
         try:
-            return await self._map(name, iterable, futures, timeout, max_in_flight, return_exceptions, options)
+            return await self._map(name, iterable, results, index_of, timeout, max_in_flight, options)
         except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
-            self._abandon(*futures)
-            raise map_timeout(len(futures), sum(f.done() for f in futures), timeout) from None
+            self._abandon(*index_of)
+            raise map_timeout(len(results.results), len(results.results) - len(index_of), timeout) from None
         except BaseException:
-            self._abandon(*futures)
+            self._abandon(*index_of)
             raise
 
-    async def _map(self, name: str, iterable: Iterable, futures: list, timeout: float | None, max_in_flight: int,
-                   return_exceptions: bool, options: dict) -> list:
+    async def _map(self, name: str, iterable: Iterable, results: MapResults, index_of: dict, timeout: float | None,
+                   max_in_flight: int, options: dict) -> list:
         loop = self._start()
         deadline = None if timeout is None else loop.time() + timeout
-        in_flight = 0
         wake: asyncio.Future | None = None
         context = contextvars.copy_context()  # one for every callback, not a copy per task
 
-        def finished(_f) -> None:
-            nonlocal in_flight
-            in_flight -= 1
+        def finished(future) -> None:
+            results.finish(index_of.pop(future), *outcome(future, asyncio.CancelledError))
             if wake is not None and not wake.done():
                 wake.set_result(None)
 
-        for i, item in enumerate(iterable, 1):
-            while in_flight >= max_in_flight:
-                wake = loop.create_future()
-                await self._until(wake, deadline)
-            future = self.submit(name, item, **options)
-            future.add_done_callback(finished, context=context)
-            futures.append(future)
-            in_flight += 1
-            if i % MAP_SLICE == 0:
-                await asyncio.sleep(0)  # let the batch go out and replies in; never hold the loop
-        while in_flight:
+        async def wait_one() -> None:
+            nonlocal wake
             wake = loop.create_future()
             await self._until(wake, deadline)
-        return await self.gather(futures, return_exceptions=return_exceptions)
+
+        for i, item in enumerate(iterable, 1):
+            if results.stopping:
+                break
+            while len(index_of) >= max_in_flight:
+                await wait_one()
+            future = self.submit(name, item, **options)
+            index_of[future] = results.start()
+            future.add_done_callback(finished, context=context)
+            if i % MAP_SLICE == 0:
+                await asyncio.sleep(0)  # let the batch go out and replies in; never hold the loop
+        while not results.settled():
+            await wait_one()
+        return results.outcome()
 
     async def gather(self, futures: Iterable[asyncio.Future], return_exceptions: bool = False, *,
                      timeout: float | None = None) -> list:

@@ -10,10 +10,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import msgpack
 import zmq
 
-from broker.protocol import Topic
+from broker.protocol import ProtocolError, Topic, read_events
 from client.batch_io import Job
 
 #: how many of the slowest tasks the summary names
@@ -211,12 +210,13 @@ class StartedWatcher:
                 except ValueError:
                     continue  # not two frames: not an event we understand
                 try:
-                    task_id = msgpack.unpackb(body, strict_map_key=False).get("task_id")
-                except (ValueError, AttributeError, msgpack.UnpackException):
+                    events = read_events(body)
+                except ProtocolError:
                     continue
                 with self._lock:
-                    if task_id in self.in_flight:
-                        self.started.add(task_id)
+                    for event in events:  # one message may carry several task.started events
+                        if event.get("task_id") in self.in_flight:
+                            self.started.add(event["task_id"])
         self._sock.close(linger=0)
 
     def close(self) -> None:

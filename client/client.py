@@ -15,7 +15,6 @@ import threading
 import time
 import weakref
 from concurrent.futures import CancelledError, Future
-from concurrent.futures import TimeoutError as FutureTimeout  # the builtin TimeoutError from Python 3.11 on
 from functools import partial
 from typing import Iterable, Iterator
 
@@ -24,13 +23,14 @@ import zmq
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
 from broker.wake import Waker
-from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox, settle
+from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, MapResults, Outbox, outcome, settle
 from client.errors import GridqError, at_index, map_timeout
 
 log = get_logger(__name__)
 
-#: default bound on tasks in flight in map()/stream()
-DEFAULT_MAX_IN_FLIGHT = 50_000
+#: default bound on tasks in flight in map()/stream(): enough to keep workers fed; more only
+#: makes the garbage collector walk more live futures (measured in docs/PERFORMANCE.md)
+DEFAULT_MAX_IN_FLIGHT = 5_000
 
 
 class GridFuture(Future):
@@ -140,57 +140,69 @@ class Client(BaseClient):
             max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False,
             task_timeout: float | None = None, **options) -> list:
         """Run ``name(item)`` for every item; results in input order. Raises the first failure
-        (in input order, its ``index`` set) unless ``return_exceptions``, which puts errors in
-        place of results. ``timeout`` bounds the whole call, ``task_timeout`` each task's run.
-        A map that raises (a failure, its timeout, Ctrl-C) cancels its tasks not started yet."""
+        (in input order, its ``index`` set; nothing more is submitted after a failure) unless
+        ``return_exceptions``, which puts errors in place of results. ``timeout`` bounds the whole
+        call, ``task_timeout`` each task's run. Holds the futures in flight only: the results list
+        is what grows. A map that raises (a failure, its timeout, Ctrl-C) cancels its tasks not
+        started yet."""
         if task_timeout is not None:
             options["timeout"] = task_timeout
-        submissions = (((item,), {}) for item in iterable)
-        futures: list = []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results = MapResults(return_exceptions)
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        index_of: dict = {}  #: future in flight -> its item's index
+
+        def wait_one() -> None:
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    raise queue.Empty
+                future = finished.get(timeout=left)
+            except queue.Empty:
+                raise map_timeout(len(results.results), len(results.results) - len(index_of), timeout) from None
+            results.finish(index_of.pop(future), *outcome(future, CancelledError))
+
         try:
-            futures.extend(self.stream(name, submissions, max_in_flight=max_in_flight, ordered=True, **options))
-            return self.gather(futures, timeout, return_exceptions=return_exceptions)
-        except (TimeoutError, FutureTimeout):
-            self._cancel_unfinished(futures)
-            raise map_timeout(len(futures), sum(f.done() for f in futures), timeout) from None
+            for item in iterable:
+                if results.stopping:
+                    break
+                while len(index_of) >= max_in_flight:
+                    wait_one()
+                future = self.submit(name, item, **options)
+                index_of[future] = results.start()
+                future.add_done_callback(finished.put)
+            while not results.settled():
+                wait_one()
+            return results.outcome()
         except BaseException:
-            self._cancel_unfinished(futures)
+            self._cancel_unfinished(list(index_of))
             raise
 
     def stream(self, name: str | None, submissions: Iterable, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-               ordered: bool = False, on_submit=None, **options) -> Iterator[GridFuture]:
-        """Submit lazily from ``submissions``, never more than ``max_in_flight`` unfinished.
+               on_submit=None, **options) -> Iterator[GridFuture]:
+        """Submit lazily from ``submissions``, never more than ``max_in_flight`` unfinished, and
+        yield futures as they finish (holding only those in flight).
 
         Items are ``(args, kwargs)`` (then ``name`` applies) or, with ``name=None``,
-        ``(name, args, kwargs, options)``. Yields futures as they finish
-        (``ordered=False``) or all of them in submission order once submitted
-        (``ordered=True``; wait on them yourself). ``on_submit(future, item)``,
-        where given, is called as each task is submitted, so a caller can tie a
-        future that finishes later back to the item it came from.
+        ``(name, args, kwargs, options)``. ``on_submit(future, item)``, where given, is called
+        as each task is submitted, so a caller can tie a future that finishes later back to
+        the item it came from.
         """
         done: queue.SimpleQueue = queue.SimpleQueue()
         in_flight = 0
-        submitted: list = []
         for item in submissions:
             if name is None:
                 task_name, args, kwargs, opts = item
             else:
                 (args, kwargs), task_name, opts = item, name, options
             while in_flight >= max_in_flight:
-                finished = done.get()
+                yield done.get()
                 in_flight -= 1
-                if not ordered:
-                    yield finished
             future = self.submit(task_name, *args, **opts, **kwargs)
             if on_submit is not None:
                 on_submit(future, item)
             in_flight += 1
             future.add_done_callback(done.put)
-            if ordered:
-                submitted.append(future)
-        if ordered:
-            yield from submitted
-            return
         while in_flight:
             yield done.get()
             in_flight -= 1

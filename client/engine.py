@@ -29,7 +29,7 @@ from broker.logs import get_logger
 from broker.protocol import (CLIENT_TAG, MAX_BACKOFF_S, MAX_RETRIES, Command, ErrorType, Message, ProtocolError,
                              SubmitRecord, check_int, check_name, check_resources, check_seconds, decode, pack_value,
                              records, retry_names, unpack_value)
-from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost, task_error
+from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost, at_index, task_error
 
 log = get_logger(__name__)
 
@@ -77,6 +77,66 @@ def _check_options(resources, priority, retries, timeout, key) -> dict | None:
     if key is not None:
         check_name(key, "key")
     return None if resources is None else check_resources(resources)
+
+
+def outcome(handle, cancelled: type) -> tuple:
+    """``(value, None)`` or ``(None, error)`` of a shell's finished future; a cancelled one gives
+    a ``cancelled`` error (the shell's CancelledError type)."""
+    if handle.cancelled():
+        return None, cancelled()
+    error = handle.exception()
+    return (None, error) if error is not None else (handle.result(), None)
+
+
+_RUNNING = object()  #: a map item whose task has not finished
+
+
+class MapResults:
+    """What a ``map`` holds: its results so far (the only part that grows with the input) and the
+    indices of its tasks in flight. Shared by ``Client.map`` and ``AsyncClient.map``, which keep
+    the futures in flight and hand each one's outcome to ``finish``.
+
+    Without ``return_exceptions`` a failure stops further submissions (``stopping``) and, once
+    every item before it has finished (``settled``), ``outcome()`` raises the first failure in
+    input order."""
+
+    __slots__ = ("results", "return_exceptions", "failed", "_order")
+
+    def __init__(self, return_exceptions: bool) -> None:
+        self.results: list = []
+        self.return_exceptions = return_exceptions
+        self.failed: tuple | None = None  #: (index, error): the first failure in input order so far
+        self._order: deque = deque()  #: indices submitted, oldest first (finished ones dropped lazily)
+
+    def start(self) -> int:
+        """A new item is submitted: its index."""
+        index = len(self.results)
+        self.results.append(_RUNNING)
+        self._order.append(index)
+        return index
+
+    def finish(self, index: int, value, error: BaseException | None) -> None:
+        if error is not None:
+            error = at_index(error, index)
+        self.results[index] = value if error is None else error
+        if error is not None and not self.return_exceptions and (self.failed is None or index < self.failed[0]):
+            self.failed = (index, error)
+
+    @property
+    def stopping(self) -> bool:
+        return self.failed is not None
+
+    def settled(self) -> bool:
+        """Nothing left to wait for: every item finished, or every item before the first failure."""
+        order, results = self._order, self.results
+        while order and results[order[0]] is not _RUNNING:
+            order.popleft()
+        return not order or (self.failed is not None and order[0] > self.failed[0])
+
+    def outcome(self) -> list:
+        if self.failed is not None:
+            raise self.failed[1]
+        return self.results
 
 
 @dataclass(eq=False)
@@ -443,5 +503,5 @@ class Engine:
             self._out.settled.append((x, kind, value))
 
 
-__all__ = ["Engine", "Outbox", "Request", "settle", "OK", "ERROR", "CANCELLED", "FAILED", "SUBMIT_BATCH",
-           "SUBMIT_PIPELINE", "FETCH_WAIT_S"]
+__all__ = ["Engine", "MapResults", "Outbox", "Request", "outcome", "settle", "OK", "ERROR", "CANCELLED", "FAILED",
+           "SUBMIT_BATCH", "SUBMIT_PIPELINE", "FETCH_WAIT_S"]

@@ -28,11 +28,10 @@ import threading
 import time
 from typing import Callable, Iterator
 
-import msgpack
 import zmq
 
 from broker.logs import get_logger
-from broker.protocol import DEFAULT_EVENTS
+from broker.protocol import DEFAULT_EVENTS, ProtocolError, read_events
 from client.errors import GridqError
 from client.model import ClusterModel, RunningTask, WorkerView
 
@@ -259,12 +258,13 @@ class ClusterState(ClusterModel):
             except ValueError:  # not two frames
                 continue
             try:
-                fields = msgpack.unpackb(body, strict_map_key=False)
-            except Exception:  # msgpack raises several unrelated types
+                events = read_events(body)
+            except ProtocolError:
                 continue
             topic = topic.decode("ascii", "replace")
-            if isinstance(fields, dict) and self.receive(topic, fields):
-                yield topic, fields
+            for fields in events:  # one message may carry several events of its topic, in seq order
+                if self.receive(topic, fields):
+                    yield topic, fields
 
     def start(self) -> "ClusterState":
         """Keep the state current on a background thread until ``close()``."""

@@ -11,10 +11,10 @@ import sys
 import threading
 from pathlib import Path
 
-import msgpack
 import pytest
 import zmq
 
+from broker.protocol import read_events
 from tests.harness import BrokerPeers, wait_until  # noqa: F401 (wait_until: test modules import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,6 +151,7 @@ class EventLog:
 
     def __init__(self, address: str, topics: tuple[str, ...] = ("",)) -> None:
         self.events: list[tuple[str, dict]] = []
+        self.messages = 0  #: messages received (one may carry several events of one topic)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ctx = zmq.Context.instance()
@@ -173,8 +174,9 @@ class EventLog:
                         topic, body = self._sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    with self._lock:
-                        self.events.append((topic.decode(), msgpack.unpackb(body, strict_map_key=False)))
+                    with self._lock:  # one message may carry several events of its topic
+                        self.messages += 1
+                        self.events.extend((topic.decode(), fields) for fields in read_events(body))
         self._sock.close(linger=0)
 
     def of(self, topic: str) -> list[dict]:

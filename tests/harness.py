@@ -33,11 +33,21 @@ class BrokerPeers:
         kwargs.setdefault("timeout", 2.0)
         return Client(self.frontend, **kwargs)
 
-    def wait_workers(self, n: int, timeout: float = 15.0) -> dict:
-        """Wait until ``n`` workers are live; returns the status snapshot."""
-        with self.client() as c:
-            return wait_until(lambda: (s := c.status()) and len(s["workers"]) >= n and s, timeout,
-                              interval=0.05, what=f"{n} workers")
+    def wait_workers(self, n: int, timeout: float = 30.0) -> dict:
+        """Wait until ``n`` workers are live; returns the status snapshot. A broker that does not
+        answer yet (still starting on a loaded machine, beside workers booting theirs) is waited for."""
+        from client import BrokerUnavailable
+
+        def live():
+            try:
+                with self.client() as c:
+                    return wait_until(lambda: (s := c.status()) and len(s["workers"]) >= n and s,
+                                      max(0.0, deadline - time.monotonic()), interval=0.05, what=f"{n} workers")
+            except BrokerUnavailable:
+                return None  # a fresh client tries again
+
+        deadline = time.monotonic() + timeout
+        return wait_until(live, timeout, interval=0.05, what=f"{n} workers")
 
 ALL_TASKS = {"noop": {"cpu": 1}, "square": {"cpu": 1}, "sleep": {"cpu": 1}}
 

@@ -188,7 +188,7 @@ def test_idempotency_key_returns_the_first_task(h):
     assert h.dispatched(b"w1") == [a]
 
 
-def test_results_stay_until_acknowledged_then_payload_is_dropped(h):
+def test_results_stay_until_acknowledged_then_the_task_leaves_memory(h):
     h.join(b"w1")
     t = h.submit()
     h.dispatched(b"w1")
@@ -196,7 +196,7 @@ def test_results_stay_until_acknowledged_then_payload_is_dropped(h):
     assert t in h.fetch()
     assert t in h.fetch()  # not acknowledged yet: delivered again
     assert h.fetch(ack=[t]) == {}
-    assert h.core.tasks[t].result[1] is None
+    assert t not in h.core.tasks and ("s1", t) in h.core._recent
 
 
 def test_parked_fetch_is_answered_when_a_result_arrives(h):
@@ -400,7 +400,9 @@ def test_nothing_overtakes_tasks_waiting_ahead(h):
     assert all(v >= 0 for v in w.free.values())
 
 
-def test_fetched_tasks_are_forgotten_soon_but_keyed_ones_keep_their_result_for_the_ttl(h):
+def test_a_fetched_task_leaves_only_a_compact_record_of_its_id_which_expires(h):
+    import tracemalloc
+
     from broker.core import ACKED_GRACE_S
 
     h.join(b"w1", slots=2)
@@ -409,12 +411,70 @@ def test_fetched_tasks_are_forgotten_soon_but_keyed_ones_keep_their_result_for_t
     h.done(b"w1", plain, 1)
     h.done(b"w1", keyed, 2)
     h.fetch(ack=[plain, keyed])
+    assert plain not in h.core.tasks and len(h.core._recent) == 1
+    h.to_clients.clear()
+    h.submit(task_id=plain)  # a late resend of its SUBMIT: recognised, never run again
+    assert h.dispatched(b"w1") == [] and h.to_clients[0][1].header["rejected"] == []
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(20_000):
+        h.core._recent.add("s1", f"0123456789ab-{i:x}", h.now)
+    per_task = (tracemalloc.get_traced_memory()[0] - before) / 20_000
+    tracemalloc.stop()
+    assert per_task < 150, f"{per_task:.0f} bytes per acknowledged task"  # a whole task is ~1.3 KiB
     for _ in range(int(ACKED_GRACE_S) + 2):
         h.core.on_worker(b"w1", Message(Command.HEARTBEAT, {}), h.now)
         h.tick(1.0)
-    assert plain not in h.core.tasks  # memory does not grow with every task ever run
-    assert unpack_value(h.core.tasks[keyed].result[1]) == 2
-    assert list(h.core._expiry) == [keyed] and not h.core._acked_expiry  # no timer left behind either
+    assert len(h.core._recent) == 0  # the record expires
+    assert unpack_value(h.core.tasks[keyed].result[1]) == 2  # no journal: the keyed result stays (its TTL)
+    assert list(h.core._expiry) == [keyed]  # no timer left behind
+
+
+def test_without_a_journal_fetched_keyed_results_in_memory_are_bounded(h, monkeypatch):
+    import broker.sessions
+
+    monkeypatch.setattr(broker.sessions, "MAX_KEYED_RESULTS", 3)
+    h.join(b"w1")
+    ids = []
+    for i in range(5):
+        ids.append(h.submit(key=f"k{i}"))
+        h.dispatched(b"w1")
+        h.done(b"w1", ids[-1], i)
+    h.fetch(ack=ids)
+    assert [t for t in ids if t in h.core.tasks] == ids[2:]  # oldest forgotten first
+    assert h.core.counts["done"] == 5
+
+
+def test_a_keyed_result_is_read_back_from_the_journal_after_the_in_memory_copy_is_gone(tmp_path):
+    from broker.journal import Journal
+
+    journal = Journal(str(tmp_path / "j.db"))
+    h = Harness(journal=journal)
+    h.join(b"w1")
+    first = h.submit("square", 3, key="k")
+    h.dispatched(b"w1")
+    h.done(b"w1", first, 9)
+    journal.commit()
+    assert first in h.fetch()
+    h.fetch(ack=[first])
+    journal.commit()
+    assert first not in h.core.tasks and not h.core.keys and not h.core._expiry  # out of memory
+    h.to_clients.clear()
+    again = h.submit("square", 3, key="k", session="s2")
+    accepted = [m for _, m in h.to_clients if m.command is Command.ACCEPTED][0]
+    assert accepted.header["aliases"] == [[again, first]]
+    assert unpack_value(h.fetch(session="s2")[first][2]) == 9
+    assert h.dispatched(b"w1") == [] and h.core.counts["done"] == 1  # never ran twice, counted once
+    h.fetch(session="s2", ack=[first])
+    journal.commit()
+    assert first not in h.core.tasks  # out of memory again once fetched
+    fresh = Core()
+    journal.restore(fresh, 0.0)
+    assert fresh.tasks == {}  # a restart loads no fetched keyed result either: read back on demand
+    assert fresh._keyed("k", 0.0) is None  # (no journal attached to this core)
+    fresh.journal = journal
+    assert unpack_value(fresh._keyed("k", 0.0).result[1]) == 9
+    journal.close()
 
 
 def test_timeouts_of_tasks_that_finished_in_time_do_not_pile_up(h):
@@ -490,3 +550,50 @@ def test_journal_keeps_arguments_until_the_task_finishes_then_keeps_the_result(t
     journal.restore(fresh, 0.0)
     assert unpack_value(fresh.tasks["a"].result[1]) == 6.0 and "a" in fresh.sessions["s1"].outbox
     journal.close()
+
+
+def test_a_flush_publishes_runs_of_one_topic_with_seqs_in_order_and_each_task_and_worker_in_order(h):
+    from broker.events import runs
+
+    workers = [b"w1", b"w2", b"w3", b"w4"]
+    h.join(workers[0])
+    _run_once(h, workers[0])  # noop is known to be short: the next ones are sent ahead
+    for wid in workers[1:]:
+        h.join(wid)
+    running = [h.submit() for _ in workers]
+    queued = [h.submit() for _ in workers]
+    first = {h.core.tasks[t].worker: t for t in running}
+    ahead = {h.core.tasks[u].worker: u for u in reversed(queued)}  # each worker's first task sent ahead
+    assert set(first) == set(workers) and len(ahead) >= 2
+    h.events.clear()
+    blob, _ = pack_value(None)
+    h.core.on_client(b"c1", Message(Command.STATUS, {"rid": 1}), h.now)  # a snapshot before: a fixed point
+    for wid in workers:  # each worker: its running task's result, then the start of the one sent ahead
+        log = [[first[wid], True, blob, 0, 0.0001]] + ([ahead[wid]] if wid in ahead else [])
+        h.core.on_worker(wid, Message(Command.DONE, {"log": log}), h.now)
+    out = h.flush()
+    seqs = [f["seq"] for _, f in out.events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    snapshot_seq = [m for _, m in h.to_clients if m.command is Command.SNAPSHOT][-1].header["snapshot"]["seq"]
+    assert seqs[0] == snapshot_seq + 1
+    assert [(topic, len(events)) for topic, events in runs(out.events)][:2] == [("task.succeeded", 4),
+                                                                                ("task.started", len(ahead))]
+    for wid in ahead:  # on each worker: the slot freed, then taken again
+        mine = [(topic, f["task_id"]) for topic, f in out.events if f.get("worker") == wid.decode()]
+        assert mine[:2] == [("task.succeeded", first[wid]), ("task.started", ahead[wid])], mine
+
+
+def test_events_never_move_across_a_snapshot_taken_within_the_flush(h):
+    h.join(b"w1", slots=2)
+    x = h.submit()
+    h.dispatched(b"w1")
+    blob, _ = pack_value(None)
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": [[x, True, blob, 0, 0.0001]]}), h.now)
+    h.core.on_client(b"c1", Message(Command.STATUS, {"rid": 2}), h.now)
+    h.core.on_client(b"c1", Message(Command.SUBMIT, {"rid": 3, "session": "s1", "tasks": [
+        ["b", "noop", blob, 0, None, 0, None, None, None]]}), h.now)
+    out = h.flush()
+    snap = [m for _, m in out.clients if m.command is Command.SNAPSHOT][0].header["snapshot"]
+    # task.submitted would sort before task.succeeded, but the snapshot already counts x done, not b
+    assert [(t, f["task_id"]) for t, f in out.events if f["seq"] <= snap["seq"]] == [("task.succeeded", x)]
+    assert snap["done"] == 1 and snap["queued"] == 0

@@ -384,9 +384,10 @@ class CoreMachine(RuleBasedStateMachine):
         (never after the client acknowledged the result: its retries are long over by then)."""
         task_id = data.draw(st.sampled_from(sorted(set(self.submitted) - self.acked)))
         session, record = self.submitted[task_id]
-        before = len(self.core.tasks)
+        before = set(self.core.tasks)
         self.send_submit(session, record)
-        assert len(self.core.tasks) == before, "a resend created a task"
+        # a keyed result read back from the journal (its first task) is the old task, not a new one
+        assert set(self.core.tasks) - before <= set(self.aliases.values()), "a resend created a task"
 
     @rule(data=st.data())
     @precondition(lambda self: bool(self.accepted))

@@ -373,6 +373,7 @@ def test_thousands_of_events_have_contiguous_seq_and_every_task_its_three_events
     seqs = [fields["seq"] for _, fields in list(log.events)]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "seq must rise by exactly one per event"
     assert len(seqs) > 3 * len(ids)
+    assert log.messages < len(seqs), f"{log.messages} messages for {len(seqs)} events: runs of one topic travel together"
     by_task: dict = {}
     for topic, fields in log.events:
         if "task_id" in fields:

@@ -12,6 +12,7 @@ import structlog
 from broker.logs import add_logging_flags, configure_logging
 from broker.protocol import DEFAULT_BACKEND, WRONG_PORT
 from worker.registry import REGISTRY, load_modules
+from worker.pool import PoolOptions
 from worker.worker import DEFAULT_DRAIN_S, Worker, WorkerConfig
 
 log = structlog.get_logger("worker")
@@ -63,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--liveness", type=int, default=3, metavar="N")
     p.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_S, metavar="SECONDS",
                    help="on SIGTERM, wait this long for running tasks before handing them back")
+    p.add_argument("--pool", choices=("process", "thread"), default="process",
+                   help="run CPU tasks in a child process per slot (isolated, every core) or on threads of the worker")
+    p.add_argument("--max-tasks-per-child", type=int, default=0, metavar="N",
+                   help="replace a process slot's child after it ran N tasks (0: never)")
+    p.add_argument("--max-memory-per-child", type=int, default=0, metavar="MiB",
+                   help="replace a process slot's child after a task leaves it over MiB of private memory (0: never)")
     p.add_argument("--broker-key", default=None, metavar="FILE", help="the broker's CURVE public key (NAME.key)")
     p.add_argument("--curve-secret", default=None, metavar="FILE", help="this worker's CURVE key pair (NAME.key_secret)")
     add_logging_flags(p)
@@ -71,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("CURVE needs both --broker-key and --curve-secret")
     if args.slots < 1 or args.heartbeat <= 0 or args.liveness < 1:
         p.error("--slots and --liveness must be >= 1 and --heartbeat > 0")
+    if args.max_tasks_per_child < 0 or args.max_memory_per_child < 0:
+        p.error("--max-tasks-per-child and --max-memory-per-child must be >= 0")
+    if args.pool == "thread" and (args.max_tasks_per_child or args.max_memory_per_child):
+        p.error("--max-tasks-per-child and --max-memory-per-child need --pool process")
     return args
 
 
@@ -79,8 +90,9 @@ def main(argv=None) -> int:
     configure_logging(args.log_format, args.log_level)
     import worker.builtins  # noqa: F401  (registers the built-in tasks)
 
+    modules = tuple(task_modules(args.tasks))  # their folders go to the END of sys.path (children inherit it)
     try:
-        load_modules(task_modules(args.tasks))
+        load_modules(list(modules))
     except Exception as exc:
         log.error("task_module_import_failed", modules=args.tasks, error=f"{type(exc).__name__}: {exc}")
         return 2
@@ -96,7 +108,9 @@ def main(argv=None) -> int:
             print(f"gridq-worker: --gpu {' '.join(map(str, args.gpu))}: {exc}", file=sys.stderr)
             return 2
     config = WorkerConfig(broker=args.broker, slots=args.slots, resources=args.resources, name=args.name,
-                          heartbeat_s=args.heartbeat, liveness=args.liveness, drain_s=args.drain_timeout)
+                          heartbeat_s=args.heartbeat, liveness=args.liveness, drain_s=args.drain_timeout,
+                          pool=args.pool, pool_options=PoolOptions(modules, args.max_tasks_per_child,
+                                                                   args.max_memory_per_child))
     security = None
     if args.curve_secret:
         from broker.shared import CurveClient

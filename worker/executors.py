@@ -1,23 +1,29 @@
 """Where tasks run: slot threads off the socket thread, FIFO within the worker's resources.
 
 Tasks arrive from the socket thread in the order the broker sent them. A slot
-thread starts the oldest one once the worker's own resources allow it, runs it,
+thread starts the oldest one once the worker's own resources allow it, runs it
+(on the thread itself, or in the slot's child process with ``--pool process``),
 and appends its result to an ordered log that the socket thread sends as one
 DONE; the log also records when a task the broker sent *ahead* (to wait for a
 slot) started. Slot threads wake the socket thread through a pipe its
 zmq.Poller watches, so heartbeats keep flowing while numpy or CuPy computes.
+
+A process slot takes the task and the short tasks sent ahead right behind it
+(same needs) as one batch for its child, so no-op traffic crosses the process
+boundary in few messages; each result still comes back as soon as it exists,
+which is also when the next task of the batch starts.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 
 from broker.logs import get_logger
-from broker.protocol import EncodeError, ProtocolError, error_map, hold, pack_value, unpack_value
-from broker.wake import Waker
+from broker.protocol import DispatchRecord, DoneRecord, hold
+from broker.shared import Waker
 from worker.registry import TaskSpec
+from worker.run import failure, run_task
 
 log = get_logger(__name__)
 
@@ -28,9 +34,14 @@ BATCH_BELOW_S = 0.0002
 
 
 class Runner:
-    """``slots`` threads running tasks; their starts and results wait in an ordered log."""
+    """``slots`` threads running tasks; their starts and results wait in an ordered log.
 
-    def __init__(self, registry: dict[str, TaskSpec], slots: int, resources: dict | None = None, gpu=None) -> None:
+    With ``pool`` (worker.pool.PoolOptions) each thread drives a child process that runs
+    the CPU tasks; GPU tasks stay on the threads, next to the worker's device executors.
+    """
+
+    def __init__(self, registry: dict[str, TaskSpec], slots: int, resources: dict | None = None, gpu=None,
+                 pool=None) -> None:
         self.registry = registry
         self.gpu = gpu  #: a worker.gpu.GpuPool when serving real GPUs, else None
         self.waker = Waker()  #: its fd is polled by the socket thread
@@ -38,39 +49,67 @@ class Runner:
         self._pending: deque = deque()  #: (record, frames) received, not started, in arrival order
         self._resources = dict(resources or {"cpu": slots})
         self._free = dict(self._resources)
-        self._running: set[str] = set()
+        self._running: set[str] = set()  #: started, or in a child's batch
+        self._where: dict = {}  #: task id -> the ProcessSlot whose batch holds it
+        self._idle = 0  #: slot threads waiting for work
         self._log: list = []  #: task id (an ahead task started) or (record, frames) (a result)
         self._woken = False
         self._results = 0  #: results in the log
         self._closing = False
-        self._threads = [threading.Thread(target=self._loop, name=f"slot-{i}", daemon=True) for i in range(slots)]
+        self.children: list = []  #: ProcessSlot per slot thread with a process pool
+        if pool is not None:
+            from worker.pool import ProcessSlot, context
+
+            ctx = context(pool.modules)
+            self.children = [ProcessSlot(i, pool, ctx) for i in range(slots)]
+        self._threads = [threading.Thread(target=self._loop, args=(self.children[i] if self.children else None,),
+                                          name=f"slot-{i}", daemon=True) for i in range(slots)]
         for t in self._threads:
             t.start()
 
     # ------------------------------------------------------------ socket thread side
 
-    def submit(self, record: list, frames: list) -> None:
+    def submit(self, record: DispatchRecord, frames: list) -> None:
         with self._cond:
             self._pending.append((record, frames))
             self._cond.notify()
 
+    def killable(self) -> list[str]:
+        """Names of the tasks that run in child processes here (a kill reaches them)."""
+        return sorted(n for n in self.registry if self._in_child(n))
+
+    def kill(self, ids: list, reason: str) -> None:
+        """Stop these tasks where they run (past their timeout, or cancelled with terminate): one
+        not started yet is dropped, one in a child is killed with it; a thread runs on."""
+        with self._cond:
+            for task_id in ids:
+                waiting = next((i for i, (r, _) in enumerate(self._pending) if r.task_id == task_id), None)
+                if waiting is not None:
+                    del self._pending[waiting]
+                    self._log.append(failure(task_id, False, RuntimeError(f"dropped before it started ({reason})"),
+                                             0.0, ""))
+                    self._results += 1
+                elif task_id in self._where:
+                    self._where[task_id].request_kill(task_id, reason)
+        self.waker.wake()
+
     def take_unstarted(self) -> list[str]:
         """Withdraw every task not yet started (to hand back on a graceful stop)."""
         with self._cond:
-            ids = [record[0] for record, _ in self._pending]
+            ids = [record.task_id for record, _ in self._pending]
             self._pending.clear()
         return ids
 
     def held(self) -> list[str]:
         """Every task this worker holds: waiting, running, or finished but not yet reported."""
         with self._cond:
-            return [*(r[0] for r, _ in self._pending), *self._running,
-                    *(e[0][0] for e in self._log if not isinstance(e, str))]
+            return [*(r.task_id for r, _ in self._pending), *self._running,
+                    *(e[0].task_id for e in self._log if not isinstance(e, str))]
 
     def unfinished(self) -> list[str]:
         """Tasks waiting or running here, without those finished and not yet reported."""
         with self._cond:
-            return [*(r[0] for r, _ in self._pending), *self._running]
+            return [*(r.task_id for r, _ in self._pending), *self._running]
 
     def busy(self) -> bool:
         with self._cond:
@@ -98,77 +137,112 @@ class Runner:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+        for child in self.children:
+            child.close()
         self.waker.close()
 
     # ------------------------------------------------------------ slot threads
 
+    def _in_child(self, name: str) -> bool:
+        spec = self.registry.get(name)
+        return bool(self.children) and spec is not None and not spec.needs_gpu
+
+    def _needs(self, record: DispatchRecord) -> dict:
+        if isinstance(record.needs, dict):
+            return record.needs
+        spec = self.registry.get(record.name)
+        return spec.resources if spec is not None else {}
+
     def _startable(self):
         if not self._pending:
             return None
-        record, _ = self._pending[0]
-        needs = record[5] if len(record) > 5 and isinstance(record[5], dict) else None
-        needs = needs if needs is not None else self._declared(record[1])
+        needs = self._needs(self._pending[0][0])
         for name, qty in needs.items():
             if self._free.get(name, 0) < qty:
                 return None
         return needs
 
-    def _declared(self, name: str) -> dict:
-        spec = self.registry.get(name)
-        return spec.resources if spec is not None else {}
-
-    def _loop(self) -> None:
+    def _loop(self, child) -> None:
+        if child is not None:
+            try:
+                child.start()  # boots while the worker announces itself
+            except Exception:  # tried again with the first task, which fails with the error if it persists
+                log.exception("process_slot_start_failed", slot=child.index)
         while True:
             with self._cond:
                 needs = self._startable()
                 while needs is None and not self._closing:
+                    self._idle += 1
                     self._cond.wait()
+                    self._idle -= 1
                     needs = self._startable()
                 if self._closing:
                     return
-                record, frames = self._pending.popleft()
+                batch = [self._pending.popleft()]
+                in_child = child is not None and self._in_child(batch[0][0].name)
+                if in_child:
+                    self._extend(batch, needs, child)
                 hold(self._free, needs, -1)
-                self._running.add(record[0])
-                if len(record) > 6 and record[6]:
-                    self._log.append(record[0])  # the broker waits to hear that it started
+                for record, _ in batch:
+                    self._running.add(record.task_id)
+                    if in_child:
+                        self._where[record.task_id] = child
+                if batch[0][0].ahead:
+                    self._log.append(batch[0][0].task_id)  # the broker waits to hear that it started
                 if self._pending:
                     self._cond.notify()  # the next one may fit too
-            out = self._run(record, frames)
+            if in_child:
+                try:
+                    child.run(batch, self._emit, self._give_back)
+                except Exception as exc:  # a bug here must cost these tasks, never the slot
+                    log.exception("process_slot_failed", slot=child.index)
+                    for record, _ in batch:
+                        if record.task_id in self._running:
+                            self._emit(*failure(record.task_id, False, exc, 0.0), None)
+            else:
+                record, frames = batch[0]
+                self._emit(*run_task(self.registry, record.task_id, record.name, record.args, frames, self.gpu), None)
             with self._cond:
-                self._running.discard(record[0])
                 if self._running:
                     hold(self._free, needs, +1)
                 else:
                     self._free = dict(self._resources)  # idle: exactly what it offers
-                self._log.append(out)
-                self._results += 1
-                # tiny tasks with more waiting here: let results gather into one DONE (the socket
-                # thread also sends what is there every 2 ms); otherwise report at once
-                wake = not self._woken and (not self._pending or self._results >= OUTPUT_BATCH
-                                            or out[0][4] >= BATCH_BELOW_S)
-                self._woken = self._woken or wake
                 self._cond.notify()
-            if wake:
-                self.waker.wake()
 
-    def _run(self, record: list, frames: list) -> tuple:
-        task_id, name, args_blob = record[0], record[1], record[2]
-        started = time.perf_counter()
-        try:
-            spec = self.registry.get(name)
-            if spec is None:
-                raise LookupError(f"this worker does not serve task {name!r}")
-            try:
-                args, kwargs = unpack_value(args_blob, frames)
-            except (ProtocolError, ValueError, TypeError) as exc:
-                raise ProtocolError(f"arguments of {name!r} could not be decoded: {exc}") from None
-            if self.gpu is not None and spec.needs_gpu:
-                value = self.gpu.run(spec.fn, args, kwargs)
-            else:
-                value = spec.fn(*args, **kwargs)
-            blob, out_frames = pack_value(value)
-            return [task_id, True, blob, len(out_frames), time.perf_counter() - started], out_frames
-        except BaseException as exc:  # a task may raise anything; it must not kill the slot
-            if isinstance(exc, EncodeError):
-                exc = EncodeError(f"result of {name!r} cannot be sent back: {exc}")
-            return [task_id, False, error_map(exc), 0, time.perf_counter() - started], []
+    def _extend(self, batch: list, needs: dict, child) -> None:
+        """Add the short tasks sent ahead right behind the first, leaving idle slots their share."""
+        share = -(-(len(self._pending) + 1) // (self._idle + 1))
+        limit = min(child.room(), share)
+        while len(batch) < limit and self._pending:
+            record = self._pending[0][0]
+            if not record.ahead or not self._in_child(record.name) or self._needs(record) != needs:
+                break
+            batch.append(self._pending.popleft())
+
+    def _give_back(self, tasks: list) -> None:
+        """Tasks of a child's batch it will not start: first in line again, for any slot."""
+        if not tasks:
+            return
+        with self._cond:
+            for record, _ in tasks:
+                self._running.discard(record.task_id)
+                self._where.pop(record.task_id, None)
+            self._pending.extendleft(reversed(tasks))
+            self._cond.notify_all()
+
+    def _emit(self, entry: DoneRecord, frames: list, started: DispatchRecord | None = None) -> None:
+        """A task's outcome into the log; ``started``: the next task of its batch, starting now."""
+        with self._cond:
+            self._running.discard(entry.task_id)
+            self._where.pop(entry.task_id, None)
+            self._log.append((entry, frames))
+            self._results += 1
+            if started is not None and started.ahead:
+                self._log.append(started.task_id)
+            # tiny tasks with more waiting here: let results gather into one DONE (the socket
+            # thread also sends what is there every 2 ms); otherwise report at once
+            wake = not self._woken and (not (self._pending or started) or self._results >= OUTPUT_BATCH
+                                        or entry.run_s >= BATCH_BELOW_S)
+            self._woken = self._woken or wake
+        if wake:
+            self.waker.wake()

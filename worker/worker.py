@@ -22,6 +22,7 @@ from broker.protocol import (DEFAULT_BACKEND, NAME_IN_USE, WORKER_TAG, WRONG_POR
                              decode, encode, records)
 from worker.executors import Runner
 from worker.liveness import Liveness
+from worker.pool import PoolOptions
 from worker.registry import TaskSpec
 
 log = get_logger(__name__)
@@ -39,6 +40,9 @@ class WorkerConfig:
     heartbeat_s: float = 1.0
     liveness: int = 3
     drain_s: float = DEFAULT_DRAIN_S
+    #: "process": CPU tasks run in a child process per slot; "thread": on the worker's own threads
+    pool: str = "thread"
+    pool_options: PoolOptions = field(default_factory=PoolOptions)  #: --tasks modules, child limits
 
 
 class Worker:
@@ -52,7 +56,8 @@ class Worker:
             self.resources.update(gpu.resources())
         self.ctx = context or zmq.Context.instance()
         self.security = security
-        self.runner = Runner(self.registry, config.slots, self.resources, gpu)
+        self.runner = Runner(self.registry, config.slots, self.resources, gpu,
+                             pool=config.pool_options if config.pool == "process" else None)
         self.log = log.bind(worker=self.name)
         self.sock: zmq.Socket | None = None
         self._stopping = False
@@ -84,7 +89,8 @@ class Worker:
         retry = {name: [list(spec.retry_on), spec.backoff_s] for name, spec in self.registry.items() if spec.retry_on}
         return Message(Command.READY, {"name": self.name, "slots": self.config.slots, "resources": self.resources,
                                        "tasks": tasks, "retry": retry, "running": self.runner.held(),
-                                       "pid": os.getpid()})
+                                       "pid": os.getpid(), "pool": self.config.pool,
+                                       "killable": self.runner.killable()})
 
     def _announce(self) -> None:
         """READY, then the results a restarted broker may never have seen (it restored their
@@ -212,6 +218,10 @@ class Worker:
                 continue
             if msg.command is Command.TASKS:
                 self._on_tasks(msg)
+            elif msg.command is Command.KILL:
+                ids = msg.header.get("ids")
+                if isinstance(ids, list):
+                    self.runner.kill([i for i in ids if isinstance(i, str)], str(msg.header.get("reason")))
             elif msg.command is Command.DISCONNECT:
                 reason = str(msg.header.get("reason"))
                 self.log.info("broker_disconnect", reason=reason)

@@ -59,6 +59,10 @@ def parse_args(argv, names: list[str]) -> tuple[argparse.Namespace, BenchConfig]
     p.add_argument("-n", type=int, help="no-op tasks per throughput run (default 10000, quick 5000)")
     p.add_argument("--latency-n", type=int, help="round trips per latency run (default 500, quick 200)")
     p.add_argument("--scale-workers", type=int, help="simulated workers for the scale run (default 200)")
+    p.add_argument("--scale-n", type=int, dest="scale_large_n", metavar="N",
+                   help="tasks of the scale section's large map (default 1000000, quick 100000)")
+    p.add_argument("--soak", type=float, dest="soak_s", metavar="SECONDS",
+                   help="run the soak section (alone, unless --only names others) for this long")
     p.add_argument("--only", action="append", choices=names, metavar="SECTION",
                    help=f"run only this section (repeatable): {', '.join(names)}")
     p.add_argument("--json", default="bench-results.json", metavar="PATH", help="where to write all samples")
@@ -67,11 +71,14 @@ def parse_args(argv, names: list[str]) -> tuple[argparse.Namespace, BenchConfig]
                         "(default 120 quick, 900 otherwise; a section may set its own)")
     args = p.parse_args(argv)
     cfg = BenchConfig.quick_config() if args.quick else BenchConfig()
-    for name in ("reps", "n", "latency_n", "scale_workers"):
+    if args.soak_s is not None and not args.only:
+        args.only = ["soak"]
+    for name, flag in (("reps", "--reps"), ("n", "-n"), ("latency_n", "--latency-n"), ("scale_workers", "--scale-workers"),
+                       ("scale_large_n", "--scale-n"), ("soak_s", "--soak")):
         value = getattr(args, name)
         if value is not None:
             if value < 1:
-                p.error(f"--{name.replace('_', '-')} must be >= 1")
+                p.error(f"{flag} must be >= 1")
             setattr(cfg, name, value)
     return args, cfg
 
@@ -91,6 +98,8 @@ def main(argv=None) -> int:
             reports.append(f"{section.TITLE}: skipped ({reason})")
             continue
         limit_s = args.timeout or getattr(section, "TIMEOUT_S", None) or (120.0 if cfg.quick else 900.0)
+        if name == "soak":
+            limit_s = max(limit_s, cfg.soak_s + 300.0)
         with Watchdog(limit_s):
             result[name] = figures = section.run(cfg)
         reports.append(f"{section.TITLE}: {section.report(figures, cfg)}")

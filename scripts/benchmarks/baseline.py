@@ -7,14 +7,16 @@ spends one, each reply gives it back. The broker reads the frontend only while
 some worker has a credit, so queued work waits in ZeroMQ's pipes, not in the
 broker. No scheduling by resource, no events, no retries, no journal: the
 fastest thing a Python broker on pyzmq can be, to tell what gridq's features
-cost. Payload arrays travel as zero-copy frames, as in gridq.
+cost. A request is one frame (its id and op), a reply one frame (its id and
+result); the client keeps a thousand or more in flight (``THROUGHPUT_WINDOW``).
+Payload arrays travel as zero-copy frames after the request frame, as in gridq.
 
-Wire format (all frames, no serialization beyond raw bytes):
+Wire format (no serialization beyond raw bytes; ``body`` = 8-byte request id + op):
 
-    client DEALER  -> broker:  ["", rid, op, *payload]
-    broker -> worker DEALER:   [client route, "", rid, op, *payload]
-    worker -> broker:          [READY, credits]  or  [REPLY, client route, "", rid, result]
-    broker -> client:          ["", rid, result]
+    client DEALER  -> broker:  [body, *payload]
+    broker -> worker DEALER:   [client route, body, *payload]
+    worker -> broker:          [credits]  or  [client route, reply]   (reply = request id + result)
+    broker -> client:          [reply]
 
 ``op`` is ``noop`` (result empty) or ``sum`` (result: the float64 sum of the
 payload frame, 8 bytes little-endian).
@@ -40,12 +42,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
-#: first frame of a worker's announcement of credits
-READY = b"\x01"
-#: first frame of a worker's reply to one task
-REPLY = b"\x02"
 #: credits each real worker announces: tasks the broker may hand it before it answers
-WORKER_CREDITS = 16
+WORKER_CREDITS = 64
+#: bytes of the request id that starts every request and reply frame
+RID_BYTES = 8
 #: how often the broker and workers wake to check for a stop signal, in milliseconds
 POLL_MS = 100
 #: how long to wait for a spawned process to report or to stop, in seconds
@@ -115,12 +115,11 @@ def _route(frontend: zmq.Socket, backend: zmq.Socket, flag: _StopFlag) -> None:
                 except zmq.Again:
                     break
                 wid = frames[0].bytes
-                kind = frames[1].bytes
-                if kind == REPLY:
+                if len(frames) == 3:  # [wid, client route, reply]
                     credits.append(wid)
-                    frontend.send_multipart(frames[2:], copy=False)
-                elif kind == READY:
-                    credits.extend([wid] * int(frames[2].bytes))
+                    frontend.send_multipart(frames[1:], copy=False)
+                else:  # [wid, credits]
+                    credits.extend([wid] * int(frames[1].bytes))
         if frontend in ready:
             while credits:
                 try:
@@ -140,22 +139,26 @@ def worker_main(backend: str, credits: int = WORKER_CREDITS) -> None:
     sock = _socket(ctx, zmq.DEALER)
     try:
         sock.connect(backend)
-        sock.send_multipart([READY, str(credits).encode()])
+        sock.send(str(credits).encode())
         while not flag.stopped:
             if not sock.poll(POLL_MS):
                 continue
-            frames = sock.recv_multipart(copy=False)
-            route, empty, rid, op = frames[:4]
-            sock.send_multipart([REPLY, route, empty, rid, _run(op.bytes, frames[4:])], copy=False)
+            while True:  # answer everything that waits before polling again
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                sock.send_multipart([frames[0], _reply(frames[1].bytes, frames[2:])], copy=False)
     finally:
         sock.close()
         ctx.term()
 
 
-def _run(op: bytes, payload: list) -> bytes:
+def _reply(body: bytes, payload: list) -> bytes:
+    rid, op = body[:RID_BYTES], body[RID_BYTES:]
     if op == SUM:
-        return struct.pack("<d", float(np.frombuffer(payload[0].buffer, dtype=np.float64).sum()))
-    return b""
+        return rid + struct.pack("<d", float(np.frombuffer(payload[0].buffer, dtype=np.float64).sum()))
+    return rid
 
 
 def sim_workers_main(backend: str, count: int) -> None:
@@ -167,7 +170,7 @@ def sim_workers_main(backend: str, count: int) -> None:
     try:
         for sock in socks:
             sock.connect(backend)
-            sock.send_multipart([READY, b"1"])
+            sock.send(b"1")
             poller.register(sock, zmq.POLLIN)
         while not flag.stopped:
             for sock, _ in poller.poll(POLL_MS):
@@ -176,8 +179,7 @@ def sim_workers_main(backend: str, count: int) -> None:
                         frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    route, empty, rid, op = frames[:4]
-                    sock.send_multipart([REPLY, route, empty, rid, _run(op.bytes, frames[4:])], copy=False)
+                    sock.send_multipart([frames[0], _reply(frames[1].bytes, frames[2:])], copy=False)
     finally:
         for sock in socks:
             sock.close()
@@ -306,17 +308,21 @@ class BaselineClient:
         sent = received = 0
         while received < n:
             while sent < n and sent - received < window:
-                sock.send_multipart([b"", (first + sent).to_bytes(8, "little"), op, *payload], copy=False)
+                body = (first + sent).to_bytes(RID_BYTES, "little") + op
+                if payload:
+                    sock.send_multipart([body, *payload], copy=False)
+                else:
+                    sock.send(body)
                 sent += 1
             if not sock.poll(self.reply_timeout_s * 1000):
                 raise TimeoutError(f"no reply within {self.reply_timeout_s} s: {received} of {n} answered")
             while True:
                 try:
-                    _empty, rid, result = sock.recv_multipart(zmq.NOBLOCK)
+                    reply = sock.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                replies[int.from_bytes(rid, "little") - first] += 1
-                results.append(result)
+                replies[int.from_bytes(reply[:RID_BYTES], "little") - first] += 1
+                results.append(reply[RID_BYTES:])
                 received += 1
         return replies, results
 
@@ -328,7 +334,7 @@ class BaselineClient:
 # ------------------------------------------------------------------ measurements
 
 
-def measure_throughput(client: BaselineClient, n: int, window: int = 256) -> float:
+def measure_throughput(client: BaselineClient, n: int, window: int = 1000) -> float:
     """Tasks per second for ``n`` no-op tasks with ``window`` in flight."""
     start = time.perf_counter()
     replies, _ = client.run(n, window)

@@ -14,8 +14,8 @@ RESULT_TIMEOUT_S = 60.0
 JOIN_TIMEOUT_S = 30.0
 #: how long a stopping gridq process gets after SIGTERM before SIGKILL, in seconds
 STOP_TIMEOUT_S = 10.0
-#: in-flight window of the baseline's pipelined client for the no-op runs
-THROUGHPUT_WINDOW = 256
+#: in-flight window of the baseline's pipelined client for the no-op runs (the issue: >= 1,000)
+THROUGHPUT_WINDOW = 2000
 #: in-flight window of both systems for the 1 MiB payload runs
 SMALL_PAYLOAD_WINDOW = 8
 
@@ -32,11 +32,15 @@ class BenchConfig:
     small_payload_bytes: int = MIB
     small_payload_count: int = 64
     scale_workers: int = 200
+    scale_small_n: int = 10_000  #: the small map of the scale section
+    scale_large_n: int = 1_000_000  #: the large map of the scale section
+    soak_s: float = 0.0  #: seconds of back-to-back maps for the soak section (0: no soak)
     quick: bool = False
 
     @classmethod
     def quick_config(cls) -> "BenchConfig":
-        return cls(reps=1, n=5000, latency_n=200, big_payload_count=1, small_payload_count=16, quick=True)
+        return cls(reps=1, n=5000, latency_n=200, big_payload_count=1, small_payload_count=16, scale_large_n=100_000,
+                   quick=True)
 
 
 def median(values: list):

@@ -6,10 +6,10 @@ import collections
 import threading
 import time
 
-import msgpack
 import numpy as np
 import zmq
 
+from broker.protocol import read_events
 from scripts.benchmarks import baseline
 from scripts.benchmarks.common import MIB, RESULT_TIMEOUT_S
 
@@ -84,11 +84,12 @@ class EventSubscriber:
                         break
                     except ValueError:  # not two frames: not ours to judge here
                         continue
-                    self.received += 1
-                    seq = msgpack.unpackb(body).get("seq")
-                    if self._last_seq is not None and isinstance(seq, int) and seq != self._last_seq + 1:
-                        self.seq_gaps += 1
-                    self._last_seq = seq
+                    for event in read_events(body):  # one message may carry several events
+                        self.received += 1
+                        seq = event.get("seq")
+                        if self._last_seq is not None and isinstance(seq, int) and seq != self._last_seq + 1:
+                            self.seq_gaps += 1
+                        self._last_seq = seq
         finally:
             sub.close()
 

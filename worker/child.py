@@ -1,0 +1,185 @@
+"""What runs inside a process slot's child: read task batches, run them in order, answer each.
+
+The worker starts a child per CPU slot (forkserver or spawn, never a fork of the
+threaded worker). Messages, on a socket pair (worker/channel.py):
+
+    worker -> child  ["run", seq, arena, tasks]  a batch, run in order. arena: [shm name, size] when
+                                             it changed, else nil; tasks: [[task_id, name, args_blob,
+                                             refs]], a ref is a frame index of this message or
+                                             [offset, length] in the arena
+                     ["release", seq]        start no more tasks of batch seq
+    child -> worker  ["hello", pid]          once, when it is ready
+                     ["released", seq, n]    answer to release: it started the first n tasks only
+                     ["done", task_id, ok, value, nframes, run_s, bye] + result frames, one per task, at
+                                             once; bye: why it exits now (--max-tasks/memory-per-child), or nil
+
+A child never outlives its worker: the kernel kills it when its parent goes
+(PR_SET_PDEATHSIG, with a watchdog thread where that is missing).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import signal
+import threading
+from multiprocessing import shared_memory
+
+from worker.channel import Channel, ChannelClosed
+
+#: prctl option: the signal a process gets when its parent dies (linux/prctl.h)
+PR_SET_PDEATHSIG = 1
+
+
+def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int) -> None:
+    parent = os.getppid()
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which drains its children
+    from worker.registry import REGISTRY, load_modules
+    from worker.run import run_task
+
+    import worker.builtins  # noqa: F401  (preloaded by the forkserver; imported here under spawn)
+
+    load_modules(modules)
+    child = _Child(Channel(sock))
+    child.send(["hello", os.getpid()])
+    threading.Thread(target=child.read, name="channel-reader", daemon=True).start()
+    arena = None
+    ran = 0
+    while True:
+        message = child.inbox.get()
+        if message is None:
+            return  # the worker closed our channel: stop
+        header, frames = message
+        seq, arena_change, tasks = header[1:4]
+        if arena_change is not None:
+            arena = _attach(arena_change[0], arena)
+        for j, (task_id, name, args, refs) in enumerate(tasks):
+            if not child.begin(seq, j):
+                break  # the worker took the rest back (this batch's current task ran long)
+            task_frames = [frames[r] if isinstance(r, int) else arena.buf[r[0]:r[0] + r[1]].toreadonly() for r in refs]
+            out, out_frames = run_task(REGISTRY, task_id, name, args, task_frames)
+            del task_frames
+            ran += 1
+            why = _limit_reached(ran, max_tasks, max_memory_bytes)
+            child.send(["done", *out, why], out_frames)
+            if why:
+                return  # the worker starts another child for this slot
+        child.begin(None, 0)
+
+
+class _Child:
+    """The channel shared by the task thread and the reader thread, and the batch being run.
+
+    The reader thread answers ``release`` at once, even while a task runs (pure Python
+    lets it have the GIL within 5 ms), so the tasks of a batch not started yet go back
+    to the worker's queue instead of waiting behind one that runs long.
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._seq = None  #: the batch being run (seqs increase)
+        self._next = 0  #: how many of its tasks were started
+        self._finished = 0  #: the last batch run to its end
+        self._released: set = set()  #: batches the worker took back, not begun or not finished here
+
+    def send(self, header, frames=()) -> None:
+        with self._send_lock:
+            self.channel.send(header, frames)
+
+    def begin(self, seq, j: int) -> bool:
+        """May task ``j`` of batch ``seq`` start? (``seq`` None: the batch is over.)"""
+        with self._lock:
+            if seq != self._seq:
+                if seq is None and self._seq is not None:
+                    self._finished = self._seq
+                    self._released.discard(self._seq)
+                self._seq, self._next = seq, 0
+            if seq is None or seq in self._released:
+                return False
+            self._next = j + 1
+            return True
+
+    def read(self) -> None:
+        while True:
+            try:
+                header, frames = self.channel.receive()
+            except (ChannelClosed, OSError):
+                self.inbox.put(None)
+                return
+            if header[0] == "run":
+                self.inbox.put((header, frames))
+            elif header[0] == "release":
+                seq = header[1]
+                with self._lock:
+                    if seq <= self._finished or seq in self._released:
+                        continue  # that batch is over: its results are on their way
+                    self._released.add(seq)
+                    started = self._next if seq == self._seq else 0  # else: not begun yet
+                self.send(["released", seq, started])
+
+
+def _attach(name: str, old):
+    if old is not None:
+        try:
+            old.close()
+        except BufferError:
+            pass  # a task kept a view of an argument: the mapping goes when that does
+    # registers the name with the worker's resource tracker again (a no-op there): the worker
+    # unlinks it once this child has attached, and that unregisters it
+    return shared_memory.SharedMemory(name=name)
+
+
+def _limit_reached(ran: int, max_tasks: int, max_memory_bytes: int) -> str | None:
+    if max_tasks and ran >= max_tasks:
+        return f"ran {ran} tasks (--max-tasks-per-child {max_tasks})"
+    if max_memory_bytes:
+        private = private_memory_bytes()
+        if private > max_memory_bytes:
+            return f"private memory {private >> 20} MiB over --max-memory-per-child {max_memory_bytes >> 20} MiB"
+    return None
+
+
+def private_memory_bytes() -> int:
+    """Resident memory not shared (argument arrays mapped from the worker's shared memory do not count)."""
+    try:
+        with open("/proc/self/statm") as f:
+            fields = f.read().split()
+        return (int(fields[1]) - int(fields[2])) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _die_with_parent(parent: int) -> None:
+    """Die when the parent does: the worker under spawn; under forkserver the forkserver, which
+    exits when the worker does -- once no child holds its lifeline (inherited here, so closed)."""
+    try:
+        from multiprocessing import forkserver
+
+        alive = forkserver._forkserver._forkserver_alive_fd
+        if alive is not None and forkserver._forkserver._forkserver_pid is None:  # we are a forked child
+            os.close(alive)
+            forkserver._forkserver._forkserver_alive_fd = None
+    except (ImportError, AttributeError, OSError):
+        pass
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+            if os.getppid() != parent:  # the parent died before the call
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
