@@ -11,7 +11,7 @@ import structlog
 
 from broker.logs import add_logging_flags, configure_logging
 from broker.protocol import DEFAULT_BACKEND, WRONG_PORT
-from worker.registry import REGISTRY, load_modules
+from worker.registry import REGISTRY, load_modules, working_directory_last
 from worker.pool import PoolOptions
 from worker.worker import DEFAULT_DRAIN_S, Worker, WorkerConfig
 
@@ -37,8 +37,7 @@ def task_modules(spec: str) -> list[str]:
     directory) or paths of .py files. Their directories go to the END of sys.path, never the
     front, so a file of the user's named like a library module (``client.py``) shadows nothing."""
     here = os.getcwd()
-    if sys.path and sys.path[0] in ("", here):  # `python -m worker` puts the working directory first
-        sys.path.append(sys.path.pop(0))
+    working_directory_last()
     names = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         folder = here

@@ -27,6 +27,12 @@ import threading
 from multiprocessing import shared_memory
 
 from worker.channel import Channel, ChannelClosed
+from worker.registry import working_directory_last
+
+# The forkserver runs as `python -c`, which puts the working directory first on sys.path, and
+# imports this module before the --tasks modules it preloads: put it last again before those, so
+# a user's client.py beside their tasks shadows nothing in a child either.
+working_directory_last()
 
 #: prctl option: the signal a process gets when its parent dies (linux/prctl.h)
 PR_SET_PDEATHSIG = 1

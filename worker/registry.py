@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +45,15 @@ def task(fn: Callable | None = None, *, name: str | None = None, resources: dict
         return f
 
     return register(fn) if fn is not None else register
+
+
+def working_directory_last() -> None:
+    """``python -m``/``-c`` put the working directory first on sys.path: move it to the END, so a
+    user's file named like a library module (``client.py``) shadows nothing, here or in a child."""
+    here = os.getcwd()
+    front = [p for p in sys.path if p in ("", here)]
+    if front:
+        sys.path[:] = [p for p in sys.path if p not in ("", here)] + front
 
 
 def load_modules(names: list[str]) -> None:
