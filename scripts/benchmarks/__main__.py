@@ -63,6 +63,8 @@ def parse_args(argv, names: list[str]) -> tuple[argparse.Namespace, BenchConfig]
                    help="tasks of the scale section's large map (default 1000000, quick 100000)")
     p.add_argument("--soak", type=float, dest="soak_s", metavar="SECONDS",
                    help="run the soak section (alone, unless --only names others) for this long")
+    p.add_argument("--keyed", action="store_true",
+                   help="the soak submits 100,000 keyed tasks per round, twice, to a broker with a journal")
     p.add_argument("--only", action="append", choices=names, metavar="SECTION",
                    help=f"run only this section (repeatable): {', '.join(names)}")
     p.add_argument("--json", default="bench-results.json", metavar="PATH", help="where to write all samples")
@@ -70,7 +72,10 @@ def parse_args(argv, names: list[str]) -> tuple[argparse.Namespace, BenchConfig]
                    help="give up on a section, stopping every process started, after this long "
                         "(default 120 quick, 900 otherwise; a section may set its own)")
     args = p.parse_args(argv)
+    if args.keyed and args.soak_s is None:
+        p.error("--keyed goes with --soak SECONDS")
     cfg = BenchConfig.quick_config() if args.quick else BenchConfig()
+    cfg.soak_keyed = args.keyed
     if args.soak_s is not None and not args.only:
         args.only = ["soak"]
     for name, flag in (("reps", "--reps"), ("n", "-n"), ("latency_n", "--latency-n"), ("scale_workers", "--scale-workers"),
