@@ -65,6 +65,8 @@ def parse_args(argv, names: list[str]) -> tuple[argparse.Namespace, BenchConfig]
                    help="run the soak section (alone, unless --only names others) for this long")
     p.add_argument("--keyed", action="store_true",
                    help="the soak submits 100,000 keyed tasks per round, twice, to a broker with a journal")
+    p.add_argument("--batch", type=int, dest="batch_lines", metavar="N",
+                   help="run the batch section (alone, unless --only names others): gridq-submit of N keyed lines")
     p.add_argument("--only", action="append", choices=names, metavar="SECTION",
                    help=f"run only this section (repeatable): {', '.join(names)}")
     p.add_argument("--json", default="bench-results.json", metavar="PATH", help="where to write all samples")
@@ -78,8 +80,10 @@ def parse_args(argv, names: list[str]) -> tuple[argparse.Namespace, BenchConfig]
     cfg.soak_keyed = args.keyed
     if args.soak_s is not None and not args.only:
         args.only = ["soak"]
+    if args.batch_lines is not None and not args.only:
+        args.only = ["batch"]
     for name, flag in (("reps", "--reps"), ("n", "-n"), ("latency_n", "--latency-n"), ("scale_workers", "--scale-workers"),
-                       ("scale_large_n", "--scale-n"), ("soak_s", "--soak")):
+                       ("scale_large_n", "--scale-n"), ("soak_s", "--soak"), ("batch_lines", "--batch")):
         value = getattr(args, name)
         if value is not None:
             if value < 1:

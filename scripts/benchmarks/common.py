@@ -35,6 +35,7 @@ class BenchConfig:
     scale_small_n: int = 10_000  #: the small map of the scale section
     scale_large_n: int = 1_000_000  #: the large map of the scale section
     soak_s: float = 0.0  #: seconds of back-to-back maps for the soak section (0: no soak)
+    batch_lines: int = 0  #: lines of the batch section's gridq-submit run (0: no batch run)
     soak_keyed: bool = False  #: the soak submits keyed tasks twice, with a journal
     quick: bool = False
 
