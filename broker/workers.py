@@ -121,6 +121,8 @@ class Workers:
                     self.moves.out.workers.append((wid, Message(Command.DISCONNECT, {"reason": reason})))
                     return
                 self._hand_over(old, worker, claims)
+                if pid == old.pid:  # the same process on a fresh socket: its count goes on
+                    worker.served = old.served
                 self.remove(old, WorkerState.LOST, now)
         self.all[wid] = worker
         self.moves.declare_retries(serves, policies)

@@ -248,6 +248,18 @@ def test_rejoining_worker_keeps_the_tasks_it_still_runs(h):
     assert h.state(t) is TaskState.SUCCEEDED
 
 
+def test_a_worker_process_on_a_fresh_socket_keeps_its_served_count(h):
+    h.join(b"old", name="w")
+    t = h.submit()
+    h.dispatched(b"old")
+    h.done(b"old", t)
+    h.join(b"new", name="w")  # the same process (same pid, here none) redialled after a broker silence
+    t = h.submit()
+    h.dispatched(b"new")
+    h.done(b"new", t)
+    assert [w["tasks"] for w in h.core.snapshot(h.now)["workers"]] == [2]
+
+
 def test_every_event_has_contiguous_seq_and_a_timestamp(h):
     h.join(b"w1")
     for _ in range(10):

@@ -31,6 +31,8 @@ MAX_GROWTH_MIB = 30.0
 MAP_N = 20_000
 #: keyed tasks per round of the keyed soak (each submitted twice)
 KEYED_N = 100_000
+#: log events that explain a worker count that differs from the tasks run (a rejoin starts a new count)
+TELLING_EVENTS = ("worker_joined", "worker_expired", "broker_silent", "broker_disconnect", "worker_refused")
 #: seconds between two RSS samples
 SAMPLE_S = 5.0
 
@@ -95,13 +97,25 @@ def run(cfg: BenchConfig) -> dict:
         elapsed = time.monotonic() - started
         sub.settle()
         status = client.status()
+        told = log_events(Path(tmp))
     served = sum(w["tasks"] for w in status["workers"])
     warm = [rss for t, rss, _n, _load in samples if t >= WARM_S]
     growth = (max(warm) - warm[0]) if warm else None
     return {"seconds": elapsed, "keyed": keyed, "tasks": total, "submitted": total * (2 if keyed else 1),
             "rate_tps": total / elapsed, "samples": samples,
             "growth_after_warm_MiB": growth, "broker_done": status["done"], "workers_served": served,
-            "seq_gaps": sub.seq_gaps, "every_task_once": status["done"] == served == total and not sub.seq_gaps}
+            "log_events": told, "seq_gaps": sub.seq_gaps, "every_task_once": status["done"] == served == total and not sub.seq_gaps}
+
+
+def log_events(logdir: Path) -> dict:
+    """How often each of ``TELLING_EVENTS`` appears in the cluster's logs."""
+    counts = dict.fromkeys(TELLING_EVENTS, 0)
+    for log in logdir.glob("*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            for name in TELLING_EVENTS:
+                if f"] {name} " in line:
+                    counts[name] += 1
+    return counts
 
 
 def report(figures: dict, cfg: BenchConfig) -> str:
@@ -118,5 +132,6 @@ def report(figures: dict, cfg: BenchConfig) -> str:
              f"(goal < {MAX_GROWTH_MIB:.0f}): {verdict}",
              f"every task once: {figures['every_task_once']} (broker done {figures['broker_done']:,}, workers served "
              f"{figures['workers_served']:,}, run {figures['tasks']:,}, seq gaps {figures['seq_gaps']})",
+             "log: " + ", ".join(f"{k} {v}" for k, v in figures.get("log_events", {}).items()),
              "RSS samples (s, MiB): " + ", ".join(f"{t:.0f}:{rss:.0f}" for t, rss, _n, _l in samples[::6])]
     return "\n".join(lines)
