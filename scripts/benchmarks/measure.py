@@ -56,42 +56,31 @@ class RssSampler:
 
 
 class EventSubscriber:
-    """One SUB socket on the events endpoint, subscribed to everything, drained by a thread."""
+    """One SUB socket on the events endpoint, subscribed to everything, drained in a process of its own.
+
+    A subscriber is another program (gridq-status, the web gateway): run here as a
+    thread of the benchmark's process it would take the GIL from the client's I/O
+    thread, charging the client for the subscriber's own decoding. ``received`` and
+    ``seq_gaps`` are read from shared counters.
+    """
 
     def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
-        self.received = 0
-        self.seq_gaps = 0
-        self._last_seq = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="event-subscriber", daemon=True)
+        from scripts.benchmarks.cluster import mp_context
 
-    def _run(self) -> None:
-        ctx = zmq.Context.instance()
-        sub = ctx.socket(zmq.SUB)
-        sub.linger = 0
-        sub.rcvhwm = 0  # the cost measured is the broker's; never drop on our side
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.connect(self.endpoint)
-        try:
-            while not self._stop.is_set():
-                if not sub.poll(50):
-                    continue
-                while True:
-                    try:
-                        _topic, body = sub.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    except ValueError:  # not two frames: not ours to judge here
-                        continue
-                    for event in read_events(body):  # one message may carry several events
-                        self.received += 1
-                        seq = event.get("seq")
-                        if self._last_seq is not None and isinstance(seq, int) and seq != self._last_seq + 1:
-                            self.seq_gaps += 1
-                        self._last_seq = seq
-        finally:
-            sub.close()
+        ctx = mp_context()
+        self.endpoint = endpoint
+        self._counts = ctx.RawArray("q", 2)  #: events received, seq gaps seen (written by the child only)
+        self._stop = ctx.Event()
+        self._proc = ctx.Process(target=_subscribe, args=(endpoint, self._counts, self._stop), name="event-subscriber",
+                                 daemon=True)
+
+    @property
+    def received(self) -> int:
+        return self._counts[0]
+
+    @property
+    def seq_gaps(self) -> int:
+        return self._counts[1]
 
     def settle(self, quiet_s: float = 0.2, limit_s: float = 5.0) -> int:
         """Wait until nothing new arrived for ``quiet_s`` (at most ``limit_s``); the count received."""
@@ -103,12 +92,45 @@ class EventSubscriber:
         return self.received
 
     def __enter__(self) -> "EventSubscriber":
-        self._thread.start()
+        self._proc.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join(5.0)
+        self._proc.join(5.0)
+        if self._proc.exitcode is None:
+            baseline.stop_process(self._proc)
+
+
+def _subscribe(endpoint: str, counts, stop) -> None:
+    """The subscriber process: count events and seq gaps until ``stop`` is set."""
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.linger = 0
+    sub.rcvhwm = 0  # the cost measured is the broker's; never drop on our side
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    last_seq = None
+    try:
+        while not stop.is_set():
+            if not sub.poll(50):
+                continue
+            while True:
+                try:
+                    _topic, body = sub.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except ValueError:  # not two frames: not ours to judge here
+                    continue
+                for event in read_events(body):  # one message may carry several events
+                    counts[0] += 1
+                    seq = event.get("seq")
+                    if last_seq is not None and isinstance(seq, int) and seq != last_seq + 1:
+                        counts[1] += 1
+                    last_seq = seq
+    finally:
+        sub.close()
+        ctx.term()
 
 
 def gridq_throughput(client, n: int) -> float:
