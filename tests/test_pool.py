@@ -371,3 +371,41 @@ def test_a_child_handing_back_batches_at_random_moments_runs_each_task_once_in_o
         assert ran == [f"t{i}" for i in range(1000)]
     finally:
         slot.close()
+
+
+def test_a_child_dying_while_it_holds_results_loses_only_its_task_and_the_ones_it_held_run_again():
+    import tests.pool_tasks  # noqa: F401  (registers pool.* here too)
+    from broker.protocol import pack_value
+    from worker import pool
+
+    slot = pool.ProcessSlot(0, pool.PoolOptions(("tests.pool_tasks",)), pool.context(("tests.pool_tasks",)))
+    noop, _ = pack_value([[], {}])
+    poison, _ = pack_value([[3], {}])
+    try:
+        slot.start()
+        held_and_lost = 0
+        for attempt in range(5):
+            answered: list = []
+            deadline = time.monotonic() + 30
+            while not answered and time.monotonic() < deadline:  # a booting child hands its first batches back
+                slot.run([(DispatchRecord("warm", "noop", noop, 0, 1, None, True), [])],
+                         lambda entry, frames, started: answered.append(entry), lambda tasks: None)
+            # no-ops finish within the child's hold time: their results wait for the next tasks
+            before = [f"a{attempt}-{i}" for i in range(8)]
+            after = [f"b{attempt}-{i}" for i in range(3)]
+            batch = [(DispatchRecord(t, "noop", noop, 0, 1, None, True), []) for t in before]
+            batch.append((DispatchRecord(f"x{attempt}", "pool.exit", poison, 0, 1, None, True), []))
+            batch += [(DispatchRecord(t, "noop", noop, 0, 1, None, True), []) for t in after]
+            outcomes: list = []
+            back: list = []
+            slot.run(batch, lambda entry, frames, started: outcomes.append((entry.task_id, entry.ok)), back.extend)
+            ran = [t for t, ok in outcomes if ok is True]
+            assert [t for t, ok in outcomes if ok is not True] == [(f"x{attempt}")]
+            assert dict(outcomes)[f"x{attempt}"] == LOST
+            returned = [r.task_id for r, _ in back]
+            assert ran + returned == before + after  # each once: answered, or back in line in order
+            assert returned[-3:] == after
+            held_and_lost += len(returned) > len(after)
+        assert held_and_lost  # (8 no-ops take far less than the hold time: once at least, the child held them)
+    finally:
+        slot.close()

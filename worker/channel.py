@@ -37,16 +37,23 @@ class Channel:
         self._buf = bytearray()
         self._need = _PREFIX.size  #: bytes the next message needs in the buffer, at least
         self._ready: deque = deque()
+        self._pack = msgpack.Packer().pack  #: writes are serialised by the channel's one writer (or its lock)
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send(self, header, frames=()) -> None:
         """Write one message whole (blocks until the kernel took it)."""
-        views = [memoryview(frame_buffer(f)).cast("B") for f in frames]
-        blob = msgpack.packb(header)
-        head = _PREFIX.pack(len(blob), len(views)) + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views)) + blob
-        parts = [memoryview(head), *(v for v in views if v.nbytes)]
+        self.send_all([(header, frames)])
+
+    def send_all(self, messages: list) -> None:
+        """Write several messages [(header, frames)] whole, in one go (one wakeup for the reader)."""
+        parts = []
+        for header, frames in messages:
+            views = [memoryview(frame_buffer(f)).cast("B") for f in frames]
+            blob = self._pack(header)
+            head = _PREFIX.pack(len(blob), len(views)) + struct.pack(f"<{len(views)}Q", *(v.nbytes for v in views)) + blob
+            parts += [memoryview(head), *(v for v in views if v.nbytes)]
         while parts:
             sent = self.sock.sendmsg(parts[:MAX_PARTS])
             while parts and sent >= parts[0].nbytes:

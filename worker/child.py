@@ -10,8 +10,17 @@ threaded worker). Messages, on a socket pair (worker/channel.py):
                      ["release", seq]        start no more tasks of batch seq
     child -> worker  ["hello", pid]          once, when it is ready
                      ["released", seq, n]    answer to release: it started the first n tasks only
-                     ["done", task_id, ok, value, nframes, run_s, bye] + result frames, one per task, at
-                                             once; bye: why it exits now (--max-tasks/memory-per-child), or nil
+                     ["done", [[task_id, ok, value, nframes, run_s, bye], ...]] + their result frames, in
+                                             order (nframes each): results of one or more tasks, in the
+                                             order run; bye: why it exits now (--max-tasks/memory-per-child)
+
+Results of short tasks followed by more of their batch are held and written together
+(one wakeup of the worker's slot thread for many), at most ``HOLD_MAX`` of them and for
+at most ``HOLD_S``; the last task's result, or one whose next task runs long (the
+worker's ``release`` flushes them), goes at once. Before each task the child writes
+(batch, index) into ``progress``, shared memory the worker reads when the child dies:
+that task is the one lost; held results of tasks before it are lost with the child,
+and those tasks go back to the worker's queue like the ones not started.
 
 A child never outlives its worker: the kernel kills it when its parent goes
 (PR_SET_PDEATHSIG, with a watchdog thread where that is missing).
@@ -24,6 +33,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from multiprocessing import shared_memory
 
 from worker.channel import Channel, ChannelClosed
@@ -36,9 +46,13 @@ working_directory_last()
 
 #: prctl option: the signal a process gets when its parent dies (linux/prctl.h)
 PR_SET_PDEATHSIG = 1
+#: most results held back to be written together
+HOLD_MAX = 32
+#: longest a finished task's result is held back while the next tasks of its batch run (seconds)
+HOLD_S = 0.001
 
 
-def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int) -> None:
+def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int, progress) -> None:
     parent = os.getppid()
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the worker, which drains its children
@@ -48,7 +62,7 @@ def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int) -> No
     import worker.builtins  # noqa: F401  (preloaded by the forkserver; imported here under spawn)
 
     load_modules(modules)
-    child = _Child(Channel(sock))
+    child = _Child(Channel(sock), progress)
     child.send(["hello", os.getpid()])
     threading.Thread(target=child.read, name="channel-reader", daemon=True).start()
     arena = None
@@ -69,9 +83,10 @@ def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int) -> No
             del task_frames
             ran += 1
             why = _limit_reached(ran, max_tasks, max_memory_bytes)
-            child.send(["done", *out, why], out_frames)
+            child.hold([*out, why], out_frames, last=bool(why) or j + 1 == len(tasks))
             if why:
                 return  # the worker starts another child for this slot
+        child.flush()  # what the worker's release left here
         child.begin(None, 0)
 
 
@@ -83,8 +98,12 @@ class _Child:
     to the worker's queue instead of waiting behind one that runs long.
     """
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, progress) -> None:
         self.channel = channel
+        self.progress = progress  #: [batch seq, index of the task running], shared with the worker
+        self._held: list = []  #: results not written yet: [task_id, ok, value, nframes, run_s, bye]
+        self._held_frames: list = []  #: their result frames, in order
+        self._held_since = 0.0
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -95,7 +114,29 @@ class _Child:
 
     def send(self, header, frames=()) -> None:
         with self._send_lock:
-            self.channel.send(header, frames)
+            self.channel.send_all([*self._take_held(), (header, frames)])
+
+    def hold(self, result: list, frames: list, last: bool) -> None:
+        """A task's result: written now (``last`` of its batch, or enough held) or with the next ones."""
+        with self._send_lock:
+            if not self._held:
+                self._held_since = time.perf_counter()
+            self._held.append(result)
+            self._held_frames += frames
+            if last or len(self._held) >= HOLD_MAX or time.perf_counter() - self._held_since >= HOLD_S:
+                self.channel.send_all(self._take_held())
+
+    def flush(self) -> None:
+        with self._send_lock:
+            self.channel.send_all(self._take_held())
+
+    def _take_held(self) -> list:
+        """The held results as one message (none where nothing is held)."""
+        if not self._held:
+            return []
+        message = (["done", self._held], self._held_frames)
+        self._held, self._held_frames = [], []
+        return [message]
 
     def begin(self, seq, j: int) -> bool:
         """May task ``j`` of batch ``seq`` start? (``seq`` None: the batch is over.)"""
@@ -108,6 +149,8 @@ class _Child:
             if seq is None or seq in self._released:
                 return False
             self._next = j + 1
+            self.progress[1] = j  # (the worker reads it once this process is dead: no tearing)
+            self.progress[0] = seq
             return True
 
     def read(self) -> None:

@@ -75,6 +75,7 @@ class ProcessSlot:
         self._ctx = ctx
         self._proc = None
         self._channel: Channel | None = None
+        self._progress = None  #: [batch seq, index] of the task the child runs (shared memory it writes)
         self._arena: shared_memory.SharedMemory | None = None
         self._arena_named = False  #: the child may not have mapped it yet: keep its name until it answers
         self._ran = 0  #: tasks the current child ran
@@ -110,9 +111,10 @@ class ProcessSlot:
     def start(self) -> None:
         mine, theirs = pair()
         opts = self.options
+        self._progress = self._ctx.RawArray("q", 2)
         proc = self._ctx.Process(target=child_main, name=f"gridq-slot-{self.index}", daemon=False,
                                  args=(theirs, list(opts.modules), opts.max_tasks_per_child,
-                                       opts.max_memory_per_child_mib << 20))
+                                       opts.max_memory_per_child_mib << 20, self._progress))
         self._started_at = time.perf_counter()
         self.start_s = None
         try:
@@ -192,7 +194,7 @@ class ProcessSlot:
             if self._waker.fd in ready:
                 self._waker.clear()
                 with self._lock:
-                    reason = self._kills.get(batch[k][0].task_id)
+                    reason = self._kills.get(batch[self._running(batch, k)][0].task_id)
                 if reason is not None or self._closed:
                     _signal(self._proc.pid, signal.SIGKILL)
                     k = self._drain(batch, k, emit, give_back)
@@ -215,13 +217,15 @@ class ProcessSlot:
             if header[0] == "done":
                 if self._arena_named:
                     self._unlink_arena()  # the child mapped it before it ran anything
-                bye = header[6] if len(header) > 6 else None
-                nxt = batch[k + 1][0] if k + 1 < len(batch) and not bye else None
-                emit(DoneRecord(*header[1:6]), frames, nxt)
-                k += 1
-                self._ran += 1
-                if bye:
-                    return k, bye
+                at = 0
+                for task_id, ok, value, nframes, run_s, bye in header[1]:
+                    nxt = batch[k + 1][0] if k + 1 < len(batch) and not bye else None
+                    emit(DoneRecord(task_id, ok, value, nframes, run_s), frames[at:at + nframes], nxt)
+                    at += nframes
+                    k += 1
+                    self._ran += 1
+                    if bye:
+                        return k, bye
             elif header[0] == "released" and header[1] == self._seq and k <= header[2] < len(batch):
                 # (answered after the batch ran to its end, it concerns no task: read while idle)
                 give_back(batch[header[2]:])  # never started there: first in line again here
@@ -239,11 +243,21 @@ class ProcessSlot:
             except (ChannelClosed, OSError):
                 return k
 
+    def _running(self, batch: list, k: int) -> int:
+        """Index in the batch of the task the child runs, ``k`` tasks having answered (the child
+        may hold the results of a few before it)."""
+        seq, index = self._progress[0], self._progress[1]
+        return min(index, len(batch) - 1) if seq == self._seq and index > k else k
+
     def _after_death(self, batch: list, k: int, emit, give_back, reason: str | None) -> None:
-        """The child is gone: the task it ran was killed or is lost, the ones after it never started."""
+        """The child is gone: the task it ran was killed or is lost, the ones after it never started,
+        the ones before it whose results it held run again."""
         if k >= len(batch):
             self._replace("killed after its batch")
             return
+        r = self._running(batch, k)
+        give_back(batch[k:r])
+        del batch[k:r]
         record = batch[k][0]
         proc = self._proc
         proc.join(JOIN_S)
