@@ -149,7 +149,7 @@ class Stats:
 
 
 def _sorted_into(ordered: list, stretch: list) -> None:
-    if len(stretch) > 1:
+    if len(stretch) > 1 and not _in_order(stretch):
         seqs = [fields["seq"] for _, fields in stretch]
         depth: dict = {}  #: worker -> its events seen so far in this stretch
         keys = []
@@ -164,6 +164,23 @@ def _sorted_into(ordered: list, stretch: list) -> None:
         for (_, fields), seq in zip(stretch, seqs):
             fields["seq"] = seq
     ordered.extend(stretch)
+
+
+def _in_order(stretch: list) -> bool:
+    """Whether sorting ``stretch`` would leave it as it is: submissions first, then the events of
+    one worker only (their order is kept). The usual flush (one DONE, one worker) needs no sort."""
+    submitted, worker = True, None
+    for topic, fields in stretch:
+        if topic == Topic.TASK_SUBMITTED:
+            if not submitted:
+                return False
+            continue
+        submitted = False
+        who = fields.get("worker")
+        if who is None or (worker is not None and who != worker):
+            return False
+        worker = who
+    return True
 
 
 def runs(events: list) -> list:

@@ -288,7 +288,11 @@ def hold(free: dict, needs: dict, sign: int) -> None:
     fractional quantities (0.1 + 0.2 ...) would otherwise drift with every hold until a
     task needing the whole resource never fits again."""
     for res, qty in needs.items():
-        free[res] = round(free.get(res, 0) + sign * qty, 9)
+        have = free.get(res, 0)
+        if type(qty) is int and type(have) is int:  # the usual whole slots: nothing to round
+            free[res] = have + sign * qty
+        else:
+            free[res] = round(have + sign * qty, 9)
 
 
 # --------------------------------------------------------------------- records
@@ -321,16 +325,22 @@ class SubmitRecord(NamedTuple):
 
     def checked(self, default_retries: int) -> SubmitRecord:
         """This record with its fields validated (ValueError: the task is rejected, not the batch)."""
-        override = None if self.resources is None else check_resources(self.resources)
-        if not isinstance(self.args, bytes):
+        task_id, name, args, nframes, resources, priority, retries, timeout_s, key, retry_on, backoff_s = self
+        if not isinstance(args, bytes):
             raise ValueError("args must be a msgpack blob (bytes)")
+        # the usual task (names, priority 0, nothing optional) passes with a few type checks
+        if not (type(task_id) is str and 0 < len(task_id) <= MAX_NAME_LEN):
+            check_name(task_id, "task_id")
+        if not (type(name) is str and 0 < len(name) <= MAX_NAME_LEN):
+            check_name(name, "task name")
+        if priority != 0 or type(priority) is not int:
+            check_int(priority, "priority", -(2**31), 2**31)
         return _new_record(SubmitRecord, (  # as SubmitRecord(...) does, without its keyword handling
-            check_name(self.task_id, "task_id"), check_name(self.name, "task name"), self.args, self.nframes,
-            override, check_int(self.priority, "priority", -(2**31), 2**31),
-            default_retries if self.retries is None else check_int(self.retries, "retries", 0, MAX_RETRIES),
-            None if self.timeout_s is None else check_seconds(self.timeout_s, "timeout"),
-            None if self.key is None else check_name(self.key, "key"), tuple(retry_names(self.retry_on)),
-            None if self.backoff_s is None else check_seconds(self.backoff_s, "backoff", MAX_BACKOFF_S, zero=True)))
+            task_id, name, args, nframes, None if resources is None else check_resources(resources), priority,
+            default_retries if retries is None else check_int(retries, "retries", 0, MAX_RETRIES),
+            None if timeout_s is None else check_seconds(timeout_s, "timeout"),
+            None if key is None else check_name(key, "key"), () if retry_on is None else tuple(retry_names(retry_on)),
+            None if backoff_s is None else check_seconds(backoff_s, "backoff", MAX_BACKOFF_S, zero=True)))
 
 
 class DispatchRecord(NamedTuple):

@@ -11,6 +11,7 @@ import structlog
 
 from broker.logs import add_logging_flags, configure_logging
 from broker.protocol import DEFAULT_BACKEND, WRONG_PORT
+from broker.runtime import tune_gc
 from worker.registry import REGISTRY, load_modules, working_directory_last
 from worker.pool import PoolOptions
 from worker.worker import DEFAULT_DRAIN_S, Worker, WorkerConfig
@@ -135,6 +136,7 @@ def main(argv=None) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
+    tune_gc()  # as the broker: a few short-lived containers per task, none of start-up's walked again
     worker.run()
     if worker.refused:
         hint = "" if worker.refused.startswith(WRONG_PORT) else "; choose another --name"

@@ -36,6 +36,7 @@ import threading
 import time
 from multiprocessing import shared_memory
 
+from broker.runtime import tune_gc
 from worker.channel import Channel, ChannelClosed
 from worker.registry import working_directory_last
 
@@ -62,6 +63,7 @@ def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int, progr
     import worker.builtins  # noqa: F401  (preloaded by the forkserver; imported here under spawn)
 
     load_modules(modules)
+    tune_gc()  # a child allocates a few containers per task and frees them at once, as the broker does
     child = _Child(Channel(sock), progress)
     child.send(["hello", os.getpid()])
     threading.Thread(target=child.read, name="channel-reader", daemon=True).start()
