@@ -52,6 +52,9 @@ NAME_IN_USE = "worker name in use"
 #: start of a DISCONNECT reason (to a worker) or an ERROR (to a client) that says the peer
 #: dialled the other role's socket; the peer reports it and stops at once
 WRONG_PORT = "wrong port"
+#: SUBMIT header key of a FETCH header sent in the same message; the broker handles it right
+#: after the SUBMIT, as if it were the next message (one message fewer per lone round trip)
+FETCH_IN_SUBMIT = "fetch"
 #: gridq's top-level import names (a user's module named so shadows gridq's, or is shadowed)
 OUR_PACKAGES = ("broker", "worker", "client")
 #: msgpack extension code of an array reference inside a value blob.

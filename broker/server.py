@@ -18,10 +18,11 @@ from broker.core import Core
 from broker.events import runs
 from broker.logs import get_logger
 from broker.mdp import MdpBridge
-from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, MDP_CLIENT_TAG,
-                             MDP_WORKER_TAG, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError, Topic, decode,
-                             encode, event_body)
+from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, FETCH_IN_SUBMIT,
+                             MDP_CLIENT_TAG, MDP_WORKER_TAG, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError,
+                             Topic, decode, encode, event_body)
 from broker.security import is_loopback
+from broker.shared import recv_frames, send_frames
 
 log = get_logger(__name__)
 
@@ -173,7 +174,7 @@ class Broker:
         """The messages waiting on ``sock``, at most DRAIN_BATCH of them."""
         for _ in range(DRAIN_BATCH):
             try:
-                yield sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                yield recv_frames(sock)
             except zmq.Again:
                 return
 
@@ -198,12 +199,29 @@ class Broker:
                 except ProtocolError as exc:
                     self._client_error(route, str(exc))
                     continue
-                if not self._handle("client", self.core.on_client, route, msg, now):
-                    self._client_error(route, "internal error while handling the request")
+                fetch = msg.header.pop(FETCH_IN_SUBMIT, None) if msg.command is Command.SUBMIT else None
+                self._on_client(route, msg, now)
+                if fetch is not None:
+                    self._on_fetch_in_submit(route, fetch, now)
             elif tag == MDP_CLIENT_TAG:
                 self._handle("mdp client", self.mdp.on_client, route, frames[2:], now)
             else:
                 self._client_error(route, f"unknown protocol {tag[:16]!r}: expected {CLIENT_TAG!r}")
+
+    def _on_client(self, route: bytes, msg: Message, now: float) -> None:
+        if not self._handle("client", self.core.on_client, route, msg, now):
+            self._client_error(route, "internal error while handling the request")
+
+    def _on_fetch_in_submit(self, route: bytes, header, now: float) -> None:
+        """The FETCH a SUBMIT carried, handled as the message right after it. Where nothing else
+        waits (a lone round trip), the SUBMIT's tasks go to their workers and its ACCEPTED back
+        first: the FETCH only parks, and need not hold them up."""
+        if not isinstance(header, dict):
+            self._client_error(route, f"a SUBMIT's {FETCH_IN_SUBMIT!r} must be a FETCH header (a map)")
+            return
+        if not self.frontend.get(zmq.EVENTS) & zmq.POLLIN:
+            self._send(*self.mdp.route(self.core.flush(now), now))
+        self._on_client(route, Message(Command.FETCH, header), now)
 
     def _client_error(self, route: bytes, error: str, rid: int | None = None) -> None:
         log.info("client_message_refused", error=error)
@@ -277,19 +295,19 @@ class Broker:
 
     def _send_worker(self, wid: bytes, msg) -> None:
         try:
-            self.backend.send_multipart([wid, *encode(WORKER_TAG, msg)], copy=False)
+            send_frames(self.backend, [wid, *encode(WORKER_TAG, msg)])
         except zmq.ZMQError as exc:
             log.warning("worker_send_failed", worker=wid.hex(), error=str(exc))
 
     def _send_frames(self, sock: zmq.Socket, frames: list) -> None:
         try:
-            sock.send_multipart(frames, copy=False)
+            send_frames(sock, frames)
         except zmq.ZMQError as exc:
             log.warning("mdp_send_failed", error=str(exc))
 
     def _send_client(self, route: bytes, msg) -> None:
         try:
-            self.frontend.send_multipart([route, b"", *encode(CLIENT_TAG, msg)], copy=False)
+            send_frames(self.frontend, [route, b"", *encode(CLIENT_TAG, msg)])
         except zmq.ZMQError as exc:
             log.warning("client_send_failed", error=str(exc))
 

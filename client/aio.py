@@ -24,6 +24,7 @@ import zmq.asyncio
 
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, encode
+from broker.shared import NOBLOCK, recv_frames, send_frames
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
 from client.engine import FAILED, MapResults, Outbox, outcome, settle
 from client.errors import GridqError, at_index, map_timeout
@@ -380,7 +381,9 @@ class AsyncClient(BaseClient):
 
     def _service(self) -> None:
         """The socket is readable, a deadline passed, or input may wait: handle what came, a slice
-        at a time, then resend what is late and send what is due."""
+        at a time, then resend what is late and send what is due. A reply that settles futures
+        hands the loop to their callbacks first: the caller awaiting a result resumes before the
+        rest of this (one more read, resends, the next FETCH) is done."""
         self._service_due = False
         if self._closed:
             return
@@ -389,14 +392,15 @@ class AsyncClient(BaseClient):
             started = time.monotonic()
             while True:
                 try:
-                    raw = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    raw = recv_frames(self._sock)
                 except zmq.Again:
                     break
                 engine.on_frames(raw, time.monotonic())
-                self._carry_out(engine.take())
-                if time.monotonic() - started > READ_SLICE_S:
-                    self._service_soon()  # more later: other coroutines run first
-                    break
+                out = engine.take()
+                self._carry_out(out)
+                if out.settled or time.monotonic() - started > READ_SLICE_S:
+                    self._service_soon()  # the rest later: the callbacks and other coroutines run first
+                    return
             now = time.monotonic()
             engine.on_tick(now)
             engine.pump(now)
@@ -426,7 +430,7 @@ class AsyncClient(BaseClient):
         if out.messages:
             for msg in out.messages:
                 try:  # copied: a zero-copy send would start pyzmq's garbage-collector thread
-                    self._sock.send_multipart([b"", *encode(CLIENT_TAG, msg)], zmq.NOBLOCK)
+                    send_frames(self._sock, [b"", *encode(CLIENT_TAG, msg)], NOBLOCK, zero_copy=False)
                 except zmq.Again:
                     pass  # no pipe (a refused CURVE handshake): Lazy Pirate resends
             if self._sock.get(zmq.EVENTS) & zmq.POLLIN:

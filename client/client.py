@@ -22,7 +22,7 @@ import zmq
 
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
-from broker.wake import Waker
+from broker.shared import NOBLOCK, Waker, recv_frames, send_frames
 from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, MapResults, Outbox, outcome, settle
 from client.errors import GridqError, at_index, map_timeout
 
@@ -348,17 +348,18 @@ class Client(BaseClient):
         now = time.monotonic()
         while True:
             try:
-                raw = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                raw = recv_frames(self._sock)
             except zmq.Again:
                 return
             self._engine.on_frames(raw, now)
+            self._carry_out(self._engine.take())  # a caller waiting for a result wakes now, not after the loop
 
     def _carry_out(self, out: Outbox) -> None:
         if out.reconnect:
             self._connect()  # Lazy Pirate: a fresh socket; out.messages resends everything outstanding
         for msg in out.messages:
             try:  # never block: a socket whose CURVE handshake was refused has no pipe left; Lazy Pirate resends
-                self._sock.send_multipart([b"", *encode(CLIENT_TAG, msg)], zmq.NOBLOCK, copy=False)
+                send_frames(self._sock, [b"", *encode(CLIENT_TAG, msg)], NOBLOCK)
             except zmq.Again:
                 pass
         for future, kind, value in out.settled:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from broker.protocol import CLIENT_TAG, Command, EncodeError, Message, encode, pack_value
+from broker.protocol import CLIENT_TAG, FETCH_IN_SUBMIT, Command, EncodeError, Message, encode, pack_value
 from client.engine import ACK_DELAY_S, CANCELLED, FAILED, OK, SUBMIT_BATCH, SUBMIT_PIPELINE, Engine
 from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost
 
@@ -33,7 +33,19 @@ def reply(engine: Engine, command: Command, header: dict, now: float = 0.0, fram
 
 
 def sent(out, command: Command) -> list:
-    return [m for m in out.messages if m.command is command]
+    """The messages of ``command`` in ``out``, a FETCH that travels inside a SUBMIT as one of its own."""
+    return [m for m in unbundled(out.messages) if m.command is command]
+
+
+def unbundled(messages: list) -> list:
+    out = []
+    for m in messages:
+        header = dict(m.header)
+        fetch = header.pop(FETCH_IN_SUBMIT, None) if m.command is Command.SUBMIT else None
+        out.append(Message(m.command, header, m.frames))
+        if fetch is not None:
+            out.append(Message(Command.FETCH, fetch))
+    return out
 
 
 def test_tasks_submitted_together_go_out_as_one_submit_followed_by_one_long_polling_fetch():
@@ -46,6 +58,31 @@ def test_tasks_submitted_together_go_out_as_one_submit_followed_by_one_long_poll
     assert sub.header["session"] == "s1"
     [fetch] = sent(out, Command.FETCH)
     assert fetch.header["wait_ms"] == 500 and fetch.header["ack"] == []
+
+
+def test_a_fetch_that_goes_out_with_a_submit_travels_inside_it_and_is_resent_on_its_own():
+    e = make(timeout_s=1.0)
+    h = submit(e)
+    e.pump(0.0)
+    [msg] = e.take().messages  # one message for a lone round trip
+    assert msg.command is Command.SUBMIT and [r[0] for r in msg.header["tasks"]] == [h.task_id]
+    fetch = msg.header[FETCH_IN_SUBMIT]
+    assert fetch["session"] == "s1" and fetch["wait_ms"] == 500 and fetch["rid"] != msg.header["rid"]
+    e.on_tick(1.6)  # both unanswered: Lazy Pirate resends each as itself, on a fresh socket
+    out = e.take()
+    assert out.reconnect and [m.command for m in out.messages] == [Command.SUBMIT, Command.FETCH]
+    assert FETCH_IN_SUBMIT not in out.messages[0].header and out.messages[1].header["rid"] == fetch["rid"]
+
+
+def test_a_fetch_goes_alone_when_no_submit_goes_with_it():
+    e = make()
+    submit(e)
+    [fetch] = accept_all(e, "b")
+    e.take()
+    reply(e, Command.RESULTS, {"rid": fetch.header["rid"], "results": [], "boot": "b"})  # the long poll ended empty
+    e.pump(0.5)
+    [msg] = e.take().messages
+    assert msg.command is Command.FETCH and msg.header["wait_ms"] == 500
 
 
 def test_a_big_submission_is_cut_in_batches_with_a_bounded_number_in_flight():
@@ -64,7 +101,7 @@ def test_a_request_past_its_deadline_is_resent_with_its_rid_on_a_fresh_socket():
     e = make(timeout_s=1.0)
     submit(e)
     e.pump(0.0)
-    first = {m.header["rid"] for m in e.take().messages}
+    first = {m.header["rid"] for m in unbundled(e.take().messages)}
     e.on_tick(0.9)
     assert not e.take()
     e.on_tick(1.01)
@@ -192,8 +229,8 @@ def test_cancelling_pending_tasks_sends_what_waits_first_skips_keyed_ones_and_se
     plain, keyed = submit(e), submit(e, key="keep-me")
     e.cancel_pending("w", 0.0, keyed=False)  # nothing sent yet: the SUBMIT goes first
     out = e.take()
-    assert [m.command for m in out.messages] == [Command.SUBMIT, Command.FETCH, Command.CANCEL]
-    cancel = out.messages[2]
+    assert [m.command for m in unbundled(out.messages)] == [Command.SUBMIT, Command.FETCH, Command.CANCEL]
+    cancel = out.messages[-1]
     assert cancel.header["ids"] == [plain.task_id]
     reply(e, Command.CANCELLED, {"rid": cancel.header["rid"], "cancelled": [plain.task_id], "refused": []})
     out = e.take()

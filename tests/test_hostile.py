@@ -15,8 +15,8 @@ import zmq
 
 from client import GridqError
 
-from broker.protocol import (CLIENT_TAG, MAX_FRAMES, MAX_HEADER_BYTES, WORKER_TAG, Command, Message, ProtocolError,
-                             decode, encode, pack_value)
+from broker.protocol import (CLIENT_TAG, FETCH_IN_SUBMIT, MAX_FRAMES, MAX_HEADER_BYTES, WORKER_TAG, Command, Message,
+                             ProtocolError, decode, encode, pack_value)
 from broker.states import TaskState
 from tests.conftest import wait_until
 from tests.harness import Harness
@@ -286,3 +286,31 @@ def test_garbage_on_both_sockets_leaves_the_broker_serving(cluster):
     finally:
         front.close(linger=0)
         back.close(linger=0)
+
+
+def test_a_fetch_inside_a_submit_is_answered_as_its_own_request_and_a_bad_one_is_refused(local):
+    local.start_worker()
+    local.wait_workers(1)
+    dealer = raw_socket(zmq.DEALER, local.frontend)
+
+    def send(header: dict) -> None:
+        dealer.send_multipart([b"", *encode(CLIENT_TAG, Message(Command.SUBMIT, header))])
+
+    def replies(n: int) -> dict:
+        got = [decode(dealer.recv_multipart()[1:], CLIENT_TAG) for _ in range(n)]
+        return {m.header["rid"]: m for m in got}
+
+    try:
+        fetch = {"rid": 2, "session": "s", "ack": [], "wait_ms": 5000}
+        blob, _ = pack_value([[7], {}])
+        square = ["t1", "square", blob, 0, None, 0, None, None, None]
+        send({"rid": 1, "session": "s", "tasks": [square], FETCH_IN_SUBMIT: fetch})
+        got = replies(2)
+        assert got[1].command is Command.ACCEPTED and got[1].header["rejected"] == []
+        assert got[2].command is Command.RESULTS and [r[0] for r in got[2].header["results"]] == ["t1"]
+        send({"rid": 3, "session": "s", "tasks": [submit_record("t2")], FETCH_IN_SUBMIT: [1, 2]})
+        got = replies(2)
+        assert got[3].command is Command.ACCEPTED
+        assert got[None].command is Command.ERROR and FETCH_IN_SUBMIT in got[None].header["error"]
+    finally:
+        dealer.close(linger=0)

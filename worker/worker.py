@@ -20,6 +20,7 @@ import zmq
 from broker.logs import get_logger
 from broker.protocol import (DEFAULT_BACKEND, NAME_IN_USE, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError,
                              decode, encode, records)
+from broker.shared import NOBLOCK, recv_frames, send_frames
 from worker.executors import Runner
 from worker.liveness import Liveness
 from worker.pool import PoolOptions
@@ -192,7 +193,7 @@ class Worker:
 
     def _send(self, msg: Message) -> None:
         try:  # never block: a refused CURVE handshake leaves no pipe; broker silence makes a fresh socket
-            self.sock.send_multipart(encode(WORKER_TAG, msg), zmq.NOBLOCK, copy=False)
+            send_frames(self.sock, encode(WORKER_TAG, msg), NOBLOCK)
         except zmq.Again:
             pass
 
@@ -208,7 +209,7 @@ class Worker:
         announce = False  # once, however many "announce again" came in (one per message it sent us)
         while True:
             try:
-                raw = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                raw = recv_frames(self.sock)
             except zmq.Again:
                 break
             try:
