@@ -157,8 +157,12 @@ class AsyncClient(BaseClient):
                                                 retries=retries, timeout=timeout, key=key, retry_on=retry_on,
                                                 backoff=backoff)
         future = AsyncFuture(self, record.task_id, loop)
-        self._engine.submit(future, record, frames)
-        self._flush_soon()
+        engine = self._engine
+        engine.submit(future, record, frames)
+        if engine.lone_submit and not self._flush_due:
+            self._flush()  # nothing to batch it with: out now, not after a turn of the loop
+        else:
+            self._flush_soon()  # every submit of this loop turn goes out in one batch
         return future
 
     async def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,

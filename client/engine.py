@@ -349,6 +349,11 @@ class Engine:
         return soonest
 
     @property
+    def lone_submit(self) -> bool:
+        """One task waits to be sent and no SUBMIT is in flight: nothing to batch it with, send it now."""
+        return len(self._to_submit) == 1 and not any(r.command is Command.SUBMIT for r in self.requests.values())
+
+    @property
     def busy(self) -> bool:
         """Tasks or requests whose end is not known yet."""
         return bool(self.requests or self.pending or self._to_submit)
