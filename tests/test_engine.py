@@ -265,3 +265,13 @@ def test_bad_task_options_and_values_are_refused_before_anything_is_queued():
     with pytest.raises(EncodeError):
         e.make_task("echo", (object(),), {})
     assert not e.busy
+
+
+def test_a_task_is_lone_while_nothing_else_waits_and_no_submit_is_in_flight():
+    e = make()
+    submit(e)
+    assert e.lone_submit  # the shell may send it at once
+    e.pump(0.0)
+    e.take()
+    submit(e)
+    assert not e.lone_submit  # the first SUBMIT is unanswered: this one waits to go with others
