@@ -402,8 +402,12 @@ class AsyncClient(BaseClient):
                 engine.on_frames(raw, time.monotonic())
                 out = engine.take()
                 self._carry_out(out)
-                if out.settled or time.monotonic() - started > READ_SLICE_S:
-                    self._service_soon()  # the rest later: the callbacks and other coroutines run first
+                now = time.monotonic()
+                if now - started > READ_SLICE_S:
+                    self._service_soon()  # more later: other coroutines run first
+                    break
+                if out.settled and not self._deadline_passed(now):
+                    self._service_soon()  # the rest after the callbacks (nothing is late meanwhile)
                     return
             now = time.monotonic()
             engine.on_tick(now)
@@ -413,6 +417,10 @@ class AsyncClient(BaseClient):
             log.exception("async_client_io_failed")
             self._closed = True
             self._stop(GridqError(f"client I/O failed: {type(exc).__name__}: {exc}"))
+
+    def _deadline_passed(self, now: float) -> bool:
+        soonest = self._engine.next_deadline()
+        return soonest is not None and soonest <= now
 
     def _arm_timer(self) -> None:
         """Be called back at the engine's next deadline (a timer already due sooner will do)."""
