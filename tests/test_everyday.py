@@ -438,6 +438,8 @@ def test_an_async_map_that_fails_says_which_item_and_cancels_the_rest(one_slot):
 def test_ctrl_c_of_a_client_process_cancels_its_queued_tasks(one_slot, events):
     log = events("task.")
     script = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a suite run in the background ignores it
         from client import Client
         with Client({one_slot.frontend!r}, timeout=2.0) as c:
             c.map("sleep", [0.3] * 50)
