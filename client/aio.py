@@ -14,8 +14,10 @@ zmq.asyncio SUB socket.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import time
+import weakref
 from functools import partial
 from typing import AsyncIterator, Iterable
 
@@ -38,6 +40,16 @@ MAP_SLICE = 256
 READ_SLICE_S = 0.005
 
 _PENDING = object()  #: a future's acceptance is not known yet
+
+#: AsyncClients with a socket, not closed: a program whose loop ended (or was interrupted)
+#: without closing one still cancels its queued tasks without a key when the interpreter exits
+_OPEN_CLIENTS: "weakref.WeakSet[AsyncClient]" = weakref.WeakSet()
+
+
+@atexit.register
+def _abandon_open_clients() -> None:
+    for client in list(_OPEN_CLIENTS):
+        client._cancel_at_exit()
 
 
 class AsyncFuture(asyncio.Future):
@@ -304,6 +316,7 @@ class AsyncClient(BaseClient):
             except (GridqError, asyncio.TimeoutError):
                 pass  # the broker is away: nothing more to do
         self._closed = True
+        _OPEN_CLIENTS.discard(self)
         self._stop(GridqError("client closed"))
 
     async def __aenter__(self) -> "AsyncClient":
@@ -326,6 +339,7 @@ class AsyncClient(BaseClient):
         if self._loop is None:
             self._loop = loop
             self._connect()
+            _OPEN_CLIENTS.add(self)
         elif loop is not self._loop:
             raise RuntimeError("this AsyncClient belongs to another event loop")
         return loop
@@ -456,6 +470,31 @@ class AsyncClient(BaseClient):
             settle(future, kind, value)
         for waiter, reply in out.replies:
             _resolve(waiter, reply)
+
+    def _cancel_at_exit(self) -> None:
+        """The interpreter ends with this client open (its loop may be gone): cancel its queued
+        tasks without a key, as ``close()`` would, without a loop, waiting at most ``timeout``."""
+        _OPEN_CLIENTS.discard(self)
+        if self._closed or self._sock is None:
+            return
+        self._closed = True
+        sock, done = self._sock, object()  # ``done``: the waiter of the CANCEL's reply
+        try:
+            if self.cancel_on_close:
+                self._engine.cancel_pending(done, time.monotonic(), keyed=False)
+                out = self._engine.take()
+                for msg in out.messages:
+                    send_frames(sock, [b"", *encode(CLIENT_TAG, msg)], NOBLOCK, zero_copy=False)
+                deadline = time.monotonic() + self.timeout
+                while not any(w is done for w, _ in out.replies) and sock.poll(
+                        max(0.0, deadline - time.monotonic()) * 1000):
+                    self._engine.on_frames(recv_frames(sock), time.monotonic())
+                    out = self._engine.take()
+        except (zmq.ZMQError, GridqError):
+            pass  # the broker is away or the context is gone: nothing more to do
+        finally:
+            sock.close(linger=0)
+            self._sock = None
 
     def _stop(self, error: Exception) -> None:
         self._engine.fail_everything(error)

@@ -471,3 +471,25 @@ def test_a_client_process_that_ends_without_closing_cancels_its_unkeyed_tasks_an
     wait_until(lambda: queued(one_slot) == 0, 10, what="the unkeyed tasks cancelled, the keyed one run")
     log.wait_for("task.succeeded", lambda e: e["task_id"] == keyed_id)
     assert len(log.of("task.cancelled")) >= 15
+
+
+def test_an_asyncio_program_that_ends_without_closing_its_client_cancels_its_unkeyed_tasks(one_slot, events):
+    log = events("task.")
+    done = run_script(one_slot, f"""
+        import asyncio
+        from client import AsyncClient
+
+        async def main():
+            c = AsyncClient({one_slot.frontend!r}, timeout=2.0)  # never closed: asyncio.run ends, then Python
+            unkeyed = [c.submit("sleep", 0.3) for _ in range(20)]
+            keyed = c.submit("sleep", 0.01, key="kept-async", priority=-1)
+            await c.status()  # every submit has reached the broker
+            return keyed.task_id
+
+        print(asyncio.run(main()))
+        """)
+    assert done.returncode == 0, done.stderr
+    keyed_id = done.stdout.strip()
+    wait_until(lambda: queued(one_slot) == 0, 10, what="the unkeyed tasks cancelled, the keyed one run")
+    log.wait_for("task.succeeded", lambda e: e["task_id"] == keyed_id)
+    assert len(log.of("task.cancelled")) >= 15
