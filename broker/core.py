@@ -191,7 +191,8 @@ class Core:
         self._reply(route, Command.CANCELLED, {"rid": rid, "cancelled": cancelled, "refused": refused})
 
     def _on_status(self, route: bytes, rid, msg: Message, now: float) -> None:
-        self._reply(route, Command.SNAPSHOT, {"rid": rid, "snapshot": self.snapshot(now)})
+        # the incarnation tells a subscriber resyncing after a gap whether this is still the broker it followed
+        self._reply(route, Command.SNAPSHOT, {"rid": rid, "snapshot": self.snapshot(now), **self._incarnation})
 
     def snapshot(self, now: float) -> dict:
         return self.stats.snapshot(now)

@@ -8,7 +8,7 @@ go out as one batched SUBMIT; a timer at the engine's next deadline resends
 what is late (Lazy Pirate). Nothing here blocks the loop: sends never wait (no
 high-water mark), replies are handled a few milliseconds at a time, and
 ``map`` yields to the loop every few hundred submissions. ``events()`` reads a
-zmq.asyncio SUB socket.
+zmq.asyncio SUB socket (``client.follow``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from functools import partial
 from typing import AsyncIterator, Iterable
 
 import zmq
-import zmq.asyncio
 
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, encode
@@ -30,7 +29,8 @@ from broker.shared import NOBLOCK, recv_frames, send_frames
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
 from client.engine import FAILED, MapResults, Outbox, outcome, settle
 from client.errors import GridqError, at_index, map_timeout
-from client.state import ClusterState, events_address_for, subscriber
+from client.follow import follow
+from client.state import events_address_for
 
 log = get_logger(__name__)
 
@@ -98,34 +98,6 @@ class AsyncFuture(asyncio.Future):
     def __repr__(self) -> str:
         state = "cancelled" if self.cancelled() else "finished" if self.done() else "pending"
         return f"<AsyncFuture {self.task_id} {state}>"
-
-
-async def _follow(client: "AsyncClient", prefix: str, address: str) -> AsyncIterator[dict]:
-    """``AsyncClient.events``: ClusterState's seq logic over a zmq.asyncio SUB socket."""
-    state = ClusterState(client, address)
-    sock = subscriber(zmq.asyncio.Context.shadow(client._ctx.underlying), address, client._security)
-    sync_sock = zmq.Socket.shadow(sock.underlying)  # never waits: the asyncio socket is for poll()
-    try:
-        # a SUB connects asynchronously: wait (briefly) for a first event, so the subscription
-        # is live before the snapshot and nothing falls between them
-        await sock.poll(state.silent_after_s * 1000 / 2)
-        while not client._closed:
-            if state.due():
-                try:
-                    snap = await client.status()
-                except (GridqError, asyncio.TimeoutError) as exc:
-                    state.unreachable(exc)
-                else:
-                    state.load(snap)
-                    yield {"topic": "snapshot", "seq": snap["seq"], "snapshot": snap}
-            wait_s = 0.1 if state.stale else state.silent_after_s / 2
-            if await sock.poll(wait_s * 1000):
-                for topic, fields in state.read(sync_sock):
-                    if topic.startswith(prefix):
-                        yield {"topic": topic, **fields}
-            state.check_silence()
-    finally:
-        sock.close(linger=0)
 
 
 def _resolve(future: asyncio.Future, outcome) -> None:
@@ -297,9 +269,12 @@ class AsyncClient(BaseClient):
         ``{"topic": "snapshot", "seq": s, "snapshot": status}`` item, then events with seq > s,
         each ``{"topic": ..., "seq": ..., ...}``; after a gap or a broker restart a new
         snapshot item, then on. ``events_address`` defaults to the broker's events port
-        (``client.state.events_address_for``)."""
+        (``client.state.events_address_for``). A snapshot item after the first says the stream
+        broke: events up to its seq are in it, not sent; its ``missed`` counts the task outcomes
+        (``succeeded``, ``failed``, ``cancelled``, and ``submitted`` where the broker is the same)
+        among them. A state that merely resynchronises itself costs readers no event."""
         self._start()
-        return _follow(self, prefix, events_address or events_address_for(self.address))
+        return follow(self, prefix, events_address or events_address_for(self.address))
 
     # ================================================================ closing
 

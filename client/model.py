@@ -65,7 +65,6 @@ class ClusterModel:
 
     def _reset(self) -> None:
         self.seq: int | None = None  #: seq of the latest event applied (or of the snapshot)
-        self._synced = False  #: an event past the snapshot has arrived
         self.workers: dict[str, WorkerView] = {}
         self.counts = dict.fromkeys(COUNTS, 0)
         self.queues: dict[str, int] = {}

@@ -15,6 +15,16 @@ trusted any more, take a fresh snapshot:
 - an event this state cannot account for (a task it does not know as running),
   and ``worker.joined``, whose worker may take over tasks it still runs.
 
+Two positions are kept apart. The *stream* (``wire``): the seq of the last event
+handed to readers (``read()`` yields them; ``AsyncClient.events`` passes them on).
+Only a gap or a restart breaks it (``broken``); then readers need the fresh
+snapshot, and the events after the break wait for it. The *model* (``seq``): the
+snapshot plus the events applied to it. A model that stops matching the broker
+(a join, a disagreeing ``broker.stats``) takes a fresh snapshot too, but readers
+lose nothing meanwhile. Either way, events that arrive while a snapshot is due or
+being fetched are held (bounded), and once it is loaded those past its ``seq`` are
+applied in order, none twice; those at or before it are in it.
+
 ``ClusterState`` can be driven without sockets (``load`` a snapshot, then
 ``receive`` events) or with them (``poll`` in a loop, or ``start`` a thread).
 ``snapshot()`` returns the same shape as ``Client.status()``; ``view()`` adds
@@ -26,6 +36,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
+from collections import deque
 from typing import Callable, Iterator
 
 import zmq
@@ -112,19 +123,52 @@ class ClusterState(ClusterModel):
         self._retry_s = RETRY_MIN_S
         self._next_try = 0.0
         self._heard_at = clock()  #: local time of the latest event received
+        #: seq of the latest event handed to readers (or of the snapshot they were given)
+        self.wire: int | None = None
+        self._wire_synced = False  #: an event past the readers' snapshot has arrived
+        #: why readers need a fresh snapshot (before the first, after a gap or restart); None while the stream is whole
+        self.broken: str | None = "first snapshot"
+        #: after a load that mended a break: task outcomes the snapshot holds that no event brought readers
+        self.missed: dict | None = None
+        self._counts_at_break: dict | None = None
+        self.boot: str | None = None  #: the broker incarnation of the latest snapshot, where its reply said
+        #: (topic, fields, handed to readers) received while a snapshot is due, applied after it
+        self._held: deque = deque(maxlen=EVENTS_HWM)
 
     # ================================================================ snapshot
 
-    def load(self, snap: dict) -> None:
-        """Replace everything with a ``Client.status()`` snapshot; the stream is trusted again."""
-        super().load(snap)
+    def load(self, snap: dict, boot: str | None = None) -> list[tuple[str, dict]]:
+        """Replace everything with a ``Client.status()`` snapshot (from the broker incarnation ``boot``,
+        where the reply said); the stream is trusted again. The events held meanwhile that come after
+        it are applied; returns those readers had not had yet, in order (after a break: readers take
+        this snapshot first, ``broken`` tells)."""
         with self.lock:
+            restarted = int(snap["seq"]) < (self.wire or 0) or None not in (boot, self.boot) and boot != self.boot
+            self.missed = self._missed(snap, restarted) if self.broken is not None and self.wire is not None else None
+            self.boot = boot or self.boot
+            super().load(snap)
             self.resyncs += 1
             self.link = Link.LIVE
             self.error = None
             self.down_since = None
             self._retry_s = RETRY_MIN_S
             self._heard_at = self.clock()
+            if self.broken is not None:  # readers start again from this snapshot
+                self.broken = None
+                self.wire = self.seq
+                self._wire_synced = False
+            held, self._held = self._held, deque(maxlen=EVENTS_HWM)
+            return [(topic, fields) for topic, fields, handed in held if self._take(topic, fields, handed)]
+
+    def _missed(self, snap: dict, restarted: bool) -> dict:
+        """Task outcomes a snapshot that mends a break counts and readers got no event for (another
+        broker's counts start from zero)."""
+        before = dict.fromkeys(self.counts, 0) if restarted else self._counts_at_break or dict(self.counts)
+        out = {"succeeded": snap.get("done", 0) - before["done"], "failed": snap.get("failed", 0) - before["failed"],
+               "cancelled": snap.get("cancelled", 0) - before["cancelled"]}
+        if not restarted:  # the same broker: every task it counts was submitted (a new one replays its journal)
+            out["submitted"] = sum(snap.get(k, 0) - v for k, v in before.items())
+        return {k: max(v, 0) for k, v in out.items()}
 
     def resync(self) -> bool:
         """Take a fresh snapshot from the broker; False (and ``link`` UNREACHABLE) where it did not answer."""
@@ -160,6 +204,12 @@ class ClusterState(ClusterModel):
             if self.link is Link.LIVE and now - self._heard_at > self.silent_after_s:
                 self._distrust(f"broker silent for {now - self._heard_at:.1f} s")
 
+    def _break(self, reason: str) -> None:
+        """The stream itself broke: readers wait for a fresh snapshot, and so does the model."""
+        self._counts_at_break = dict(self.counts)  # the model's (off by what it holds, where it was resyncing)
+        self.broken = reason
+        self._distrust(reason)
+
     def _distrust(self, reason: str) -> None:
         """Stop applying events until a fresh snapshot replaces what we hold."""
         if self.link is Link.LIVE:
@@ -177,28 +227,52 @@ class ClusterState(ClusterModel):
     # ================================================================ events
 
     def receive(self, topic: str, fields: dict) -> bool:
-        """One event off the wire: apply it if it is the next one; True where it was applied."""
-        seq = fields.get("seq")
-        if not isinstance(seq, int):
+        """One event off the wire; True where readers get it now (the next one on the stream).
+        The model applies it now, or holds it for after the snapshot it waits for."""
+        if not isinstance(fields.get("seq"), int):
             return False
         with self.lock:
-            if self.link is not Link.LIVE:
-                return False  # a fresh snapshot will include it
-            if not self._synced:
-                if seq <= self.seq:
-                    return False  # already in the snapshot: buffered while it was being taken
-                self._synced = True
-            elif seq <= self.seq:
-                self._distrust(f"broker restarted: seq went from {self.seq} back to {seq}")
-                return False
-            if seq != self.seq + 1:
-                self.gaps += 1
-                self._distrust(f"gap: expected seq {self.seq + 1}, got {seq}")
-                return False
-            self.seq = seq
-            self._heard_at = self.clock()  # only applied events count: a restarted broker's old seqs do not
-            self.apply(topic, fields)
-            return True
+            return self._take(topic, fields, False)
+
+    def _take(self, topic: str, fields: dict, handed: bool) -> bool:
+        fresh = not handed and self._on_wire(fields["seq"])
+        if handed or fresh:
+            if self.link is Link.LIVE:
+                self._apply_next(topic, fields)
+            else:
+                self._held.append((topic, fields, True))
+        elif self.broken is not None:
+            self._held.append((topic, fields, False))
+        # else: at or before the snapshot readers were given, so in it
+        return fresh
+
+    def _on_wire(self, seq: int) -> bool:
+        """Whether ``seq`` is the next event for readers; notes a break where it cannot be."""
+        if self.broken is not None:
+            return False
+        if seq <= self.wire:
+            if self._wire_synced:
+                self._break(f"broker restarted: seq went from {self.wire} back to {seq}")
+            return False  # else: in the snapshot (buffered while it was being taken)
+        self._wire_synced = True
+        if seq != self.wire + 1:
+            self.gaps += 1
+            self._break(f"gap: expected seq {self.wire + 1}, got {seq}")
+            return False
+        self.wire = seq
+        return True
+
+    def _apply_next(self, topic: str, fields: dict) -> None:
+        seq = fields["seq"]
+        if seq <= self.seq:
+            return  # in the model's snapshot: readers had it before the model resynced
+        if seq != self.seq + 1:  # held events lost (more than EVENTS_HWM): only a snapshot can say
+            self._distrust(f"model gap: expected seq {self.seq + 1}, got {seq}")
+            self._held.append((topic, fields, True))
+            return
+        self.seq = seq
+        self._heard_at = self.clock()  # only applied events count: a restarted broker's old seqs do not
+        self.apply(topic, fields)
 
     # ================================================================ reading
 
@@ -249,7 +323,7 @@ class ClusterState(ClusterModel):
 
     def read(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> Iterator[tuple[str, dict]]:
         """Receive what waits on ``sock`` (at most ``limit`` messages), apply it, and yield each
-        event applied as ``(topic, fields)``: those are contiguous in ``seq`` since the snapshot."""
+        event readers get as ``(topic, fields)``: contiguous in ``seq`` since their snapshot."""
         for _ in range(limit):
             try:
                 topic, body = sock.recv_multipart(zmq.NOBLOCK)

@@ -242,6 +242,8 @@ class EventHub:
         if self.metrics is not None:
             self.metrics.state(snap)
             self.metrics.resyncs.inc()
+            missed = item.get("missed") or {}  # outcomes the snapshot holds that no event brought: counted too
+            self.metrics.events({f"task.{k}": n for k, n in missed.items() if n}, [])
         if self.head is not None and seq != self.head:  # events were missed, or another broker took over
             self.ring.clear()
             self.head = seq
