@@ -18,9 +18,21 @@ from client.state import ClusterState, subscriber
 
 
 async def follow(client, prefix: str, address: str) -> AsyncIterator[dict]:
-    """``AsyncClient.events``: ClusterState's seq logic over a zmq.asyncio SUB socket. The socket
-    is read while a snapshot is being fetched: what comes meanwhile is held and follows it."""
-    state = ClusterState(client, address)
+    """``AsyncClient.events``: every event whose topic starts with ``prefix`` as a dict with its
+    ``topic``; a ``{"topic": "snapshot", "seq", "snapshot", "missed"}`` item first and after a break."""
+    async for batch in follow_batches(client, address):
+        for topic, fields in batch:
+            if topic.startswith(prefix) or topic == "snapshot":
+                yield {"topic": topic, **fields}
+
+
+async def follow_batches(client, address: str) -> AsyncIterator[list[tuple[str, dict]]]:
+    """The broker's events as they come, a list of ``(topic, fields)`` per read (no copy, no
+    per-event step of the caller's): snapshot items as ``("snapshot", {"seq", "snapshot",
+    "missed"})``. The socket is read while a snapshot is fetched: what comes meanwhile is held
+    and follows it. Only the stream is followed (no model): a snapshot is asked for at the
+    start, after a gap or a restart, and when the broker falls silent."""
+    state = ClusterState(client, address, model=False)
     sock = subscriber(zmq.asyncio.Context.shadow(client._ctx.underlying), address, client._security)
     sync_sock = zmq.Socket.shadow(sock.underlying)  # never waits: the asyncio socket is for poll()
     asking: asyncio.Future | None = None  #: the snapshot request in flight
@@ -32,15 +44,16 @@ async def follow(client, prefix: str, address: str) -> AsyncIterator[dict]:
             if asking is None and state.due():
                 asking = asyncio.ensure_future(client._call(Command.STATUS, {}))  # the header: with the broker's boot
             if asking is not None and asking.done():
-                for item in _snapshot_taken(state, asking, prefix):
-                    yield item
+                batch = _snapshot_taken(state, asking)
                 asking = None
+                if batch:
+                    yield batch
                 continue
             wait_s = 0.1 if state.stale else state.silent_after_s / 2
             if await _readable(sock, wait_s, asking):
-                for topic, fields in state.read(sync_sock):
-                    if topic.startswith(prefix):
-                        yield {"topic": topic, **fields}
+                batch = list(state.read(sync_sock))
+                if batch:
+                    yield batch
             state.check_silence()
     finally:
         if asking is not None:
@@ -50,7 +63,7 @@ async def follow(client, prefix: str, address: str) -> AsyncIterator[dict]:
         sock.close(linger=0)
 
 
-def _snapshot_taken(state: ClusterState, asking: asyncio.Future, prefix: str) -> list[dict]:
+def _snapshot_taken(state: ClusterState, asking: asyncio.Future) -> list[tuple[str, dict]]:
     """What readers get once a snapshot request ends: nothing (it failed; asked again later), or
     the snapshot where the stream broke, then the held events after it."""
     try:
@@ -61,11 +74,9 @@ def _snapshot_taken(state: ClusterState, asking: asyncio.Future, prefix: str) ->
     snap = reply["snapshot"]
     broke = state.broken is not None
     held = state.load(snap, boot=reply.get("boot"))
-    out = []
-    if broke:  # a model that only resynced for itself loses readers nothing: no snapshot for them
-        out.append({"topic": "snapshot", "seq": snap["seq"], "snapshot": snap, "missed": state.missed or {}})
-    out.extend({"topic": topic, **fields} for topic, fields in held if topic.startswith(prefix))
-    return out
+    if broke:  # one asked for the broker's silence only, with the stream whole, costs readers nothing
+        held.insert(0, ("snapshot", {"seq": snap["seq"], "snapshot": snap, "missed": state.missed or {}}))
+    return held
 
 
 async def _readable(sock, wait_s: float, asking: asyncio.Future | None) -> bool:
@@ -80,4 +91,4 @@ async def _readable(sock, wait_s: float, asking: asyncio.Future | None) -> bool:
     return bool(polling.result())
 
 
-__all__ = ["follow"]
+__all__ = ["follow", "follow_batches"]

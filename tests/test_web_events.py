@@ -13,12 +13,17 @@ def ev(seq: int, topic: str = "task.submitted", **fields) -> dict:
     return {"topic": topic, "seq": seq, "ts": 1.0, "task_id": f"t{seq}", "name": "noop", **fields}
 
 
-def ids(text: str) -> list[int]:
-    return [int(line[4:]) for line in text.splitlines() if line.startswith("id: ")]
+def _lines(data: bytes | str) -> list[str]:
+    """What a stream sends (bytes) or starts with (text), line by line."""
+    return (data.decode() if isinstance(data, bytes) else data).splitlines()
 
 
-def events_of(text: str) -> list[str]:
-    return [line[7:] for line in text.splitlines() if line.startswith("event: ")]
+def ids(data: bytes | str) -> list[int]:
+    return [int(line[4:]) for line in _lines(data) if line.startswith("id: ")]
+
+
+def events_of(data: bytes | str) -> list[str]:
+    return [line[7:] for line in _lines(data) if line.startswith("event: ")]
 
 
 def run(coro):
@@ -32,9 +37,10 @@ class Feed:
         self.queue: asyncio.Queue = asyncio.Queue()
 
     async def source(self):
+        """As ``client.follow.follow_batches``: a batch of ``(topic, fields)`` per item put."""
         while True:
-            item = await self.queue.get()
-            yield item
+            item = dict(await self.queue.get())
+            yield [(item.pop("topic"), item)]
 
     async def status(self) -> dict:
         return {"seq": self.status_seq, "workers": [], "queued": 0, "running": 0, "done": 0, "failed": 0}
@@ -48,6 +54,7 @@ async def settle() -> None:
 
 
 async def hub_with(feed: Feed, **kw) -> EventHub:
+    kw.setdefault("tick_s", 0)  # batches go out at the next loop turn: the tests need not wait a tick
     hub = EventHub(feed.source, feed.status, metrics=Metrics(), **kw)
     hub.start()
     await feed.queue.put({"topic": "snapshot", "seq": 0, "snapshot": await feed.status()})
@@ -144,7 +151,7 @@ def test_task_events_feed_the_window_and_the_metrics():
     async def main():
         feed = Feed()
         window = TaskWindow(size=3)
-        hub = EventHub(feed.source, feed.status, metrics=Metrics(), on_event=window.event)
+        hub = EventHub(feed.source, feed.status, metrics=Metrics(), on_event=window.event, tick_s=0)
         hub.start()
         await feed.queue.put({"topic": "snapshot", "seq": 0, "snapshot": await feed.status()})
         seq = 0

@@ -3,8 +3,9 @@
 
 A reader that falls behind its buffer is disconnected (its browser reconnects and resumes
 from the ring, or from a fresh snapshot); it never slows the gateway or the other readers.
-Each event is encoded to SSE text once, and events go out in shared batches, so 50 open
-streams cost 50 list appends per batch, not 50 encodings per event.
+Each event is encoded to SSE text once, and the events of a tick (``TICK_S``) go out as one
+batch of bytes shared by every stream: 50 open streams cost 50 list appends, 50 wakeups and
+50 writes per tick, whatever the event rate, and no encoding per stream.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ RING_EVENTS = 20_000
 #: bytes a stream may have waiting to be sent before its reader counts as fallen behind
 STREAM_BUFFER_BYTES = 4 << 20
 #: events gathered into one batch at most before it goes to the streams
-BATCH_EVENTS = 2000
+BATCH_EVENTS = 10_000
+#: seconds events wait to be sent, at most: a burst goes to each stream as one write per tick
+TICK_S = 0.1
+#: longest the hub leaves events waiting while an HTTP submission awaits the broker's acceptance
+HOLD_MAX_S = 1.0
 #: events handled before the hub lets other work on the loop run
 YIELD_EVERY = 256
 #: seconds between keep-alive comments on a quiet stream (they also reveal a vanished reader)
@@ -67,26 +72,20 @@ def _text(entry: list) -> str:
 
 
 class Batch:
-    """Events sent to every stream at once; its text is joined once, when first needed."""
+    """Events sent to every stream at once, as the same bytes (joined and encoded once)."""
 
-    __slots__ = ("entries", "first", "last", "size", "kind", "_text")
+    __slots__ = ("entries", "first", "last", "data", "size", "kind")
 
     def __init__(self, entries: list, kind: str = "events") -> None:
         self.entries = entries  #: [(seq, sse text)]
         self.first, self.last = entries[0][0], entries[-1][0]
-        self.size = sum(len(t) for _, t in entries)
+        self.data = "".join(t for _, t in entries).encode()
+        self.size = len(self.data)
         #: "events"; "snapshot" (sent to everyone, and what follows continues from its seq); "note" (sent to everyone)
         self.kind = kind
-        self._text = None
 
-    @property
-    def text(self) -> str:
-        if self._text is None:
-            self._text = "".join(t for _, t in self.entries)
-        return self._text
-
-    def after(self, seq: int) -> str:
-        return "".join(t for s, t in self.entries if s > seq)
+    def after(self, seq: int) -> bytes:
+        return "".join(t for s, t in self.entries if s > seq).encode()
 
 
 class Stream:
@@ -113,25 +112,25 @@ class Stream:
         self._wakeup.set()
         return True
 
-    def take(self) -> str:
-        """What is waiting, as SSE text: events after ``after`` only."""
+    def take(self) -> bytes:
+        """What is waiting, as SSE bytes: events after ``after`` only (a whole batch as it is, no copy)."""
         parts = []
         while self.batches:
             batch = self.batches.popleft()
             self.size -= batch.size
             if batch.kind == "note":
-                parts.append(batch.text)
+                parts.append(batch.data)
             elif batch.kind == "snapshot":
-                parts.append(batch.text)
+                parts.append(batch.data)
                 self.after = batch.last
             elif self.after is None or batch.first > self.after:
-                parts.append(batch.text)
+                parts.append(batch.data)
                 self.after = batch.last
             elif batch.last > self.after:
                 parts.append(batch.after(self.after))
                 self.after = batch.last
         self._wakeup.clear()
-        return "".join(parts)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def wait(self, timeout_s: float) -> None:
         if not self.batches and not self.dropped:
@@ -144,10 +143,13 @@ class Stream:
 class EventHub:
     """The gateway's one subscription: feeds the ring, the streams, the task window and the metrics."""
 
-    def __init__(self, source: Callable[[], AsyncIterator[dict]], status: Callable[[], Awaitable[dict]], *,
+    def __init__(self, source: Callable[[], AsyncIterator[list]], status: Callable[[], Awaitable[dict]], *,
                  on_event: Callable[[str, dict], None] | None = None, metrics=None, ring_events: int = RING_EVENTS,
-                 stream_buffer_bytes: int = STREAM_BUFFER_BYTES) -> None:
+                 stream_buffer_bytes: int = STREAM_BUFFER_BYTES, tick_s: float = TICK_S) -> None:
+        #: batches of ``(topic, fields)``, snapshots as ``("snapshot", {"seq", "snapshot", "missed"})``
+        #: (``client.follow.follow_batches``)
         self._source = source
+        self.tick_s = tick_s
         self._status = status
         self._on_event = on_event
         self.metrics = metrics
@@ -166,6 +168,9 @@ class EventHub:
         self._task: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
         self._asking: asyncio.Future | None = None  #: the status request new streams are waiting on
+        self._holders = 0  #: HTTP submissions awaiting acceptance: events wait (briefly) meanwhile
+        self._released = asyncio.Event()
+        self._released.set()
 
     # ------------------------------------------------------------ the subscription
 
@@ -187,21 +192,22 @@ class EventHub:
         retry_s = RETRY_MIN_S
         while True:
             try:
-                handled = 0
-                async for item in self._source():
-                    handled += 1
-                    if handled % YIELD_EVERY == 0:
-                        # a flood arrives in runs of thousands without a real await between them:
-                        # let HTTP requests and the client's own replies in between
-                        await asyncio.sleep(0)
+                async for batch in self._source():
+                    if not self._released.is_set():
+                        await self._held()
                     self.heard_at = time.monotonic()
-                    if item.get("topic") == "snapshot":
-                        self._on_snapshot(item)
-                        retry_s = RETRY_MIN_S
-                    else:
-                        if self.link != "live":
-                            self._set_link("live")
-                        self._on_item(item)
+                    for handled, (topic, fields) in enumerate(batch, 1):
+                        if topic == "snapshot":
+                            self._on_snapshot(fields)
+                            retry_s = RETRY_MIN_S
+                        else:
+                            if self.link != "live":
+                                self._set_link("live")
+                            self._on_item(topic, fields)
+                        if handled % YIELD_EVERY == 0:
+                            # a flood arrives in runs of thousands without a real await between them:
+                            # let HTTP requests and the client's own replies in between
+                            await asyncio.sleep(0)
             except asyncio.CancelledError:
                 raise
             except (GridqError, TimeoutError, zmq.ZMQError) as exc:
@@ -211,6 +217,17 @@ class EventHub:
                 self._set_link("unreachable", f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(retry_s)
             retry_s = min(retry_s * 2, RETRY_MAX_S)
+
+    def hold(self) -> "_Hold":
+        """``async with hub.hold():`` events wait (at most HOLD_MAX_S) while an HTTP submission awaits its
+        acceptance: the gateway's CPU goes to the reply first (the SUB socket keeps what comes)."""
+        return _Hold(self)
+
+    async def _held(self) -> None:
+        try:
+            await asyncio.wait_for(self._released.wait(), HOLD_MAX_S)
+        except asyncio.TimeoutError:
+            pass
 
     async def _watch(self) -> None:
         """The broker publishes broker.stats about once a second: this long without an item, it is away."""
@@ -236,6 +253,7 @@ class EventHub:
             self._broadcast(Batch([(None, text)], kind="note"))
 
     def _on_snapshot(self, item: dict) -> None:
+        """``item``: ``{"seq", "snapshot", "missed"}``."""
         self._flush()
         snap = to_json(item["snapshot"])
         seq = int(item["seq"])
@@ -251,8 +269,8 @@ class EventHub:
         self.head = seq
         self._set_link("live")
 
-    def _on_item(self, ev: dict) -> None:
-        topic, seq = ev["topic"], ev["seq"]
+    def _on_item(self, topic: str, ev: dict) -> None:
+        seq = ev["seq"]
         entry = [seq, topic, ev, None]  # encoded only if a stream needs it: no browser open costs no JSON
         self.ring.append(entry)
         self.head = seq
@@ -270,7 +288,8 @@ class EventHub:
         if len(self._pending) >= BATCH_EVENTS or len(self._run_times) >= BATCH_EVENTS:
             self._flush()
         elif self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            self._flush_handle = loop.call_later(self.tick_s, self._flush) if self.tick_s else loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         if self._flush_handle is not None:
@@ -340,6 +359,20 @@ class EventHub:
             self.metrics.sse_streams.set(len(self.streams))
 
 
+class _Hold:
+    def __init__(self, hub: EventHub) -> None:
+        self.hub = hub
+
+    async def __aenter__(self) -> None:
+        self.hub._holders += 1
+        self.hub._released.clear()
+
+    async def __aexit__(self, *exc) -> None:
+        self.hub._holders -= 1
+        if not self.hub._holders:
+            self.hub._released.set()
+
+
 class EventStreamResponse(Response):
     """``text/event-stream`` of one Stream; ends when the reader leaves or falls behind."""
 
@@ -378,8 +411,8 @@ class EventStreamResponse(Response):
             await stream.wait(KEEPALIVE_S)
             if stream.dropped:
                 break
-            text = stream.take() or ": keep-alive\n\n"
-            await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+            data = stream.take() or b": keep-alive\n\n"
+            await send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _watch(self, receive) -> None:
         while (await receive())["type"] != "http.disconnect":
