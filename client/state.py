@@ -97,30 +97,18 @@ class Link(str, enum.Enum):
     UNREACHABLE = "unreachable"  #: the broker did not answer the last snapshot request
 
 
-class ClusterState(ClusterModel):
-    """Snapshot + events = the broker's state, exactly, for anyone's code.
+class StreamState(ClusterModel):
+    """The Clone pattern's bookkeeping, without sockets: which events readers get, when a snapshot is
+    due, what is held meanwhile, and the model (``ClusterModel``) kept in step. ``ClusterState``
+    adds the broker: the snapshot requests, the SUB socket, a thread."""
 
-    ``client`` is anything with a ``status()`` method returning the snapshot
-    (a ``client.Client``); ``events`` the broker's PUB endpoint. Thread-safe:
-    one thread may ``poll`` while others read ``snapshot()``/``view()``.
-    What each event means is ``ClusterModel``'s (client/model.py); this class
-    keeps the model in step with the broker: seq checks, resyncs, the socket.
-    """
-
-    def __init__(self, client, events: str = DEFAULT_EVENTS, *, context: zmq.Context | None = None,
-                 silent_after_s: float = SILENT_AFTER_S, clock: Callable[[], float] = time.monotonic,
+    def __init__(self, *, silent_after_s: float = SILENT_AFTER_S, clock: Callable[[], float] = time.monotonic,
                  model: bool = True) -> None:
         super().__init__(clock)
         #: keep the model (snapshot(), view()); without, only the stream is followed (what readers
         #: get, breaks, the outcome counts ``missed`` needs): a fraction of the cost per event
         self.modelled = model
-        self.client = client
-        self.events_address = events
         self.silent_after_s = silent_after_s
-        self._ctx = context or zmq.Context.instance()
-        self._sock: zmq.Socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
         #: connection health, and why the last snapshot was taken or failed
         self.link = Link.CONNECTING
         self.reason: str | None = "first snapshot"
@@ -178,17 +166,6 @@ class ClusterState(ClusterModel):
         if not restarted:  # the same broker: every task it counts was submitted (a new one replays its journal)
             out["submitted"] = sum(snap.get(k, 0) - v for k, v in before.items())
         return {k: max(v, 0) for k, v in out.items()}
-
-    def resync(self) -> bool:
-        """Take a fresh snapshot from the broker; False (and ``link`` UNREACHABLE) where it did not answer."""
-        try:
-            snap = self.client.status()
-        except (GridqError, TimeoutError) as exc:  # BrokerUnavailable, or a refused request
-            self.unreachable(exc)
-            return False
-        log.debug("state_resynced", seq=snap.get("seq"), reason=self.reason)
-        self.load(snap)
-        return True
 
     def unreachable(self, exc: Exception) -> None:
         """The snapshot request failed with ``exc``: say so, and ask again later (backing off)."""
@@ -316,6 +293,64 @@ class ClusterState(ClusterModel):
         self._heard_at = self.clock()  # only applied events count: a restarted broker's old seqs do not
         self.apply(topic, fields)
 
+    def read(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> Iterator[tuple[str, dict]]:
+        """Receive what waits on ``sock`` (at most ``limit`` messages), apply it, and yield each
+        event readers get as ``(topic, fields)``: contiguous in ``seq`` since their snapshot."""
+        for _ in range(limit):
+            try:
+                topic, body = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except ValueError:  # not two frames
+                continue
+            try:
+                events = read_events(body)
+            except ProtocolError:
+                continue
+            topic = topic.decode("ascii", "replace")
+            if self._whole_run(topic, events):  # without a model, a message that continues the stream: one step
+                for fields in events:
+                    yield topic, fields
+                continue
+            for fields in events:  # one message may carry several events of its topic, in seq order
+                if self.receive(topic, fields):
+                    yield topic, fields
+
+
+class ClusterState(StreamState):
+    """Snapshot + events = the broker's state, exactly, for anyone's code.
+
+    ``client`` is anything with a ``status()`` method returning the snapshot
+    (a ``client.Client``); ``events`` the broker's PUB endpoint. Thread-safe:
+    one thread may ``poll`` while others read ``snapshot()``/``view()``.
+    What each event means is ``ClusterModel``'s (client/model.py); this class
+    keeps the model in step with the broker: seq checks, resyncs, the socket.
+    """
+
+    def __init__(self, client, events: str = DEFAULT_EVENTS, *, context: zmq.Context | None = None,
+                 silent_after_s: float = SILENT_AFTER_S, clock: Callable[[], float] = time.monotonic,
+                 model: bool = True) -> None:
+        super().__init__(silent_after_s=silent_after_s, clock=clock, model=model)
+        self.client = client
+        self.events_address = events
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # ================================================================ snapshot
+
+    def resync(self) -> bool:
+        """Take a fresh snapshot from the broker; False (and ``link`` UNREACHABLE) where it did not answer."""
+        try:
+            snap = self.client.status()
+        except (GridqError, TimeoutError) as exc:  # BrokerUnavailable, or a refused request
+            self.unreachable(exc)
+            return False
+        log.debug("state_resynced", seq=snap.get("seq"), reason=self.reason)
+        self.load(snap)
+        return True
+
     # ================================================================ reading
 
     def view(self) -> dict:
@@ -362,29 +397,6 @@ class ClusterState(ClusterModel):
 
     def _drain(self, limit: int) -> int:
         return sum(1 for _ in self.read(self._sock, limit))
-
-    def read(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> Iterator[tuple[str, dict]]:
-        """Receive what waits on ``sock`` (at most ``limit`` messages), apply it, and yield each
-        event readers get as ``(topic, fields)``: contiguous in ``seq`` since their snapshot."""
-        for _ in range(limit):
-            try:
-                topic, body = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except ValueError:  # not two frames
-                continue
-            try:
-                events = read_events(body)
-            except ProtocolError:
-                continue
-            topic = topic.decode("ascii", "replace")
-            if self._whole_run(topic, events):  # without a model, a message that continues the stream: one step
-                for fields in events:
-                    yield topic, fields
-                continue
-            for fields in events:  # one message may carry several events of its topic, in seq order
-                if self.receive(topic, fields):
-                    yield topic, fields
 
     def start(self) -> "ClusterState":
         """Keep the state current on a background thread until ``close()``."""
@@ -436,5 +448,4 @@ class ClusterState(ClusterModel):
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-__all__ = ["ClusterState", "Link", "WorkerView", "RunningTask", "DEFAULT_EVENTS", "events_address_for"]
+__all__ = ["ClusterState", "StreamState", "Link", "WorkerView", "RunningTask", "DEFAULT_EVENTS", "events_address_for"]
