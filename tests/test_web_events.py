@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from client.web.events import Batch, EventHub, Stream
+from client.web.events import HOLD_MAX_S, Batch, EventHub, Stream
 from client.web.metrics import Metrics
 from client.web.tasks import TaskWindow
 
@@ -175,3 +175,22 @@ def test_a_stream_filters_a_batch_that_straddles_what_it_has():
     stream.put(Batch([(4, "id: 4\n\n"), (5, "id: 5\n\n"), (6, "id: 6\n\n")]))
     stream.put(Batch([(7, "id: 7\n\n")]))
     assert ids(stream.take()) == [6, 7]
+
+
+def test_events_wait_while_a_submission_awaits_acceptance_but_never_past_the_hold_s_bound():
+    async def main():
+        feed = Feed()
+        hub = await hub_with(feed)
+        async with hub.hold():
+            await feed.queue.put(ev(1))
+            await settle()
+            assert hub.head == 0, "held while the submission waits"
+        await settle()
+        assert hub.head == 1
+        async with hub.hold():  # a submission that waits long: events go on after HOLD_MAX_S
+            await feed.queue.put(ev(2))
+            await asyncio.sleep(HOLD_MAX_S + 0.5)
+            assert hub.head == 2
+        await hub.close()
+
+    run(main())

@@ -169,6 +169,7 @@ class EventHub:
         self._watchdog: asyncio.Task | None = None
         self._asking: asyncio.Future | None = None  #: the status request new streams are waiting on
         self._holders = 0  #: HTTP submissions awaiting acceptance: events wait (briefly) meanwhile
+        self._hold_until = 0.0  #: local monotonic time the current hold ends, whoever still holds
         self._released = asyncio.Event()
         self._released.set()
 
@@ -193,7 +194,7 @@ class EventHub:
         while True:
             try:
                 async for batch in self._source():
-                    if not self._released.is_set():
+                    if not self._released.is_set() and time.monotonic() < self._hold_until:
                         await self._held()
                     self.heard_at = time.monotonic()
                     for handled, (topic, fields) in enumerate(batch, 1):
@@ -219,13 +220,14 @@ class EventHub:
             retry_s = min(retry_s * 2, RETRY_MAX_S)
 
     def hold(self) -> "_Hold":
-        """``async with hub.hold():`` events wait (at most HOLD_MAX_S) while an HTTP submission awaits its
-        acceptance: the gateway's CPU goes to the reply first (the SUB socket keeps what comes)."""
+        """``async with hub.hold():`` events wait while an HTTP submission awaits its acceptance: the
+        gateway's CPU goes to the reply first (the SUB socket keeps what comes). A hold lasts
+        HOLD_MAX_S at most, however many submissions overlap: events are never held up for long."""
         return _Hold(self)
 
     async def _held(self) -> None:
         try:
-            await asyncio.wait_for(self._released.wait(), HOLD_MAX_S)
+            await asyncio.wait_for(self._released.wait(), max(self._hold_until - time.monotonic(), 0.0))
         except asyncio.TimeoutError:
             pass
 
@@ -364,6 +366,8 @@ class _Hold:
         self.hub = hub
 
     async def __aenter__(self) -> None:
+        if not self.hub._holders:
+            self.hub._hold_until = time.monotonic() + HOLD_MAX_S
         self.hub._holders += 1
         self.hub._released.clear()
 
