@@ -208,10 +208,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller counts (about 40 s)")
     ap.add_argument("--page-seconds", type=float, default=None, help="how long the page watches a busy cluster")
+    ap.add_argument("--stream-seconds", type=float, default=None,
+                    help="how long the 50 streams read while the cluster runs no-ops (gateway RSS sampled throughout)")
     args = ap.parse_args()
     n_map = 20_000 if args.quick else 50_000
     n_web = 20_000 if args.quick else 50_000
-    stream_s = 10.0 if args.quick else 20.0
+    stream_s = args.stream_seconds or (10.0 if args.quick else 20.0)
     page_s = args.page_seconds if args.page_seconds is not None else (15.0 if args.quick else 60.0)
     results: dict = {"cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="gridq-bench-web-") as tmp:
@@ -238,12 +240,17 @@ def main() -> int:
             try:
                 wait_for(lambda: streams_open(base) >= 50, 120, "50 streams")
                 rss_before = rss_mib(web)
-                rates = []
-                end = time.monotonic() + stream_s
+                rates, rss_samples = [], []
+                began = time.monotonic()
+                end = began + stream_s
                 while time.monotonic() < end:
                     rates.append(map_rate(frontend, n_map // 4))
+                    rss_samples.append((round(time.monotonic() - began), round(rss_mib(web), 1)))
                 results["map_per_s_50_streams"] = sum(rates) / len(rates)
                 results["gateway_rss_mib_50_streams"] = [round(rss_before, 1), round(rss_mib(web), 1)]
+                results["gateway_rss_mib_samples"] = rss_samples[:: max(1, len(rss_samples) // 20)]
+                later = [rss for t, rss in rss_samples if t >= stream_s / 3]  # after a third: warm
+                results["gateway_rss_growth_after_warm_mib"] = round(max(later) - later[0], 1) if later else None
                 results["streams_open_at_end"] = streams_open(base)
                 time.sleep(1.5)
                 results["streams"] = json.loads(out.read_text())
@@ -268,6 +275,9 @@ def main() -> int:
           f"Client.map {r['map_per_s_gateway_idle']:,.0f} tasks/s (ratio {r['done_per_s'] / r['map_per_s_gateway_idle']:.2f})")
     print(f"broker with 50 SSE streams: {r['map_per_s_50_streams']:,.0f} tasks/s vs {r['map_per_s_no_gateway']:,.0f} "
           f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x)")
+    print(f"gateway RSS while the 50 streams read {stream_s:.0f} s: {r['gateway_rss_mib_50_streams'][0]} -> "
+          f"{r['gateway_rss_mib_50_streams'][1]} MiB; growth after the first third: "
+          f"{r['gateway_rss_growth_after_warm_mib']} MiB; samples (s, MiB): {r['gateway_rss_mib_samples']}")
     if "page" in r:
         print(f"page: first paint {r['page']['first_contentful_paint_ms']:.0f} ms, live in {r['page']['live_s']:.2f} s, "
               f"JS heap {r['page']['js_heap_mib_start']} -> {r['page']['js_heap_mib_end']} MiB")
