@@ -24,7 +24,7 @@ from typing import AsyncIterator, Iterable
 import zmq
 
 from broker.logs import get_logger
-from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, encode
+from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, Message, encode
 from broker.shared import NOBLOCK, recv_frames, send_frames
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
 from client.engine import FAILED, MapResults, Outbox, outcome, settle
@@ -430,8 +430,8 @@ class AsyncClient(BaseClient):
             self._connect()  # Lazy Pirate: a fresh socket; out.messages resends everything outstanding
         if out.messages:
             for msg in out.messages:
-                try:  # copied: a zero-copy send would start pyzmq's garbage-collector thread
-                    send_frames(self._sock, [b"", *encode(CLIENT_TAG, msg)], NOBLOCK, zero_copy=False)
+                try:
+                    self._send(msg)
                 except zmq.Again:
                     pass  # no pipe (a refused CURVE handshake): Lazy Pirate resends
             if self._sock.get(zmq.EVENTS) & zmq.POLLIN:
@@ -446,6 +446,11 @@ class AsyncClient(BaseClient):
         for waiter, reply in out.replies:
             _resolve(waiter, reply)
 
+    def _send(self, msg: Message) -> None:
+        """One message out, never waiting; copied: a zero-copy send would start pyzmq's
+        garbage-collector thread."""
+        send_frames(self._sock, [b"", *encode(CLIENT_TAG, msg)], NOBLOCK, zero_copy=False)
+
     def _cancel_at_exit(self) -> None:
         """The interpreter ends with this client open (its loop may be gone): cancel its queued
         tasks without a key, as ``close()`` would, without a loop, waiting at most ``timeout``."""
@@ -459,7 +464,7 @@ class AsyncClient(BaseClient):
                 self._engine.cancel_pending(done, time.monotonic(), keyed=False)
                 out = self._engine.take()
                 for msg in out.messages:
-                    send_frames(sock, [b"", *encode(CLIENT_TAG, msg)], NOBLOCK, zero_copy=False)
+                    self._send(msg)
                 deadline = time.monotonic() + self.timeout
                 while not any(w is done for w, _ in out.replies) and sock.poll(
                         max(0.0, deadline - time.monotonic()) * 1000):

@@ -22,15 +22,8 @@ from broker.states import TaskState
 from client import AsyncClient, BrokerUnavailable, Client, GridqError, KeyConflict, TaskError, TaskTimeout
 from client.errors import RemoteTraceback, task_error
 from tests.conftest import ROOT, silent_endpoints
+from tests.test_batch import running  # noqa: F401 -- the same one-worker cluster fixture
 from tests.harness import Harness, wait_until
-
-
-@pytest.fixture
-def running(cluster):
-    cluster.start_broker("--no-worker-timeout", "1.5")
-    cluster.start_worker("--slots", "2")
-    cluster.wait_workers(1)
-    return cluster
 
 
 def run_script(cluster, source: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
