@@ -22,7 +22,7 @@ import math
 from broker.events import Events, Outgoing, Stats
 from broker.lifecycle import Lifecycle
 from broker.logs import get_logger
-from broker.protocol import Command, Message, ProtocolError, Topic, check_int, check_name, records, task_digest
+from broker.protocol import Command, Message, ProtocolError, check_int, check_name, records, task_digest
 from broker.scheduler import AHEAD_MAX_WAIT_S, AHEAD_PER_SLOT, Scheduler  # noqa: F401 (tests)
 from broker.sessions import ACKED_GRACE_S, Sessions  # noqa: F401 (tests)
 from broker.states import TERMINAL, TaskState, WorkerState
@@ -144,8 +144,7 @@ class Core:
                         backoff_s=rec.backoff_s)
             self.table.add(task)
             self.moves.enqueue(task, now)
-            self.events.emit(Topic.TASK_SUBMITTED, task_id=task_id, name=task.name, resources=self.moves.needs_of(task),
-                             priority=task.priority)
+            self.events.submitted(task_id, task.name, self.moves.needs_of(task), task.priority)
         self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases,
                                               "conflicts": conflicts, **self._incarnation})
 

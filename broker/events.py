@@ -20,6 +20,7 @@ STATS_SPAN_S = 10.0
 #: worker (a slot freed before it is taken again, as subscribers count running tasks) and interleave
 #: across workers, so a subscriber never sees a task's events, or a worker's slots, out of order.
 RUN_RANK = {Topic.TASK_SUBMITTED: 0, Topic.TASK_STARTED: 1, Topic.TASK_SUCCEEDED: 2, Topic.TASK_FAILED: 3}
+_SUBMITTED, _STARTED, _SUCCEEDED = Topic.TASK_SUBMITTED, Topic.TASK_STARTED, Topic.TASK_SUCCEEDED
 
 
 @dataclass(slots=True)
@@ -54,6 +55,27 @@ class Events:
             fields["ts"] = self.wall
             self.out.events.append((topic, fields))
 
+    # The three events of every task, built as one map literal each (no keyword dict to fill in
+    # afterwards): with a subscriber they are most of what the broker does per task beside the task.
+
+    def submitted(self, task_id: str, name: str, resources: dict, priority: int) -> None:
+        self.seq = seq = self.seq + 1
+        if self.publish:
+            self.out.events.append((_SUBMITTED, {"task_id": task_id, "name": name, "resources": resources,
+                                                 "priority": priority, "seq": seq, "ts": self.wall}))
+
+    def started(self, task_id: str, name: str, worker: str, attempt: int, resources: dict) -> None:
+        self.seq = seq = self.seq + 1
+        if self.publish:
+            self.out.events.append((_STARTED, {"task_id": task_id, "name": name, "worker": worker, "attempt": attempt,
+                                               "resources": resources, "seq": seq, "ts": self.wall}))
+
+    def succeeded(self, task_id: str, name: str, worker: str, run_s: float) -> None:
+        self.seq = seq = self.seq + 1
+        if self.publish:
+            self.out.events.append((_SUCCEEDED, {"task_id": task_id, "name": name, "worker": worker, "run_s": run_s,
+                                                 "seq": seq, "ts": self.wall}))
+
     def cut(self) -> None:
         """A snapshot was taken now: the events before it keep their seqs (it includes them)."""
         self._cuts.append(len(self.out.events))
@@ -61,9 +83,10 @@ class Events:
     def in_runs(self, events: list) -> list:
         """``events`` (one flush's) reordered into longer runs of one topic where ``RUN_RANK``
         allows, seqs renumbered in the new order (each stretch keeps its own seqs)."""
-        cuts, self._cuts = set(self._cuts), []
-        if len(events) < 2:
-            return events
+        cuts, self._cuts = self._cuts, []
+        if len(events) < 2 or (not cuts and _in_order(events)):
+            return events  # the usual flush: one SUBMIT's submissions, or one worker's DONE
+        cuts = set(cuts)
         ordered, stretch = [], []
         for i, event in enumerate(events):
             if i in cuts or event[0] not in RUN_RANK:
@@ -149,21 +172,34 @@ class Stats:
 
 
 def _sorted_into(ordered: list, stretch: list) -> None:
-    if len(stretch) > 1 and not _in_order(stretch):
-        seqs = [fields["seq"] for _, fields in stretch]
-        depth: dict = {}  #: worker -> its events seen so far in this stretch
-        keys = []
-        for pos, (topic, fields) in enumerate(stretch):
-            worker = fields.get("worker")
-            if topic == Topic.TASK_SUBMITTED or worker is None:  # nothing on a worker to keep in step with
-                keys.append((RUN_RANK[topic] > 0, 0, RUN_RANK[topic], pos))
-            else:
-                k = depth[worker] = depth.get(worker, -1) + 1
-                keys.append((True, k, RUN_RANK[topic], pos))
-        stretch[:] = [event for _, event in sorted(zip(keys, stretch), key=lambda pair: pair[0])]
-        for (_, fields), seq in zip(stretch, seqs):
-            fields["seq"] = seq
-    ordered.extend(stretch)
+    """Append ``stretch`` to ``ordered``: submissions first, then the others by their depth on
+    their worker (its first event, its second, ...) and within one depth by ``RUN_RANK``, each
+    keeping its place otherwise. Buckets, not a sort: it runs on most flushes with several workers."""
+    if len(stretch) < 2 or _in_order(stretch):
+        ordered.extend(stretch)
+        return
+    seqs = [fields["seq"] for _, fields in stretch]
+    start = len(ordered)
+    levels: list = []  #: per depth, one list per rank 1..3
+    depth: dict = {}  #: worker -> its events seen so far in this stretch
+    for event in stretch:
+        rank = RUN_RANK[event[0]]
+        worker = event[1].get("worker")
+        if rank == 0 or worker is None:  # nothing on a worker to keep in step with
+            if rank == 0:
+                ordered.append(event)
+                continue
+            k = 0
+        else:
+            k = depth[worker] = depth.get(worker, -1) + 1
+        if k == len(levels):
+            levels.append(([], [], []))
+        levels[k][rank - 1].append(event)
+    for level in levels:
+        for bucket in level:
+            ordered.extend(bucket)
+    for (_, fields), seq in zip(ordered[start:], seqs):
+        fields["seq"] = seq
 
 
 def _in_order(stretch: list) -> bool:
@@ -171,7 +207,9 @@ def _in_order(stretch: list) -> bool:
     one worker only (their order is kept). The usual flush (one DONE, one worker) needs no sort."""
     submitted, worker = True, None
     for topic, fields in stretch:
-        if topic == Topic.TASK_SUBMITTED:
+        if topic not in RUN_RANK:
+            return False
+        if topic == _SUBMITTED:
             if not submitted:
                 return False
             continue

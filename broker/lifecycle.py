@@ -113,8 +113,7 @@ class Lifecycle:
         if task.timeout_s is not None:
             heapq.heappush(self.deadlines, (now + task.timeout_s, task.task_id, task.attempts))
         if announce:
-            self.events.emit(Topic.TASK_STARTED, task_id=task.task_id, name=task.name, worker=worker.name,
-                             attempt=task.attempts, resources=needs)
+            self.events.started(task.task_id, task.name, worker.name, task.attempts, needs)
 
     def started_ahead(self, worker, task_id: str, now: float) -> None:
         if worker.ahead.pop(task_id, None) is None:
@@ -191,7 +190,7 @@ class Lifecycle:
         self.sched.ahead.observe(task.name, run_s)
         if rec.ok:
             self.finish(task, TaskState.SUCCEEDED, rec.value, frames, now, self.info(task, run_s))
-            self.events.emit(Topic.TASK_SUCCEEDED, task_id=task_id, name=task.name, worker=worker.name, run_s=run_s)
+            self.events.succeeded(task_id, task.name, worker.name, run_s)
         else:
             value = rec.value
             error = value if isinstance(value, dict) else {"type": ErrorType.TASK_ERROR, "message": str(value)}

@@ -181,10 +181,14 @@ def read_events(body) -> list[dict]:
         value = msgpack.unpackb(body, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"event body is not msgpack: {exc}") from None
-    events = [value] if isinstance(value, dict) else value
-    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+    if type(value) is dict:  # unpackb makes plain dicts and lists only
+        return [value]
+    if type(value) is not list or not _DICT.issuperset(map(type, value)):  # a subscriber reads every event
         raise ProtocolError("an event body is a map or an array of maps")
-    return events
+    return value
+
+
+_DICT = frozenset({dict})
 
 
 def as_bytes(frame) -> bytes:

@@ -22,7 +22,7 @@ from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAUL
                              MDP_CLIENT_TAG, MDP_WORKER_TAG, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError,
                              Topic, decode, encode, event_body)
 from broker.security import is_loopback
-from broker.shared import recv_frames, send_frames
+from broker.shared import recv_frames, send_frames, send_pair
 
 log = get_logger(__name__)
 
@@ -82,6 +82,7 @@ class Broker:
         self.endpoints = {name: s.getsockopt_string(zmq.LAST_ENDPOINT)
                           for name, s in (("frontend", self.frontend), ("backend", self.backend), ("events", self.events))}
         self._topics: set[bytes] = set()
+        self._pack = msgpack.Packer().pack  #: event bodies (one packer, reused: the loop is one thread)
         self.core.publish = False
         if self.journal is not None:
             self.journal.restore(self.core, time.monotonic())
@@ -287,11 +288,10 @@ class Broker:
         for frames in wire.frontend:
             self._send_frames(self.frontend, frames)
         if out.events:
-            send, topics, pack = self.events.send, _TOPICS, msgpack.Packer().pack
+            sock, topics, pack = self.events, _TOPICS, self._pack
             for topic, events in runs(out.events):  # one message per run of one topic
-                # two plain sends: send_multipart's per-frame flag handling costs more than the event
-                send(topics.get(topic) or topic.encode(), zmq.SNDMORE)
-                send(event_body(events, pack))
+                # the backend socket's send: pyzmq's wrappers cost more than the event
+                send_pair(sock, topics.get(topic) or topic.encode(), event_body(events, pack))
 
     def _send_worker(self, wid: bytes, msg) -> None:
         try:

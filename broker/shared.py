@@ -38,6 +38,12 @@ def send_frames(sock: zmq.Socket, frames: list, flags: int = 0, zero_copy: bool 
             _send(sock, frame, more)
 
 
+def send_pair(sock: zmq.Socket, first: bytes, second: bytes) -> None:
+    """A two-part message of small ``bytes``, both copied: an event's topic and body."""
+    _send(sock, first, _SNDMORE)
+    _send(sock, second, 0)
+
+
 def recv_frames(sock: zmq.Socket) -> list:
     """``sock.recv_multipart(zmq.NOBLOCK, copy=False)``, at a fraction of its cost: a list of
     zmq.Frame; raises zmq.Again where nothing waits."""
