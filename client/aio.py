@@ -27,9 +27,10 @@ from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, Message, encode
 from broker.shared import NOBLOCK, recv_frames, send_frames
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
-from client.engine import FAILED, MapResults, Outbox, outcome, settle
+from client.engine import Outbox
 from client.errors import GridqError, at_index, map_timeout
 from client.follow import follow
+from client.outcomes import FAILED, MapResults, outcome, settle
 from client.state import events_address_for
 
 log = get_logger(__name__)

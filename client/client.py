@@ -23,8 +23,9 @@ import zmq
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
 from broker.shared import NOBLOCK, Waker, recv_frames, send_frames
-from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, MapResults, Outbox, outcome, settle
+from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox
 from client.errors import GridqError, at_index, map_timeout
+from client.outcomes import MapResults, outcome, settle
 
 log = get_logger(__name__)
 

@@ -22,14 +22,14 @@ from __future__ import annotations
 import itertools
 import os
 from collections import deque
-from concurrent.futures import InvalidStateError
 from dataclasses import dataclass, field
 
 from broker.logs import get_logger
 from broker.protocol import (CLIENT_TAG, FETCH_IN_SUBMIT, MAX_BACKOFF_S, MAX_RETRIES, Command, ErrorType, Message,
                              ProtocolError, SubmitRecord, check_int, check_name, check_resources, check_seconds, decode,
-                             pack_value, records, retry_names, unpack_value)
-from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost, at_index, task_error
+                             pack_value, records, retry_names)
+from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost
+from client.outcomes import CANCELLED, FAILED, result_outcome
 
 log = get_logger(__name__)
 
@@ -45,28 +45,6 @@ FETCH_WAIT_S = 1.0
 #: one goes for them alone: one message per round trip fewer for a caller that submits one at a time
 ACK_DELAY_S = 0.05
 
-#: how a task ended, as ``take().settled`` reports it
-OK = "ok"  #: value is the task's result
-ERROR = "error"  #: value is the TaskError the task ended with at the broker
-CANCELLED = "cancelled"  #: the broker cancelled it; value is None
-FAILED = "failed"  #: value is an error of the client side: the task's end is not known (or it was refused)
-
-
-def settle(handle, kind: str, value) -> None:
-    """Apply one outcome to a shell's future (a concurrent or asyncio one) unless it is done."""
-    if handle.done():
-        return
-    try:
-        if kind == OK:
-            handle.set_result(value)
-        elif kind == CANCELLED:
-            handle._cancel_locally()
-        else:
-            handle.set_exception(value)
-    except InvalidStateError:
-        pass  # another thread cancelled it just now
-
-
 def _check_options(resources, priority, retries, timeout, key) -> dict | None:
     """Refuse bad task options (ValueError) as the broker would; returns the checked resources."""
     check_int(priority, "priority", -(2**31), 2**31)
@@ -79,64 +57,55 @@ def _check_options(resources, priority, retries, timeout, key) -> dict | None:
     return None if resources is None else check_resources(resources)
 
 
-def outcome(handle, cancelled: type) -> tuple:
-    """``(value, None)`` or ``(None, error)`` of a shell's finished future; a cancelled one gives
-    a ``cancelled`` error (the shell's CancelledError type)."""
-    if handle.cancelled():
-        return None, cancelled()
-    error = handle.exception()
-    return (None, error) if error is not None else (handle.result(), None)
+def task_record(task_id: str, name: str, args: tuple, kwargs: dict, *, resources: dict | None = None,
+                priority: int = 0, retries: int | None = None, timeout: float | None = None, key: str | None = None,
+                retry_on=(), backoff: float = 0.0) -> tuple[SubmitRecord, tuple | list]:
+    """A checked SUBMIT record and its array frames; bad input raises here. ``retry_on``
+    (exception classes or names) and ``backoff`` (seconds, doubling) make the broker run the
+    task again after it raised one of those, within ``retries``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("task name must be a non-empty string")
+    if (type(priority) is not int or priority or retries is not None or timeout is not None or key is not None
+            or resources is not None):
+        resources = _check_options(resources, priority, retries, timeout, key)  # most tasks have none
+    retry = None
+    if retry_on or backoff:
+        retry = tuple(retry_names(retry_on)), check_seconds(backoff, "backoff", MAX_BACKOFF_S, zero=True)
+    blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
+    # a tuple of atoms, and no empty list: the garbage collector stops tracking them
+    if retry is None:
+        record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key)
+    else:
+        record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key, *retry)
+    return record, frames or ()
 
 
-_RUNNING = object()  #: a map item whose task has not finished
+class BootWatch:
+    """The broker's incarnation (``boot``) as replies report it, and which one accepted each task
+    still pending: a broker that restarted without a journal has forgotten what its predecessor
+    accepted, so those tasks can never complete."""
 
+    __slots__ = ("boot", "_accepted_by")
 
-class MapResults:
-    """What a ``map`` holds: its results so far (the only part that grows with the input) and the
-    indices of its tasks in flight. Shared by ``Client.map`` and ``AsyncClient.map``, which keep
-    the futures in flight and hand each one's outcome to ``finish``.
+    def __init__(self) -> None:
+        self.boot = None  #: the incarnation last heard from
+        self._accepted_by: dict[str, object] = {}  #: pending task id -> incarnation that accepted it
 
-    Without ``return_exceptions`` a failure stops further submissions (``stopping``) and, once
-    every item before it has finished (``settled``), ``outcome()`` raises the first failure in
-    input order."""
+    def accepted(self, task_id: str, boot) -> None:
+        self._accepted_by[task_id] = boot
 
-    __slots__ = ("results", "return_exceptions", "failed", "_order")
+    def forget(self, task_id: str) -> None:
+        self._accepted_by.pop(task_id, None)
 
-    def __init__(self, return_exceptions: bool) -> None:
-        self.results: list = []
-        self.return_exceptions = return_exceptions
-        self.failed: tuple | None = None  #: (index, error): the first failure in input order so far
-        self._order: deque = deque()  #: indices submitted, oldest first (finished ones dropped lazily)
-
-    def start(self) -> int:
-        """A new item is submitted: its index."""
-        index = len(self.results)
-        self.results.append(_RUNNING)
-        self._order.append(index)
-        return index
-
-    def finish(self, index: int, value, error: BaseException | None) -> None:
-        if error is not None:
-            error = at_index(error, index)
-        self.results[index] = value if error is None else error
-        if error is not None and not self.return_exceptions and (self.failed is None or index < self.failed[0]):
-            self.failed = (index, error)
-
-    @property
-    def stopping(self) -> bool:
-        return self.failed is not None
-
-    def settled(self) -> bool:
-        """Nothing left to wait for: every item finished, or every item before the first failure."""
-        order, results = self._order, self.results
-        while order and results[order[0]] is not _RUNNING:
-            order.popleft()
-        return not order or (self.failed is not None and order[0] > self.failed[0])
-
-    def outcome(self) -> list:
-        if self.failed is not None:
-            raise self.failed[1]
-        return self.results
+    def lost(self, header: dict) -> list[str]:
+        """The tasks a reply's header shows lost: accepted by an incarnation before a restart without a journal."""
+        boot = header.get("boot")
+        if boot is None or boot == self.boot:
+            return []
+        old, self.boot = self.boot, boot
+        if old is None or header.get("durable"):
+            return []
+        return [t for t, b in self._accepted_by.items() if b == old]
 
 
 @dataclass(eq=False)
@@ -193,37 +162,14 @@ class Engine:
         self._acks: list = []  #: result ids to acknowledge with the next FETCH
         self._fetching: Request | None = None
         self._acks_due: float | None = None  #: when acknowledgements go in a FETCH of their own
-        self._boot = None  #: the broker incarnation last heard from
-        self._accepted_by: dict[str, object] = {}  #: pending task id -> incarnation that accepted it
+        self._boots = BootWatch()
         self._out = Outbox()
 
     # ================================================================ input
 
-    def make_task(self, name: str, args: tuple, kwargs: dict, *, resources: dict | None = None, priority: int = 0,
-                  retries: int | None = None, timeout: float | None = None, key: str | None = None, retry_on=(),
-                  backoff: float = 0.0) -> tuple[SubmitRecord, tuple | list]:
-        """A checked SUBMIT record with a fresh task id, and its array frames; bad input raises here.
-        ``retry_on`` (exception classes or names) and ``backoff`` (seconds, doubling) make the
-        broker run the task again after it raised one of those, within ``retries``.
-
-        Safe to call from any thread: it touches only the id counter.
-        """
-        if not isinstance(name, str) or not name:
-            raise ValueError("task name must be a non-empty string")
-        if (type(priority) is not int or priority or retries is not None or timeout is not None or key is not None
-                or resources is not None):
-            resources = _check_options(resources, priority, retries, timeout, key)  # most tasks have none
-        retry = None
-        if retry_on or backoff:
-            retry = tuple(retry_names(retry_on)), check_seconds(backoff, "backoff", MAX_BACKOFF_S, zero=True)
-        blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
-        task_id = self._id_prefix + format(next(self._ids), "x")
-        # a tuple of atoms, and no empty list: the garbage collector stops tracking them
-        if retry is None:
-            record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key)
-        else:
-            record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key, *retry)
-        return record, frames or ()
+    def make_task(self, name: str, args: tuple, kwargs: dict, **options) -> tuple[SubmitRecord, tuple | list]:
+        """``task_record`` with a fresh task id. Safe to call from any thread: it touches only the id counter."""
+        return task_record(self._id_prefix + format(next(self._ids), "x"), name, args, kwargs, **options)
 
     def submit(self, handle, record: SubmitRecord, frames) -> None:
         """Queue one task (a SUBMIT_FIELDS record and its array frames); sent by the next ``pump``."""
@@ -436,22 +382,14 @@ class Engine:
             h = pending.get(task_id)
             if h is None:
                 continue
-            self._accepted_by[task_id] = boot
+            self._boots.accepted(task_id, boot)
             if isinstance(h, tuple):
                 accepted.extend((x, None) for x in h)
             else:
                 accepted.append((h, None))
 
     def _check_boot(self, header: dict) -> None:
-        """A broker that restarted without a journal has forgotten what its predecessor
-        accepted: those tasks can never complete, so they fail now instead of waiting forever."""
-        boot = header.get("boot")
-        if boot is None or boot == self._boot:
-            return
-        old, self._boot = self._boot, boot
-        if old is None or header.get("durable"):
-            return
-        lost = [t for t, b in self._accepted_by.items() if b == old]
+        lost = self._boots.lost(header)
         if lost:
             log.warning("broker_restarted_without_journal", lost=len(lost))
         for task_id in lost:
@@ -467,20 +405,8 @@ class Engine:
         pending = self.pending
         for (task_id, status, value, _n, info), frames in results:
             self._acks.append(task_id)
-            if task_id not in pending:
-                continue  # delivered twice after a resend (or cancelled): the first delivery won
-            if status == "succeeded":
-                try:
-                    kind, outcome = OK, unpack_value(value, frames)
-                except ProtocolError as exc:
-                    kind, outcome = ERROR, TaskError("ProtocolError", f"result could not be decoded: {exc}")
-            elif status == "cancelled":
-                kind, outcome = CANCELLED, None
-            else:
-                about = info if isinstance(info, dict) else {}  # the broker names a failed task in its info
-                kind, outcome = ERROR, task_error(value if isinstance(value, dict) else {"message": str(value)},
-                                                  task_id=task_id, name=about.get("name"), worker=about.get("worker"))
-            self._settle(task_id, kind, outcome, info)
+            if task_id in pending:  # else delivered twice after a resend (or cancelled): the first delivery won
+                self._settle(task_id, *result_outcome(task_id, status, value, frames, info), info)
 
     def _give_up(self, req: Request) -> None:
         del self.requests[req.rid]
@@ -514,7 +440,7 @@ class Engine:
         return handles
 
     def _settle(self, task_id: str, kind: str, value, info: dict | None = None) -> None:
-        self._accepted_by.pop(task_id, None)
+        self._boots.forget(task_id)
         self._keyed.discard(task_id)
         h = self.pending.pop(task_id, None)
         for x in h if isinstance(h, tuple) else () if h is None else (h,):
@@ -523,5 +449,4 @@ class Engine:
             self._out.settled.append((x, kind, value))
 
 
-__all__ = ["Engine", "MapResults", "Outbox", "Request", "outcome", "settle", "OK", "ERROR", "CANCELLED", "FAILED",
-           "SUBMIT_BATCH", "SUBMIT_PIPELINE", "FETCH_WAIT_S"]
+__all__ = ["Engine", "Outbox", "Request", "SUBMIT_BATCH", "SUBMIT_PIPELINE", "FETCH_WAIT_S"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from broker.protocol import CLIENT_TAG, FETCH_IN_SUBMIT, Command, EncodeError, Message, encode, pack_value
-from client.engine import ACK_DELAY_S, CANCELLED, FAILED, OK, SUBMIT_BATCH, SUBMIT_PIPELINE, Engine
+from client.engine import ACK_DELAY_S, SUBMIT_BATCH, SUBMIT_PIPELINE, Engine
+from client.outcomes import CANCELLED, FAILED, OK
 from client.errors import BrokerUnavailable, GridqError, TaskError, TaskLost
 
 
