@@ -24,24 +24,18 @@ from typing import AsyncIterator, Iterable
 import zmq
 
 from broker.logs import get_logger
-from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, Message, encode
-from broker.shared import NOBLOCK, recv_frames, send_frames
+from broker.protocol import DEFAULT_FRONTEND, Command
+from client.aio_io import PENDING, LoopIO, resolve
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
-from client.engine import Outbox
 from client.errors import GridqError, at_index, map_timeout
 from client.follow import follow
-from client.outcomes import FAILED, MapResults, outcome, settle
+from client.outcomes import MapResults, outcome
 from client.state import events_address_for
 
 log = get_logger(__name__)
 
 #: submissions between two yields to the event loop in map()
 MAP_SLICE = 256
-#: longest the reader handles received messages before it lets other coroutines run
-READ_SLICE_S = 0.005
-
-_PENDING = object()  #: a future's acceptance is not known yet
-
 #: AsyncClients with a socket, not closed: a program whose loop ended (or was interrupted)
 #: without closing one still cancels its queued tasks without a key when the interpreter exits
 _OPEN_CLIENTS: "weakref.WeakSet[AsyncClient]" = weakref.WeakSet()
@@ -50,7 +44,8 @@ _OPEN_CLIENTS: "weakref.WeakSet[AsyncClient]" = weakref.WeakSet()
 @atexit.register
 def _abandon_open_clients() -> None:
     for client in list(_OPEN_CLIENTS):
-        client._cancel_at_exit()
+        _OPEN_CLIENTS.discard(client)
+        client._io.cancel_at_exit()
 
 
 class AsyncFuture(asyncio.Future):
@@ -68,7 +63,7 @@ class AsyncFuture(asyncio.Future):
         self.task_id = task_id
         self.info: dict | None = None
         self._client = client
-        self._accept = _PENDING  #: None once accepted, or the error that refused it
+        self._accept = PENDING  #: None once accepted, or the error that refused it
         self._accepted: asyncio.Future | None = None  #: made on first use: most callers never ask
 
     @property
@@ -77,15 +72,15 @@ class AsyncFuture(asyncio.Future):
         raises the error the task gets where it was refused (or the broker could not be reached)."""
         if self._accepted is None:
             self._accepted = self.get_loop().create_future()
-            if self._accept is not _PENDING:
-                _resolve(self._accepted, self._accept)
+            if self._accept is not PENDING:
+                resolve(self._accepted, self._accept)
         return self._accepted
 
     def _set_accepted(self, error: Exception | None) -> None:
-        if self._accept is _PENDING:
+        if self._accept is PENDING:
             self._accept = error
             if self._accepted is not None:
-                _resolve(self._accepted, error)
+                resolve(self._accepted, error)
 
     def cancel(self, msg=None) -> bool:
         if self.done():
@@ -101,15 +96,6 @@ class AsyncFuture(asyncio.Future):
         return f"<AsyncFuture {self.task_id} {state}>"
 
 
-def _resolve(future: asyncio.Future, outcome) -> None:
-    """Set ``future`` to ``outcome`` (an exception is raised from it), unless it is done already."""
-    if not future.done():
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
-
-
 class AsyncClient(BaseClient):
     """A connection to a gridq broker for asyncio code; use it from one event loop."""
 
@@ -123,12 +109,7 @@ class AsyncClient(BaseClient):
         super().__init__(address, timeout=timeout, retries=retries, broker_key=broker_key, secret=secret,
                          cancel_on_close=cancel_on_close)
         self._ctx = zmq.Context.instance()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._fd = None  #: the socket's file descriptor, watched by the loop
-        self._timer: asyncio.TimerHandle | None = None  #: calls _service at the engine's next deadline
-        self._timer_at = 0.0
-        self._service_due = False
-        self._flush_due = False
+        self._io: LoopIO | None = None  #: made on first use, on the running loop
         self._closed = False
 
     # ================================================================ tasks
@@ -144,10 +125,10 @@ class AsyncClient(BaseClient):
         future = AsyncFuture(self, record.task_id, loop)
         engine = self._engine
         engine.submit(future, record, frames)
-        if engine.lone_submit and not self._flush_due:
-            self._flush()  # nothing to batch it with: out now, not after a turn of the loop
+        if engine.lone_submit and not self._io.flush_due:
+            self._io.flush()  # nothing to batch it with: out now, not after a turn of the loop
         else:
-            self._flush_soon()  # every submit of this loop turn goes out in one batch
+            self._io.flush_soon()  # every submit of this loop turn goes out in one batch
         return future
 
     async def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,
@@ -284,7 +265,7 @@ class AsyncClient(BaseClient):
         stop; tasks still waiting fail with GridqError("client closed")."""
         if self._closed:
             return
-        if self._loop is not None:
+        if self._io is not None:
             try:
                 if self.cancel_on_close:  # abandoned work: queued tasks without a key never run (keyed ones stay)
                     await self._do(partial(self._engine.cancel_pending, keyed=False), self.timeout)
@@ -293,7 +274,8 @@ class AsyncClient(BaseClient):
                 pass  # the broker is away: nothing more to do
         self._closed = True
         _OPEN_CLIENTS.discard(self)
-        self._stop(GridqError("client closed"))
+        if self._io is not None:
+            self._io.stop(GridqError("client closed"))
 
     async def __aenter__(self) -> "AsyncClient":
         self._start()
@@ -312,21 +294,13 @@ class AsyncClient(BaseClient):
             loop = asyncio.get_running_loop()
         except RuntimeError:
             raise RuntimeError("AsyncClient is used from coroutines on a running event loop") from None
-        if self._loop is None:
-            self._loop = loop
-            self._connect()
+        if self._io is None:
+            self._io = LoopIO(self, loop)
+            self._io.connect()
             _OPEN_CLIENTS.add(self)
-        elif loop is not self._loop:
+        elif loop is not self._io.loop:
             raise RuntimeError("this AsyncClient belongs to another event loop")
         return loop
-
-    def _connect(self) -> None:
-        if self._fd is not None:
-            self._loop.remove_reader(self._fd)
-        sock = self._dial(self._ctx)
-        self._fd = sock.FD
-        self._loop.add_reader(self._fd, self._service)
-        self._service_soon()  # ZeroMQ's descriptor signals edges: look once, whatever it says
 
     async def _until(self, future: asyncio.Future, deadline: float | None) -> None:
         if deadline is None:
@@ -341,154 +315,16 @@ class AsyncClient(BaseClient):
         """Call ``action(waiter, now)`` on the engine, send what it decided, await the reply."""
         waiter = self._start().create_future()
         action(waiter, time.monotonic())
-        self._send_now()
+        self._io.send_now()
         return await asyncio.wait_for(waiter, self._patience() if patience_s is None else patience_s)
 
     def _abandon(self, *futures: AsyncFuture) -> None:
         """Futures cancelled or given up here: ask the broker to cancel the tasks of those not
         finished, not waiting for the answer."""
         ids = [f.task_id for f in futures if not f.done()]
-        if ids and not self._closed and self._loop is not None:
+        if ids and not self._closed and self._io is not None:
             self._engine.call(Command.CANCEL, {"ids": ids}, None, time.monotonic())
-            self._flush_soon()
-
-    def _flush_soon(self) -> None:
-        if not self._flush_due:  # every submit of this loop turn goes out in one batch
-            self._flush_due = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_due = False
-        if not self._closed:
-            self._engine.pump(time.monotonic())
-            self._send_now()
-
-    def _send_now(self) -> None:
-        """Carry out what the engine decided, and be back at its next deadline."""
-        self._carry_out(self._engine.take())
-        self._arm_timer()
-
-    def _service_soon(self) -> None:
-        if not self._service_due:
-            self._service_due = True
-            self._loop.call_soon(self._service)
-
-    def _service(self) -> None:
-        """The socket is readable, a deadline passed, or input may wait: handle what came, a slice
-        at a time, then resend what is late and send what is due. A reply that settles futures
-        hands the loop to their callbacks first: the caller awaiting a result resumes before the
-        rest of this (one more read, resends, the next FETCH) is done."""
-        self._service_due = False
-        if self._closed:
-            return
-        engine = self._engine
-        try:
-            started = time.monotonic()
-            while True:
-                try:
-                    raw = recv_frames(self._sock)
-                except zmq.Again:
-                    break
-                engine.on_frames(raw, time.monotonic())
-                out = engine.take()
-                self._carry_out(out)
-                now = time.monotonic()
-                if now - started > READ_SLICE_S:
-                    self._service_soon()  # more later: other coroutines run first
-                    break
-                if out.settled and not self._deadline_passed(now):
-                    self._service_soon()  # the rest after the callbacks (nothing is late meanwhile)
-                    return
-            now = time.monotonic()
-            engine.on_tick(now)
-            engine.pump(now)
-            self._send_now()
-        except Exception as exc:  # nothing may wait forever on a client that cannot read
-            log.exception("async_client_io_failed")
-            self._closed = True
-            self._stop(GridqError(f"client I/O failed: {type(exc).__name__}: {exc}"))
-
-    def _deadline_passed(self, now: float) -> bool:
-        soonest = self._engine.next_deadline()
-        return soonest is not None and soonest <= now
-
-    def _arm_timer(self) -> None:
-        """Be called back at the engine's next deadline (a timer already due sooner will do)."""
-        soonest = self._engine.next_deadline()
-        if soonest is None or (self._timer is not None and self._timer_at <= soonest):
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = soonest
-        self._timer = self._loop.call_later(max(soonest - time.monotonic(), 0.0), self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._service()
-
-    def _carry_out(self, out: Outbox) -> None:
-        if out.reconnect:
-            self._connect()  # Lazy Pirate: a fresh socket; out.messages resends everything outstanding
-        if out.messages:
-            for msg in out.messages:
-                try:
-                    self._send(msg)
-                except zmq.Again:
-                    pass  # no pipe (a refused CURVE handshake): Lazy Pirate resends
-            if self._sock.get(zmq.EVENTS) & zmq.POLLIN:
-                self._service_soon()  # a send can take the descriptor's edge: a reply already in would wait
-        for future, error in out.accepted:
-            if future._accept is _PENDING:
-                future._set_accepted(error)
-        for future, kind, value in out.settled:
-            if future._accept is _PENDING:  # a task that ended was accepted, unless it failed here
-                future._set_accepted(value if kind == FAILED else None)
-            settle(future, kind, value)
-        for waiter, reply in out.replies:
-            _resolve(waiter, reply)
-
-    def _send(self, msg: Message) -> None:
-        """One message out, never waiting; copied: a zero-copy send would start pyzmq's
-        garbage-collector thread."""
-        send_frames(self._sock, [b"", *encode(CLIENT_TAG, msg)], NOBLOCK, zero_copy=False)
-
-    def _cancel_at_exit(self) -> None:
-        """The interpreter ends with this client open (its loop may be gone): cancel its queued
-        tasks without a key, as ``close()`` would, without a loop, waiting at most ``timeout``."""
-        _OPEN_CLIENTS.discard(self)
-        if self._closed or self._sock is None:
-            return
-        self._closed = True
-        sock, done = self._sock, object()  # ``done``: the waiter of the CANCEL's reply
-        try:
-            if self.cancel_on_close:
-                self._engine.cancel_pending(done, time.monotonic(), keyed=False)
-                out = self._engine.take()
-                for msg in out.messages:
-                    self._send(msg)
-                deadline = time.monotonic() + self.timeout
-                while not any(w is done for w, _ in out.replies) and sock.poll(
-                        max(0.0, deadline - time.monotonic()) * 1000):
-                    self._engine.on_frames(recv_frames(sock), time.monotonic())
-                    out = self._engine.take()
-        except (zmq.ZMQError, GridqError):
-            pass  # the broker is away or the context is gone: nothing more to do
-        finally:
-            sock.close(linger=0)
-            self._sock = None
-
-    def _stop(self, error: Exception) -> None:
-        self._engine.fail_everything(error)
-        out = self._engine.take()
-        out.messages.clear()
-        out.reconnect = False
-        self._carry_out(out)
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._fd is not None:
-            self._loop.remove_reader(self._fd)
-        if self._sock is not None:
-            self._sock.close(linger=0)
+            self._io.flush_soon()
 
 
 __all__ = ["AsyncClient", "AsyncFuture"]
