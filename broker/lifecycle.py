@@ -23,6 +23,26 @@ from broker.tasks import Task, TaskTable
 log = get_logger(__name__)
 
 
+def why_unservable(cls, workers, declared: dict, waited_s: float) -> str:
+    """Why no worker of ``workers`` can serve task class ``cls``: nobody serves its name (with the
+    closest served names), or what the serving workers lack."""
+    serving = [w for w in workers if cls.name in w.serves]
+    if not serving:
+        served = {n for w in workers for n in w.serves}
+        close = difflib.get_close_matches(cls.name, sorted(served), n=3)
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        return f"no connected worker serves task {cls.name!r} (waited {waited_s:g} s){hint}"
+    needs = cls.needs(declared)
+    gaps = {}
+    for w in serving:
+        for res in missing(needs, w.resources):
+            gaps[res] = max(gaps.get(res, 0), w.resources.get(res, 0))
+    wanted = ", ".join(f"{r}={needs[r]:g}" for r in sorted(gaps))
+    offered = ", ".join(f"{r}={gaps[r]:g}" for r in sorted(gaps))
+    return (f"no connected worker serving {cls.name!r} offers {wanted} "
+            f"(the most offered: {offered}; waited {waited_s:g} s)")
+
+
 class Lifecycle:
     """Task moves that touch more than one part of the broker, and dispatch."""
 
@@ -285,7 +305,8 @@ class Lifecycle:
                 continue
             if now - cls.unservable_since < self.no_worker_timeout_s:
                 continue
-            error = {"type": ErrorType.NO_WORKER, "message": self._why_unservable(cls), "traceback": ""}
+            why = why_unservable(cls, self.workers.values(), self.sched.declared, self.no_worker_timeout_s)
+            error = {"type": ErrorType.NO_WORKER, "message": why, "traceback": ""}
             for _, _, task_id in cls.entries():
                 task = self.table.get(task_id)
                 if task is not None and task.state is TaskState.QUEUED:
@@ -293,23 +314,6 @@ class Lifecycle:
                     self.fail(task, None, dict(error), now, 0.0)
             cls.clear()
             cls.unservable_since = None
-
-    def _why_unservable(self, cls) -> str:
-        serving = [w for w in self.workers.values() if cls.name in w.serves]
-        if not serving:
-            served = {n for w in self.workers.values() for n in w.serves}
-            close = difflib.get_close_matches(cls.name, sorted(served), n=3)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
-            return f"no connected worker serves task {cls.name!r} (waited {self.no_worker_timeout_s:g} s){hint}"
-        needs = cls.needs(self.sched.declared)
-        gaps = {}
-        for w in serving:
-            for res in missing(needs, w.resources):
-                gaps[res] = max(gaps.get(res, 0), w.resources.get(res, 0))
-        wanted = ", ".join(f"{r}={needs[r]:g}" for r in sorted(gaps))
-        offered = ", ".join(f"{r}={gaps[r]:g}" for r in sorted(gaps))
-        return (f"no connected worker serving {cls.name!r} offers {wanted} "
-                f"(the most offered: {offered}; waited {self.no_worker_timeout_s:g} s)")
 
     # ------------------------------------------------------------ dispatch
 
