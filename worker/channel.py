@@ -75,8 +75,18 @@ class Channel:
         self._ready.clear()
         return out
 
-    def _read(self) -> None:
-        chunk = self.sock.recv(max(READ_CHUNK, self._need - len(self._buf)))
+    def read_nowait(self) -> list:
+        """What the socket holds now, without waiting: every message complete (maybe none)."""
+        try:
+            self._read(socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            pass
+        out = list(self._ready)
+        self._ready.clear()
+        return out
+
+    def _read(self, flags: int = 0) -> None:
+        chunk = self.sock.recv(max(READ_CHUNK, self._need - len(self._buf)), flags)
         if not chunk:
             raise ChannelClosed("the other end of the channel closed")
         self._buf += chunk

@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
+import select
 import signal
 import threading
 import time
+from collections import deque
 from multiprocessing import shared_memory
 
 from broker.runtime import tune_gc
@@ -66,17 +67,17 @@ def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int, progr
     tune_gc()  # a child allocates a few containers per task and frees them at once, as the broker does
     child = _Child(Channel(sock), progress)
     child.send(["hello", os.getpid()])
-    threading.Thread(target=child.read, name="channel-reader", daemon=True).start()
     arena = None
     ran = 0
     while True:
-        message = child.inbox.get()
+        message = child.next_batch()
         if message is None:
             return  # the worker closed our channel: stop
         header, frames = message
         seq, arena_change, tasks = header[1:4]
         if arena_change is not None:
             arena = _attach(arena_change[0], arena)
+        child.watch(len(tasks) > 1)  # a release can only come for a batch with tasks behind the one running
         for j, (task_id, name, args, refs) in enumerate(tasks):
             if not child.begin(seq, j):
                 break  # the worker took the rest back (this batch's current task ran long)
@@ -90,14 +91,18 @@ def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int, progr
                 return  # the worker starts another child for this slot
         child.flush()  # what the worker's release left here
         child.begin(None, 0)
+        child.watch(False)
 
 
 class _Child:
     """The channel shared by the task thread and the reader thread, and the batch being run.
 
-    The reader thread answers ``release`` at once, even while a task runs (pure Python
-    lets it have the GIL within 5 ms), so the tasks of a batch not started yet go back
-    to the worker's queue instead of waiting behind one that runs long.
+    While idle, the main thread reads the channel itself: a lone task crosses no thread
+    here. While a batch with tasks behind the running one runs, the reader thread
+    watches the channel and answers ``release`` at once (pure Python lets it have the
+    GIL within 5 ms), so the tasks not started yet go back to the worker's queue
+    instead of waiting behind one that runs long. One lock keeps the two from reading
+    at once; whoever reads handles every message that came.
     """
 
     def __init__(self, channel: Channel, progress) -> None:
@@ -106,13 +111,19 @@ class _Child:
         self._held: list = []  #: results not written yet: [task_id, ok, value, nframes, run_s, bye]
         self._held_frames: list = []  #: their result frames, in order
         self._held_since = 0.0
-        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._batches: deque = deque()  #: "run" messages read, not begun; None: the channel closed
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._watching = threading.Event()  #: the reader thread reads while set
+        self._unwatch_r, self._unwatch_w = os.pipe()  #: ends the reader's wait on the channel
+        self._reader: threading.Thread | None = None
         self._seq = None  #: the batch being run (seqs increase)
         self._next = 0  #: how many of its tasks were started
         self._finished = 0  #: the last batch run to its end
         self._released: set = set()  #: batches the worker took back, not begun or not finished here
+
+    # ------------------------------------------------------------ writing
 
     def send(self, header, frames=()) -> None:
         with self._send_lock:
@@ -140,6 +151,8 @@ class _Child:
         self._held, self._held_frames = [], []
         return [message]
 
+    # ------------------------------------------------------------ the batch
+
     def begin(self, seq, j: int) -> bool:
         """May task ``j`` of batch ``seq`` start? (``seq`` None: the batch is over.)"""
         with self._lock:
@@ -155,23 +168,63 @@ class _Child:
             self.progress[0] = seq
             return True
 
-    def read(self) -> None:
+    def _release(self, seq: int) -> None:
+        with self._lock:
+            if seq <= self._finished or seq in self._released:
+                return  # that batch is over: its results are on their way
+            self._released.add(seq)
+            started = self._next if seq == self._seq else 0  # else: not begun yet
+        self.send(["released", seq, started])
+
+    # ------------------------------------------------------------ reading
+
+    def next_batch(self):
+        """The next "run" message (header, frames), read on this thread; None once the channel closed."""
         while True:
-            try:
-                header, frames = self.channel.receive()
-            except (ChannelClosed, OSError):
-                self.inbox.put(None)
-                return
+            with self._read_lock:
+                if not self._batches:
+                    try:
+                        self._dispatch(self.channel.read_available())
+                    except (ChannelClosed, OSError):
+                        self._batches.append(None)
+                if self._batches:
+                    return self._batches.popleft()
+
+    def watch(self, on: bool) -> None:
+        """Have the reader thread answer releases while this batch runs (``on``), or stop it."""
+        if on:
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read_while_watched, name="channel-reader", daemon=True)
+                self._reader.start()
+            self._watching.set()
+        elif self._watching.is_set():
+            self._watching.clear()
+            os.write(self._unwatch_w, b"x")
+
+    def _read_while_watched(self) -> None:
+        sock = self.channel.fileno()
+        while True:
+            self._watching.wait()
+            ready = select.select([sock, self._unwatch_r], [], [])[0]
+            if self._unwatch_r in ready:
+                os.read(self._unwatch_r, 4096)
+                continue
+            with self._read_lock:
+                if not self._watching.is_set():
+                    continue  # the batch is over: the main thread reads what came
+                try:
+                    self._dispatch(self.channel.read_nowait())
+                except (ChannelClosed, OSError):
+                    self._batches.append(None)
+                    return
+
+    def _dispatch(self, messages: list) -> None:
+        """Answer releases; keep batches for the main thread (called under the read lock)."""
+        for header, frames in messages:
             if header[0] == "run":
-                self.inbox.put((header, frames))
+                self._batches.append((header, frames))
             elif header[0] == "release":
-                seq = header[1]
-                with self._lock:
-                    if seq <= self._finished or seq in self._released:
-                        continue  # that batch is over: its results are on their way
-                    self._released.add(seq)
-                    started = self._next if seq == self._seq else 0  # else: not begun yet
-                self.send(["released", seq, started])
+                self._release(header[1])
 
 
 def _attach(name: str, old):
