@@ -45,7 +45,11 @@ class Runner:
         self.registry = registry
         self.gpu = gpu  #: a worker.gpu.GpuPool when serving real GPUs, else None
         self.waker = Waker()  #: its fd is polled by the socket thread
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)  #: guards what follows; the socket thread waits on nothing
+        self._waits = [threading.Condition(lock) for _ in range(slots)]  #: where each slot thread waits
+        self._waiting: list[int] = []  #: slot threads waiting and not notified yet
+        self._handed: dict[int, tuple] = {}  #: slot -> (batch, needs) its child got from the socket thread
         self._pending: deque = deque()  #: (record, frames) received, not started, in arrival order
         self._resources = dict(resources or {"cpu": slots})
         self._free = dict(self._resources)
@@ -62,7 +66,7 @@ class Runner:
 
             ctx = context(pool.modules)
             self.children = [ProcessSlot(i, pool, ctx) for i in range(slots)]
-        self._threads = [threading.Thread(target=self._loop, args=(self.children[i] if self.children else None,),
+        self._threads = [threading.Thread(target=self._loop, args=(i, self.children[i] if self.children else None),
                                           name=f"slot-{i}", daemon=True) for i in range(slots)]
         for t in self._threads:
             t.start()
@@ -70,9 +74,16 @@ class Runner:
     # ------------------------------------------------------------ socket thread side
 
     def submit(self, record: DispatchRecord, frames: list) -> None:
+        self.submit_all([(record, frames)])
+
+    def submit_all(self, tasks: list) -> None:
+        """Tasks [(record, frames)] in the order the broker sent them. Where a slot's child is idle,
+        the first batch goes to it from here at once: its slot thread wakes to collect the results
+        while the child already runs it (a thread hop fewer before a lone task starts)."""
         with self._cond:
-            self._pending.append((record, frames))
-            self._cond.notify()
+            self._pending.extend(tasks)
+            for _ in range(len(tasks) - self._hand_to_idle_child()):
+                self._notify_one()
 
     def killable(self) -> list[str]:
         """Names of the tasks that run in child processes here (a kill reaches them)."""
@@ -136,7 +147,7 @@ class Runner:
     def close(self) -> None:
         with self._cond:
             self._closing = True
-            self._cond.notify_all()
+            self._notify_all()
         for child in self.children:
             child.close()
         self.waker.close()
@@ -162,7 +173,44 @@ class Runner:
                 return None
         return needs
 
-    def _loop(self, child) -> None:
+    def _notify_one(self) -> None:
+        if self._waiting:
+            self._waits[self._waiting.pop()].notify()
+
+    def _notify_all(self) -> None:
+        while self._waiting:
+            self._notify_one()
+
+    def _hand_to_idle_child(self) -> bool:
+        """Send the first batch to an idle slot's child from this thread (under the lock); True if sent."""
+        if not self.children or not self._waiting or self._closing:
+            return False
+        child = self.children[self._waiting[-1]]
+        needs = self._startable()
+        if needs is None or not self._in_child(self._pending[0][0].name):
+            return False
+        batch = [self._pending.popleft()]
+        self._extend(batch, needs, child, self._idle - 1)  # (that slot's thread counts as idle still)
+        if not child.send_now(batch):
+            self._pending.extendleft(reversed(batch))
+            return False
+        self._take(batch, needs, child)
+        self._handed[child.index] = (batch, needs)
+        self._waiting.remove(child.index)
+        self._waits[child.index].notify()
+        return True
+
+    def _take(self, batch: list, needs: dict, child) -> None:
+        """``batch`` leaves the queue for a slot: its resources held, its tasks running."""
+        hold(self._free, needs, -1)
+        for record, _ in batch:
+            self._running.add(record.task_id)
+            if child is not None:
+                self._where[record.task_id] = child
+        if batch[0][0].ahead:
+            self._log.append(batch[0][0].task_id)  # the broker waits to hear that it started
+
+    def _loop(self, index: int, child) -> None:
         if child is not None:
             try:
                 child.start()  # boots while the worker announces itself
@@ -170,30 +218,36 @@ class Runner:
                 log.exception("process_slot_start_failed", slot=child.index)
         while True:
             with self._cond:
-                needs = self._startable()
-                while needs is None and not self._closing:
+                handed = self._handed.pop(index, None)
+                needs = None if handed else self._startable()
+                while handed is None and needs is None and not self._closing:
                     self._idle += 1
-                    self._cond.wait()
+                    self._waiting.append(index)
+                    self._waits[index].wait()
                     self._idle -= 1
-                    needs = self._startable()
-                if self._closing:
+                    if index in self._waiting:
+                        self._waiting.remove(index)
+                    handed = self._handed.pop(index, None)
+                    needs = None if handed else self._startable()
+                if handed is not None:
+                    batch, needs = handed
+                    in_child = True
+                elif self._closing:
                     return
-                batch = [self._pending.popleft()]
-                in_child = child is not None and self._in_child(batch[0][0].name)
-                if in_child:
-                    self._extend(batch, needs, child)
-                hold(self._free, needs, -1)
-                for record, _ in batch:
-                    self._running.add(record.task_id)
+                else:
+                    batch = [self._pending.popleft()]
+                    in_child = child is not None and self._in_child(batch[0][0].name)
                     if in_child:
-                        self._where[record.task_id] = child
-                if batch[0][0].ahead:
-                    self._log.append(batch[0][0].task_id)  # the broker waits to hear that it started
+                        self._extend(batch, needs, child, self._idle)
+                    self._take(batch, needs, child if in_child else None)
                 if self._pending:
-                    self._cond.notify()  # the next one may fit too
+                    self._notify_one()  # the next one may fit too
             if in_child:
                 try:
-                    child.run(batch, self._emit, self._give_back)
+                    if handed is not None:
+                        child.collect(batch, self._emit, self._give_back)
+                    else:
+                        child.run(batch, self._emit, self._give_back)
                 except Exception as exc:  # a bug here must cost these tasks, never the slot
                     log.exception("process_slot_failed", slot=child.index)
                     for record, _ in batch:
@@ -207,11 +261,11 @@ class Runner:
                     hold(self._free, needs, +1)
                 else:
                     self._free = dict(self._resources)  # idle: exactly what it offers
-                self._cond.notify()
+                self._notify_one()
 
-    def _extend(self, batch: list, needs: dict, child) -> None:
-        """Add the short tasks sent ahead right behind the first, leaving idle slots their share."""
-        share = -(-(len(self._pending) + 1) // (self._idle + 1))
+    def _extend(self, batch: list, needs: dict, child, idle: int) -> None:
+        """Add the short tasks sent ahead right behind the first, leaving ``idle`` other slots their share."""
+        share = -(-(len(self._pending) + 1) // (idle + 1))
         limit = min(child.room(), share)
         while len(batch) < limit and self._pending:
             record = self._pending[0][0]
@@ -228,7 +282,7 @@ class Runner:
                 self._running.discard(record.task_id)
                 self._where.pop(record.task_id, None)
             self._pending.extendleft(reversed(tasks))
-            self._cond.notify_all()
+            self._notify_all()
 
     def _emit(self, entry: DoneRecord, frames: list, started: DispatchRecord | None = None) -> None:
         """A task's outcome into the log; ``started``: the next task of its batch, starting now."""

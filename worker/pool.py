@@ -142,18 +142,42 @@ class ProcessSlot:
             return
         if not self._idle_child_alive():
             self._replace("died while idle")
-        self._seq += 1
-        tasks, inline = self._pack(batch)
         try:
-            self._channel.send(["run", self._seq, self._arena_change, tasks], inline)
+            self._send_batch(batch)
         except OSError:
             self._replace("died before it got its tasks")
             give_back(batch)
             return
+        self.collect(batch, emit, give_back)
+
+    def send_now(self, batch: list) -> bool:
+        """Send ``batch`` to an idle child from the caller's thread (the worker's socket thread, while
+        this slot's thread waits), so the child starts without waiting for that thread; ``collect``
+        on the slot thread follows. False (nothing sent) where the slot thread must see to it: no
+        child, the child said something or died while idle, or an argument goes through the arena."""
+        if self._closed or self._proc is None:
+            return False
+        if any(_nbytes(f) >= SHM_MIN_BYTES for _, frames in batch for f in frames):
+            return False
+        if select.select([self._channel.fileno()], [], [], 0)[0]:
+            return False  # its hello, or its end: read on the slot thread
+        try:
+            self._send_batch(batch)
+        except OSError:
+            return False  # the child is gone: run() on the slot thread replaces it and sends again
+        return True
+
+    def collect(self, batch: list, emit, give_back) -> None:
+        """Report the outcomes of ``batch``, sent to the child last."""
         self._collect(list(batch), emit, give_back)
         with self._lock:
             for record, _ in batch:
                 self._kills.pop(record.task_id, None)
+
+    def _send_batch(self, batch: list) -> None:
+        self._seq += 1
+        tasks, inline = self._pack(batch)
+        self._channel.send(["run", self._seq, self._arena_change, tasks], inline)
 
     def _pack(self, batch: list) -> tuple[list, list]:
         """Task records for the child; large frames copied into the arena, small ones inline."""

@@ -251,5 +251,4 @@ class Worker:
         if self._stopping:
             self._send(Message(Command.RETURN, {"ids": [record.task_id for record, _ in batch]}))
             return
-        for record, frames in batch:
-            self.runner.submit(record, frames)
+        self.runner.submit_all(batch)
