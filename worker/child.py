@@ -67,6 +67,7 @@ def child_main(sock, modules: list, max_tasks: int, max_memory_bytes: int, progr
     tune_gc()  # a child allocates a few containers per task and frees them at once, as the broker does
     child = _Child(Channel(sock), progress)
     child.send(["hello", os.getpid()])
+    threading.Thread(target=child.read_while_watched, name="channel-reader", daemon=True).start()
     arena = None
     ran = 0
     while True:
@@ -117,7 +118,6 @@ class _Child:
         self._read_lock = threading.Lock()
         self._watching = threading.Event()  #: the reader thread reads while set
         self._unwatch_r, self._unwatch_w = os.pipe()  #: ends the reader's wait on the channel
-        self._reader: threading.Thread | None = None
         self._seq = None  #: the batch being run (seqs increase)
         self._next = 0  #: how many of its tasks were started
         self._finished = 0  #: the last batch run to its end
@@ -193,15 +193,13 @@ class _Child:
     def watch(self, on: bool) -> None:
         """Have the reader thread answer releases while this batch runs (``on``), or stop it."""
         if on:
-            if self._reader is None:
-                self._reader = threading.Thread(target=self._read_while_watched, name="channel-reader", daemon=True)
-                self._reader.start()
             self._watching.set()
         elif self._watching.is_set():
             self._watching.clear()
             os.write(self._unwatch_w, b"x")
 
-    def _read_while_watched(self) -> None:
+    def read_while_watched(self) -> None:
+        """The reader thread's loop (started with the child, so a batch need not wait for it)."""
         sock = self.channel.fileno()
         while True:
             self._watching.wait()
