@@ -172,8 +172,8 @@ def test_task_events_feed_the_window_and_the_metrics():
 
 def test_a_stream_filters_a_batch_that_straddles_what_it_has():
     stream = Stream(after=5)
-    stream.put(Batch([(4, "id: 4\n\n"), (5, "id: 5\n\n"), (6, "id: 6\n\n")]))
-    stream.put(Batch([(7, "id: 7\n\n")]))
+    stream.put(Batch([(4, b"id: 4\n\n"), (5, b"id: 5\n\n"), (6, b"id: 6\n\n")]))
+    stream.put(Batch([(7, b"id: 7\n\n")]))
     assert ids(stream.take()) == [6, 7]
 
 
