@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from client.errors import BrokerUnavailable, GridqError, TaskError
 from client.web.auth import AuthError, Tokens, TokensError, bearer
 from client.web.gateway import refusal
+from client.web.models import BodyError, TaskIn, TaskSpec, _plain, parse_tasks
 from client.web.tasks import TaskWindow, to_json
 
 
@@ -70,3 +74,35 @@ def test_values_json_cannot_carry_are_converted():
 
     assert to_json({1: np.arange(3), "b": b"\x00\x01", "f": float("nan"), "t": (1, 2)}) == {
         "1": [0, 1, 2], "b": {"base64": "AAE="}, "f": "nan", "t": [1, 2]}
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=5),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                     max_leaves=6)
+_field = st.sampled_from(["task", "args", "kwargs", "resources", "priority", "retries", "timeout", "key", "extra"])
+_value = st.one_of(_json, st.sampled_from(["noop", "", "x" * 300, 0, 7, 7.0, -(2**31), 2**31, 2**31 + 1, 100, 101, 0.5,
+                                           -1.0, 1e9, [], [1, "a"], {}, {"a": 1}, {"cpu": 1}, True, "7"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(_field, _value, max_size=5))
+def test_the_quick_check_passes_only_what_pydantic_passes_with_the_same_values(item):
+    """parse_tasks' cheap pass for the usual task never lets through what TaskIn would refuse, nor
+    changes a value; anything it is unsure of goes to pydantic (whose 422 names the field)."""
+    plain = _plain(item)
+    try:
+        model = TaskIn.model_validate(item)
+    except ValidationError:
+        assert plain is None
+        return
+    if plain is not None:
+        assert {f: getattr(plain, f) for f in TaskSpec._fields} == {f: getattr(model, f) for f in TaskSpec._fields}
+
+
+def test_a_batch_with_one_unusual_task_is_judged_whole_by_pydantic():
+    tasks, batch = parse_tasks([{"task": "noop"}] * 3 + [{"task": "noop", "priority": 7.0}])
+    assert batch and [t.priority for t in tasks] == [0, 0, 0, 7] and all(isinstance(t, TaskIn) for t in tasks)
+    tasks, _ = parse_tasks([{"task": "noop", "args": [1]}] * 3)
+    assert all(isinstance(t, TaskSpec) for t in tasks) and tasks[0].args == [1]
+    with pytest.raises(BodyError, match=r"body\[2\]\.priority"):
+        parse_tasks([{"task": "noop"}] * 2 + [{"task": "noop", "priority": "7"}])

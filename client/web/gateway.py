@@ -8,16 +8,16 @@ import time
 from dataclasses import dataclass
 
 from broker.logs import get_logger
-from broker.protocol import EncodeError, pack_value
+from broker.protocol import EncodeError
 from client.errors import BrokerUnavailable, GridqError, TaskError
 from client.state import DEFAULT_EVENTS, SILENT_AFTER_S
 from client.web.auth import Tokens
 from client.web.events import EventHub
 from client.web.metrics import Metrics
-from client.web.models import TaskIn
+from client.web.models import TaskSpec
 from client.web.tasks import DEFAULT_WINDOW, TaskWindow
 
-from client.aio import AsyncClient
+from client.aio import _PENDING, AsyncClient, AsyncFuture
 from client.follow import follow_batches
 
 log = get_logger(__name__)
@@ -99,40 +99,103 @@ class Gateway:
             return False, str(exc)
         return True, "answers"
 
-    async def submit(self, tasks: list[TaskIn], batch: bool) -> list[str]:
-        """Submit and wait until the broker accepted every task (journaled, where it keeps a journal)."""
-        for index, t in enumerate(tasks):  # all checked before any is sent: one bad task refuses them all
-            where = f"body[{index}]" if batch else "body"
-            clash = SUBMIT_OPTIONS.intersection(t.kwargs)
+    async def submit(self, tasks: list[TaskSpec], batch: bool) -> list[str]:
+        """Submit and wait until the broker accepted every task (journaled, where it keeps a journal).
+        One bad task refuses them all: every task is checked and packed before any is queued."""
+        where = (lambda index: f"body[{index}]") if batch else (lambda index: "body")
+        for index, t in enumerate(tasks):
+            clash = SUBMIT_OPTIONS.intersection(t.kwargs) if t.kwargs else None
             if clash:
-                raise ApiError(422, "ValidationError", f"{where}.kwargs.{min(clash)}: a keyword argument of this "
-                                                       "name cannot be passed (it is a submit option)")
-            try:
-                pack_value([t.args, t.kwargs])
-            except (EncodeError, ValueError, TypeError, OverflowError) as exc:
-                raise ApiError(422, "ValidationError", f"{where}.args: cannot be sent to a worker: {exc}") from None
-        futures = []
-        for t in tasks:
-            futures.append(self.client.submit(t.task, *t.args, resources=t.resources, priority=t.priority,
-                                              retries=t.retries, timeout=t.timeout, key=t.key, **t.kwargs))
+                raise ApiError(422, "ValidationError", f"{where(index)}.kwargs.{min(clash)}: a keyword argument of "
+                                                       "this name cannot be passed (it is a submit option)")
+        try:
+            futures, accepted = self.client.submit_batch(tasks)
+        except BadTask as exc:
+            raise ApiError(422, "ValidationError", f"{where(exc.index)}.args: cannot be sent to a worker: "
+                                                   f"{exc.__cause__}") from None
+        self.window.submitted(futures, tasks)
         async with self.hub.hold():  # the acceptance first; the events of the tasks can wait a moment
-            outcome = await self.ask(asyncio.gather(*(f.accepted for f in futures), return_exceptions=True))
-        for f, t in zip(futures, tasks):
-            self.window.submitted(f, t.task)
-        for index, result in enumerate(outcome):
-            if isinstance(result, BaseException):
-                raise refusal(result, f"body[{index}]" if batch else "body") from None
+            await self.ask(accepted)
+        for index, f in enumerate(futures):
+            if f._accept is not None:  # refused: the first one in order answers
+                raise refusal(f._accept, where(index)) from None
         return [f.task_id for f in futures]
 
     async def cancel(self, task_id: str, terminate: bool) -> bool:
         return bool(await self.ask(self.client.cancel(task_id, terminate=terminate)))
 
 
+class BadTask(ValueError):
+    """A task of a batch that cannot be sent (its ``index``; the reason is its ``__cause__``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.index = index
+
+
+class Acceptance:
+    """A batch's acceptance: one asyncio future that resolves once the broker has answered for every
+    task (accepted or refused), not a future per task and a gather of them."""
+
+    __slots__ = ("left", "done")
+
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.left = count
+        self.done = loop.create_future()
+
+    def answered(self) -> None:
+        self.left -= 1
+        if not self.left and not self.done.done():
+            self.done.set_result(None)
+
+
+class BatchFuture(AsyncFuture):
+    """An AsyncFuture whose acceptance counts towards its batch's."""
+
+    __slots__ = ("_batch",)
+
+    def __init__(self, client: "GatewayClient", task_id: str, loop: asyncio.AbstractEventLoop, batch: Acceptance) -> None:
+        super().__init__(client, task_id, loop)
+        self._batch = batch
+
+    def _set_accepted(self, error: Exception | None) -> None:
+        if self._accept is _PENDING:
+            super()._set_accepted(error)
+            self._batch.answered()
+
+
 class GatewayClient(AsyncClient):
     """The gateway's AsyncClient: a 10,000-task POST goes out in 5 SUBMITs, not 20, so its acceptance
-    takes 2 round trips (4 in flight), not 5; encoding one takes ~10 ms of the loop, fine here."""
+    takes 2 round trips (4 in flight), not 5; encoding one takes ~10 ms of the loop, fine here.
+    ``submit_batch`` submits a POST's tasks at once: each packed once, all or none queued."""
 
     SUBMIT_BATCH = 2000
+
+    def submit_batch(self, tasks: list[TaskSpec]) -> tuple[list[BatchFuture], asyncio.Future]:
+        """Queue ``tasks`` (all sent with the next flush); returns their futures and one future that
+        resolves once the broker has answered for all of them (each future's ``_accept`` then says
+        None, accepted, or the error that refused it). BadTask, and nothing queued, where one of them
+        cannot be sent."""
+        loop = self._start()
+        engine = self._engine
+        made = []
+        for index, t in enumerate(tasks):
+            try:
+                made.append(engine.make_task(t.task, t.args, t.kwargs, resources=t.resources, priority=t.priority,
+                                             retries=t.retries, timeout=t.timeout, key=t.key))
+            except (EncodeError, ValueError, TypeError, OverflowError) as exc:
+                raise BadTask(index) from exc
+        acceptance = Acceptance(len(made), loop)
+        futures = []
+        for record, frames in made:
+            future = BatchFuture(self, record.task_id, loop, acceptance)
+            engine.submit(future, record, frames)
+            futures.append(future)
+        if engine.lone_submit and not self._flush_due:
+            self._flush()  # a lone task: out now, not after a turn of the loop
+        else:
+            self._flush_soon()
+        return futures, acceptance.done
 
 
 def refusal(exc: BaseException, where: str) -> ApiError:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, NamedTuple, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
@@ -126,21 +126,67 @@ class BodyError(ValueError):
     """A request body that cannot be accepted; ``field`` names where, for the 422 message."""
 
 
-def parse_tasks(body: Any) -> tuple[list[TaskIn], bool]:
-    """Validate a POST /api/tasks body: one object or an array of them. Returns (tasks, was_array)."""
+class TaskSpec(NamedTuple):
+    """A task that passed TaskIn's rules: what the gateway submits (TaskIn's fields, read the same way)."""
+
+    task: str
+    args: list = []
+    kwargs: dict = {}
+    resources: Optional[dict] = None
+    priority: int = 0
+    retries: Optional[int] = None
+    timeout: Optional[float] = None
+    key: Optional[str] = None
+
+
+_FIELDS = frozenset(TaskIn.model_fields)
+
+
+def _plain(item: dict) -> TaskSpec | None:
+    """``item`` as a TaskSpec where it plainly meets TaskIn's rules (the usual task: a name, arguments,
+    perhaps a priority, retries, a timeout or a key), in a few type checks; None where pydantic must
+    judge it (and word the 422). What passes here pydantic would pass too, with the same values."""
+    if not item.keys() <= _FIELDS:
+        return None
+    task, args, kwargs = item.get("task"), item.get("args", []), item.get("kwargs", {})
+    if type(task) is not str or not 0 < len(task) <= MAX_NAME_LEN or type(args) is not list or type(kwargs) is not dict:
+        return None
+    if len(item) == 1 + ("args" in item) + ("kwargs" in item):
+        return TaskSpec(task, args, kwargs)  # nothing else: the common case
+    priority, retries, timeout, key = (item.get("priority", 0), item.get("retries"), item.get("timeout"),
+                                       item.get("key"))
+    if (item.get("resources") is not None or type(priority) is not int or not PRIORITY_MIN <= priority <= PRIORITY_MAX
+            or retries is not None and (type(retries) is not int or not 0 <= retries <= MAX_RETRIES)
+            or timeout is not None and (type(timeout) is not float or not 0 < timeout <= MAX_TIMEOUT_S)
+            or key is not None and (type(key) is not str or not 0 < len(key) <= MAX_NAME_LEN)):
+        return None
+    return TaskSpec(task, args, kwargs, None, priority, retries, timeout, key)
+
+
+def parse_tasks(body: Any) -> tuple[list, bool]:
+    """Validate a POST /api/tasks body: one object or an array of them. Returns (tasks, was_array):
+    TaskSpecs, where every task plainly meets the rules (one cheap pass), else TaskIns (pydantic)."""
     if isinstance(body, list):
         if not body:
             raise BodyError("body: an array of tasks must hold at least one task")
         if len(body) > MAX_BATCH:
             raise BodyError(f"body: an array holds at most {MAX_BATCH} tasks, got {len(body)}")
+        plain = []
         for index, item in enumerate(body):
             if not isinstance(item, dict):
                 raise BodyError(f"body[{index}]: must be a JSON object with at least \"task\", got {type(item).__name__}")
+            spec = _plain(item)
+            if spec is None:
+                break
+            plain.append(spec)
+        else:
+            return plain, True
         try:  # one call for the whole array: its errors carry the index first in their location
             return _batch_adapter.validate_python(body), True
         except ValidationError as exc:
             raise BodyError(describe(exc, "body")) from None
-    return [_validate(body, "")], False
+    spec = _plain(body) if isinstance(body, dict) else None
+    return [spec or _validate(body, "")], False
 
 
 def _validate(item: Any, where: str) -> TaskIn:
@@ -160,5 +206,5 @@ def describe(exc: ValidationError, prefix: str) -> str:
     return f"{path}: {err['msg']}" + (f" (and {more} more problem{'s' * (more > 1)})" if more else "")
 
 
-__all__ = ["TaskIn", "Accepted", "ErrorOut", "TaskOut", "TaskList", "Cancelled", "Health", "Status", "BodyError",
+__all__ = ["TaskIn", "TaskSpec", "Accepted", "ErrorOut", "TaskOut", "TaskList", "Cancelled", "Health", "Status", "BodyError",
            "parse_tasks", "describe", "MAX_BATCH", "MAX_RESOURCE_QTY"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import math
 import time
 from collections import OrderedDict
@@ -53,8 +54,8 @@ class TaskRecord:
         out = self.summary()
         if self.state in FINAL:
             if self.state == "succeeded" and self.via == "http":
-                out["result"] = self.result
-            out["info"] = self.info
+                out["result"] = to_json(self.result)  # converted when read, not for every result that comes
+            out["info"] = to_json(self.info)
         return out
 
 
@@ -88,22 +89,29 @@ class TaskWindow:
 
     # ------------------------------------------------------------ feeding
 
-    def submitted(self, future, name: str) -> TaskRecord:
-        """A task submitted through the gateway: its future brings the result."""
-        record = self._tasks.get(future.task_id) or self._add(future.task_id, name, "http")
-        record.via = "http"
-        record.submitted_at = record.submitted_at or time.time()
-        future.add_done_callback(lambda f: self._settle(record, f))
-        return record
+    def submitted(self, futures: list, tasks: list) -> None:
+        """Tasks submitted through the gateway (their futures, and what was submitted: ``.task`` is the
+        name): each future brings its task's result."""
+        now, context, settle = time.time(), contextvars.copy_context(), self._settled  # one context for all
+        for future, t in zip(futures, tasks):
+            record = self._tasks.get(future.task_id) or self._add(future.task_id, t.task, "http")
+            record.via = "http"
+            record.submitted_at = record.submitted_at or now
+            future.add_done_callback(settle, context=context)
+
+    def _settled(self, future) -> None:
+        record = self._tasks.get(future.task_id)
+        if record is not None:  # else forgotten already (the window moved on)
+            self._settle(record, future)
 
     def _settle(self, record: TaskRecord, future) -> None:
-        record.info = to_json(future.info) if future.info else record.info
+        record.info = future.info or record.info
         if future.cancelled():
             self._finish(record, "cancelled")
             return
         exc = future.exception()
         if exc is None:
-            record.result = to_json(future.result())
+            record.result = future.result()
             self._finish(record, "succeeded")
         elif isinstance(exc, TaskError):
             record.error = {"type": exc.type, "message": exc.message, "traceback": exc.traceback}
