@@ -200,18 +200,13 @@ class EventHub:
                     if not self._released.is_set() and time.monotonic() < self._hold_until:
                         await self._held()
                     self.heard_at = time.monotonic()
-                    for handled, (topic, fields) in enumerate(batch, 1):
-                        if topic == "snapshot":
-                            self._on_snapshot(fields)
-                            retry_s = RETRY_MIN_S
-                        else:
-                            if self.link != "live":
-                                self._set_link("live")
-                            self._on_item(topic, fields)
-                        if handled % YIELD_EVERY == 0:
+                    for start in range(0, len(batch), YIELD_EVERY):
+                        if start:
                             # a flood arrives in runs of thousands without a real await between them:
                             # let HTTP requests and the client's own replies in between
                             await asyncio.sleep(0)
+                        if self._on_items(batch[start:start + YIELD_EVERY] if len(batch) > YIELD_EVERY else batch):
+                            retry_s = RETRY_MIN_S
             except asyncio.CancelledError:
                 raise
             except (GridqError, TimeoutError, zmq.ZMQError) as exc:
@@ -274,27 +269,42 @@ class EventHub:
         self.head = seq
         self._set_link("live")
 
-    def _on_item(self, topic: str, ev: dict) -> None:
-        seq = ev["seq"]
-        entry = [seq, topic, ev, None]  # encoded only if a stream needs it: no browser open costs no JSON
-        self.ring.append(entry)
-        self.head = seq
-        self._counts[topic] = self._counts.get(topic, 0) + 1
-        if topic == "task.succeeded":
-            run_s = ev.get("run_s")
-            if isinstance(run_s, (int, float)):
-                self._run_times.append(run_s)
-        elif topic == "broker.stats" and self.metrics is not None:
-            self.metrics.state(ev)
-        if self._on_event is not None:
-            self._on_event(topic, ev)
-        if self.streams:
-            self._pending.append(entry)
+    def _on_items(self, items: list) -> bool:
+        """Events ``(topic, fields)`` in order (snapshot items among them): into the ring, the counts,
+        the window and the streams' next batch; one loop with the per-event work inline, the flush
+        decided once. True where a snapshot came."""
+        snapshot = False
+        ring_append, counts, run_times, on_event = self.ring.append, self._counts, self._run_times, self._on_event
+        pending = self._pending.append if self.streams else None
+        for topic, ev in items:
+            if topic == "snapshot" or self.link != "live":  # both flush: the streams' next batch is a new list
+                if topic == "snapshot":
+                    self._on_snapshot(ev)
+                    snapshot = True
+                    pending = self._pending.append if self.streams else None
+                    continue
+                self._set_link("live")
+                pending = self._pending.append if self.streams else None
+            entry = [ev["seq"], topic, ev, None]  # encoded only if a stream needs it: no browser open costs no JSON
+            ring_append(entry)
+            self.head = entry[0]
+            counts[topic] = counts.get(topic, 0) + 1
+            if topic == "task.succeeded":
+                run_s = ev.get("run_s")
+                if isinstance(run_s, (int, float)):
+                    run_times.append(run_s)
+            elif topic == "broker.stats" and self.metrics is not None:
+                self.metrics.state(ev)
+            if on_event is not None:
+                on_event(topic, ev)
+            if pending is not None:
+                pending(entry)
         if len(self._pending) >= BATCH_EVENTS or len(self._run_times) >= BATCH_EVENTS:
             self._flush()
-        elif self._flush_handle is None:
+        elif self._flush_handle is None and (self._pending or self._counts):
             loop = asyncio.get_running_loop()
             self._flush_handle = loop.call_later(self.tick_s, self._flush) if self.tick_s else loop.call_soon(self._flush)
+        return snapshot
 
     def _flush(self) -> None:
         if self._flush_handle is not None:

@@ -27,7 +27,7 @@ _EVENT_STATE = {"task.submitted": "queued", "task.started": "running", "task.suc
                 "task.failed": "failed", "task.retried": "queued", "task.cancelled": "cancelled"}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class TaskRecord:
     task_id: str
     name: str
@@ -80,9 +80,10 @@ class TaskWindow:
 
     def _add(self, task_id: str, name: str, via: str) -> TaskRecord:
         self._order += 1
-        record = self._tasks[task_id] = TaskRecord(task_id, name, self._order, via)
-        while len(self._tasks) > self.size:
-            _, old = self._tasks.popitem(last=False)
+        tasks = self._tasks
+        record = tasks[task_id] = TaskRecord(task_id, name, self._order, via)
+        while len(tasks) > self.size:
+            _, old = tasks.popitem(last=False)
             if old.done is not None:
                 old.done.set()  # a waiter on a forgotten task answers with what it has
         return record
@@ -132,35 +133,39 @@ class TaskWindow:
             record.done.set()
 
     def event(self, topic: str, ev: dict) -> None:
-        """One task event off the stream."""
+        """One task event off the stream (called for every event: kept to a few lookups)."""
         state = _EVENT_STATE.get(topic)
+        if state is None:
+            return
         task_id = ev.get("task_id")
-        if state is None or not isinstance(task_id, str):
+        if type(task_id) is not str:
             return
         record = self._tasks.get(task_id)
         if record is None:
-            if topic != "task.submitted":
-                return  # submitted before the window saw it (or already forgotten)
-            record = self._add(task_id, str(ev.get("name", "")), "events")
+            if topic == "task.submitted":  # else submitted before the window saw it (or already forgotten)
+                record = self._add(task_id, str(ev.get("name", "")), "events")
+                record.submitted_at = ev.get("ts")
+                record.worker = ev.get("worker")
+            return
         if topic == "task.submitted":
             record.submitted_at = ev.get("ts") or record.submitted_at
         if record.state in FINAL:
             return  # the future said so first; events do not move a finished task back
         if "worker" in ev:
             record.worker = ev["worker"]
+        if state not in FINAL:
+            record.state = state
+            return
         if topic == "task.succeeded":
             record.run_s = ev.get("run_s")
-        if record.via == "http" and state in FINAL:
+        if record.via == "http":
             record.state = state  # shown at once; the future brings result and info
             return
         if topic == "task.failed":
             record.error = {"type": str(ev.get("error_type", "Error")), "message": str(ev.get("error", "")),
                             "traceback": ""}
-        if state in FINAL:
-            record.info = {"worker": record.worker, "run_s": record.run_s}
-            self._finish(record, state)
-        else:
-            record.state = state
+        record.info = {"worker": record.worker, "run_s": record.run_s}
+        self._finish(record, state)
 
     # ------------------------------------------------------------ reading
 
