@@ -109,8 +109,7 @@ def gateway_rate(base: str, frontend: str, n: int, web: subprocess.Popen, batch:
     """POST n no-ops in arrays of ``batch``; accepted rate, and end-to-end until all are done; each
     POST's time, and the gateway's CPU seconds over the run."""
     before = done_count(frontend)
-    cpu = psutil.Process(web.pid)
-    cpu_before = sum(cpu.cpu_times()[:2])
+    cpu_before = gateway_cpu_s(web)
     each = []
     with httpx.Client(base_url=base, timeout=60) as http:
         body = json.dumps([{"task": "noop"}] * batch).encode()
@@ -129,7 +128,7 @@ def gateway_rate(base: str, frontend: str, n: int, web: subprocess.Popen, batch:
         wait_for(lambda: c.status()["done"] - before >= n, 300, "gateway tasks done")
     total_s = time.perf_counter() - started
     return {"first_batch_accepted_s": first_batch_s, "batches_accepted_s": each, "accepted_per_s": n / accepted_s,
-            "done_per_s": n / total_s, "gateway_cpu_s_per_10k": round((sum(cpu.cpu_times()[:2]) - cpu_before) * 10_000 / n, 2)}
+            "done_per_s": n / total_s, "gateway_cpu_s_per_10k": round((gateway_cpu_s(web) - cpu_before) * 10_000 / n, 2)}
 
 
 async def _read_streams(base: str, count: int, out: str, max_s: float = 600.0) -> None:
@@ -174,6 +173,15 @@ def streams_open(base: str) -> float:
         if line.startswith("gridq_web_event_streams "):
             return float(line.split()[-1])
     return 0.0
+
+
+def gateway_cpu_s(proc: subprocess.Popen) -> float:
+    return sum(psutil.Process(proc.pid).cpu_times()[:2])
+
+
+def status_seq(frontend: str) -> int:
+    with Client(frontend) as c:
+        return c.status()["seq"]
 
 
 def rss_mib(proc: subprocess.Popen) -> float:
@@ -240,6 +248,7 @@ def main() -> int:
             try:
                 wait_for(lambda: streams_open(base) >= 50, 120, "50 streams")
                 rss_before = rss_mib(web)
+                cpu_before, seq_before = gateway_cpu_s(web), status_seq(frontend)
                 rates, rss_samples = [], []
                 began = time.monotonic()
                 end = began + stream_s
@@ -247,6 +256,9 @@ def main() -> int:
                     rates.append(map_rate(frontend, n_map // 4))
                     rss_samples.append((round(time.monotonic() - began), round(rss_mib(web), 1)))
                 results["map_per_s_50_streams"] = sum(rates) / len(rates)
+                # the gateway's CPU per event the broker published meanwhile: less noisy than a rate on a shared box
+                results["gateway_cpu_us_per_event_50_streams"] = round(
+                    (gateway_cpu_s(web) - cpu_before) * 1e6 / max(status_seq(frontend) - seq_before, 1), 1)
                 results["gateway_rss_mib_50_streams"] = [round(rss_before, 1), round(rss_mib(web), 1)]
                 results["gateway_rss_mib_samples"] = rss_samples[:: max(1, len(rss_samples) // 20)]
                 later = [rss for t, rss in rss_samples if t >= stream_s / 3]  # after a third: warm
@@ -274,7 +286,8 @@ def main() -> int:
     print(f"gateway: {r['accepted_per_s']:,.0f} tasks/s accepted, {r['done_per_s']:,.0f} tasks/s done; "
           f"Client.map {r['map_per_s_gateway_idle']:,.0f} tasks/s (ratio {r['done_per_s'] / r['map_per_s_gateway_idle']:.2f})")
     print(f"broker with 50 SSE streams: {r['map_per_s_50_streams']:,.0f} tasks/s vs {r['map_per_s_no_gateway']:,.0f} "
-          f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x)")
+          f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x); the gateway's CPU meanwhile: "
+          f"{r['gateway_cpu_us_per_event_50_streams']} us per event; the streams read {r['streams']['bytes'] / 1e6:,.0f} MB")
     print(f"gateway RSS while the 50 streams read {stream_s:.0f} s: {r['gateway_rss_mib_50_streams'][0]} -> "
           f"{r['gateway_rss_mib_50_streams'][1]} MiB; growth after the first third: "
           f"{r['gateway_rss_growth_after_warm_mib']} MiB; samples (s, MiB): {r['gateway_rss_mib_samples']}")
