@@ -194,3 +194,32 @@ def test_events_wait_while_a_submission_awaits_acceptance_but_never_past_the_hol
         await hub.close()
 
     run(main())
+
+
+def test_events_after_a_snapshot_in_the_same_read_are_counted():
+    """One read may carry a snapshot (the stream broke) and the events that follow it: those are
+    counted in the metrics and reach the streams too (the snapshot's flush starts new counts)."""
+    async def main():
+        feed = Feed()
+        batches: asyncio.Queue = asyncio.Queue()
+
+        async def source():
+            while True:
+                yield await batches.get()
+
+        hub = EventHub(source, feed.status, metrics=Metrics(), tick_s=0)
+        hub.start()
+        await batches.put([("snapshot", {"seq": 0, "snapshot": await feed.status()})])
+        await settle()
+        stream, _ = hub.resume(0)
+        succeeded = [(e.pop("topic"), e) for e in (ev(s, "task.succeeded", run_s=0.01) for s in (1, 11, 12))]
+        snap = {"seq": 10, "snapshot": {**await feed.status(), "seq": 10, "done": 3}, "missed": {"succeeded": 2}}
+        await batches.put(succeeded[:1] + [("snapshot", snap)] + succeeded[1:])
+        await settle()
+        metrics = hub.metrics.render().decode()
+        assert 'gridq_tasks_total{event="succeeded"} 5.0' in metrics  # 1 + 2 missed + 2 after the snapshot
+        assert "gridq_task_run_seconds_count 3.0" in metrics
+        assert ids(stream.take()) == [1, 10, 11, 12]
+        await hub.close()
+
+    run(main())

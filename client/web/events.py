@@ -277,14 +277,17 @@ class EventHub:
         ring_append, counts, run_times, on_event = self.ring.append, self._counts, self._run_times, self._on_event
         pending = self._pending.append if self.streams else None
         for topic, ev in items:
-            if topic == "snapshot" or self.link != "live":  # both flush: the streams' next batch is a new list
+            if topic == "snapshot" or self.link != "live":
                 if topic == "snapshot":
                     self._on_snapshot(ev)
                     snapshot = True
-                    pending = self._pending.append if self.streams else None
-                    continue
-                self._set_link("live")
+                else:
+                    self._set_link("live")
+                # both may flush, which starts new counts and a new batch for the streams
+                counts, run_times = self._counts, self._run_times
                 pending = self._pending.append if self.streams else None
+                if topic == "snapshot":
+                    continue
             entry = [ev["seq"], topic, ev, None]  # encoded only if a stream needs it: no browser open costs no JSON
             ring_append(entry)
             self.head = entry[0]
