@@ -39,11 +39,10 @@ import time
 from collections import deque
 from typing import Callable, Iterator
 
-import msgspec
 import zmq
 
 from broker.logs import get_logger
-from broker.protocol import DEFAULT_EVENTS
+from broker.protocol import DEFAULT_EVENTS, ProtocolError, read_events
 from client.errors import GridqError
 from client.model import ClusterModel, RunningTask, WorkerView
 
@@ -60,10 +59,6 @@ EVENTS_HWM = 200_000
 POLL_BATCH = 5000
 #: topics a state needs (everything the broker publishes)
 TOPICS = ("task.", "worker.", "broker.")
-
-#: an event message's body: a map, or an array of maps in seq order (broker.protocol.read_events's
-#: rule), decoded and checked in one call at half msgpack's cost: the gateway's main cost per event
-_read_events = msgspec.msgpack.Decoder(dict | list[dict]).decode
 
 
 def events_address_for(frontend: str) -> str:
@@ -309,11 +304,9 @@ class StreamState(ClusterModel):
             except ValueError:  # not two frames
                 continue
             try:
-                events = _read_events(body)
-            except msgspec.DecodeError:  # not msgpack, or neither a map nor an array of maps
+                events = read_events(body)
+            except ProtocolError:
                 continue
-            if type(events) is dict:
-                events = [events]
             topic = topic.decode("ascii", "replace")
             if self._whole_run(topic, events):  # without a model, a message that continues the stream: one step
                 for fields in events:
