@@ -17,7 +17,8 @@ from client.web.metrics import Metrics
 from client.web.models import TaskSpec
 from client.web.tasks import DEFAULT_WINDOW, TaskWindow
 
-from client.aio import _PENDING, AsyncClient, AsyncFuture
+from client.aio import AsyncClient, AsyncFuture
+from client.aio_io import PENDING
 from client.follow import follow_batches
 
 log = get_logger(__name__)
@@ -159,7 +160,7 @@ class BatchFuture(AsyncFuture):
         self._batch = batch
 
     def _set_accepted(self, error: Exception | None) -> None:
-        if self._accept is _PENDING:
+        if self._accept is PENDING:
             super()._set_accepted(error)
             self._batch.answered()
 
@@ -191,10 +192,10 @@ class GatewayClient(AsyncClient):
             future = BatchFuture(self, record.task_id, loop, acceptance)
             engine.submit(future, record, frames)
             futures.append(future)
-        if engine.lone_submit and not self._flush_due:
-            self._flush()  # a lone task: out now, not after a turn of the loop
+        if engine.lone_submit and not self._io.flush_due:
+            self._io.flush()  # a lone task: out now, not after a turn of the loop
         else:
-            self._flush_soon()
+            self._io.flush_soon()
         return futures, acceptance.done
 
 
