@@ -123,13 +123,17 @@ class AsyncClient(BaseClient):
                                                 retries=retries, timeout=timeout, key=key, retry_on=retry_on,
                                                 backoff=backoff)
         future = AsyncFuture(self, record.task_id, loop)
-        engine = self._engine
-        engine.submit(future, record, frames)
-        if engine.lone_submit and not self._io.flush_due:
-            self._io.flush()  # nothing to batch it with: out now, not after a turn of the loop
-        else:
-            self._io.flush_soon()  # every submit of this loop turn goes out in one batch
+        self._engine.submit(future, record, frames)
+        self._send_submitted()
         return future
+
+    def _send_submitted(self) -> None:
+        """After ``engine.submit``: a lone task goes out now (nothing to batch it with); the
+        submits of one loop turn go out together at its end."""
+        if self._engine.lone_submit and not self._io.flush_due:
+            self._io.flush()
+        else:
+            self._io.flush_soon()
 
     async def map(self, name: str, iterable: Iterable, *, timeout: float | None = None,
                   max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, return_exceptions: bool = False,

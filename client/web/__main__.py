@@ -14,7 +14,7 @@ import sys
 import structlog
 
 from broker.logs import add_logging_flags, configure_logging
-from client.state import DEFAULT_EVENTS
+from broker.protocol import DEFAULT_EVENTS, DEFAULT_FRONTEND
 from client.web.auth import Tokens, TokensError
 from client.web.gateway import BROKER_WAIT_S, Config
 
@@ -27,7 +27,7 @@ DEFAULT_NICE = 10
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="gridq-web", description="gridq's HTTP API and live web page")
-    p.add_argument("--broker", default="tcp://127.0.0.1:5555", metavar="ADDR", help="broker frontend (clients)")
+    p.add_argument("--broker", default=DEFAULT_FRONTEND, metavar="ADDR", help="broker frontend (clients)")
     p.add_argument("--events", default=DEFAULT_EVENTS, metavar="ADDR", help="broker event (PUB) endpoint")
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"where to serve HTTP [{DEFAULT_LISTEN}]; port 0 picks a free one")

@@ -8,9 +8,9 @@ import time
 from dataclasses import dataclass
 
 from broker.logs import get_logger
-from broker.protocol import EncodeError
+from broker.protocol import DEFAULT_EVENTS, DEFAULT_FRONTEND, EncodeError
 from client.errors import BrokerUnavailable, GridqError, TaskError
-from client.state import DEFAULT_EVENTS, SILENT_AFTER_S
+from client.state import SILENT_AFTER_S
 from client.web.auth import Tokens
 from client.web.events import EventHub
 from client.web.metrics import Metrics
@@ -43,7 +43,7 @@ def unavailable(exc: Exception | None = None) -> ApiError:
 
 @dataclass
 class Config:
-    broker: str = "tcp://127.0.0.1:5555"
+    broker: str = DEFAULT_FRONTEND
     events: str = DEFAULT_EVENTS
     tokens: Tokens | None = None
     max_body_bytes: int = 16 << 20
@@ -192,10 +192,7 @@ class GatewayClient(AsyncClient):
             future = BatchFuture(self, record.task_id, loop, acceptance)
             engine.submit(future, record, frames)
             futures.append(future)
-        if engine.lone_submit and not self._io.flush_due:
-            self._io.flush()  # a lone task: out now, not after a turn of the loop
-        else:
-            self._io.flush_soon()
+        self._send_submitted()
         return futures, acceptance.done
 
 
