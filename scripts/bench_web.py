@@ -213,7 +213,7 @@ def page_figures(base: str, frontend: str, seconds: float) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller counts (about 40 s)")
     ap.add_argument("--page-seconds", type=float, default=None, help="how long the page watches a busy cluster")
     ap.add_argument("--stream-seconds", type=float, default=None,
