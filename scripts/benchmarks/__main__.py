@@ -54,7 +54,7 @@ def machine() -> dict:
 
 def parse_args(argv, names: list[str]) -> tuple[argparse.Namespace, BenchConfig]:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1 repetition, smaller runs (about 30 s)")
+    p.add_argument("--quick", action="store_true", help="1 repetition, smaller runs (about a minute)")
     p.add_argument("--reps", type=int, help="repetitions of each measurement (default 3, quick 1)")
     p.add_argument("-n", type=int, help="no-op tasks per throughput run (default 10000, quick 5000)")
     p.add_argument("--latency-n", type=int, help="round trips per latency run (default 500, quick 200)")
