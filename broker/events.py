@@ -17,9 +17,12 @@ STATS_SPAN_S = 10.0
 #: topics whose events may move within a flush to make runs of one topic (one message each). Between
 #: two events of other topics (or a snapshot) a task has at most one event of each, in this order
 #: (its lifecycle), so putting a stretch's events in this order keeps every task's own order: all its
-#: submissions, then all starts, then all results. A worker's slots may look taken twice between two
-#: messages of one flush (the next task's start comes before the last one's result); the messages of
-#: a flush leave together, and every other topic (``broker.stats`` among them) is a fixed point.
+#: submissions, then all starts, then all results. A worker's CPU slots may look taken twice between
+#: two messages of one flush (the next task's start before the last one's result; the messages leave
+#: together, and every other topic, ``broker.stats`` among them, is a fixed point). A start that takes
+#: anything else (a GPU, a named resource) never comes before the result that freed it: a stretch
+#: with one keeps each worker's events in step (``_sorted_per_worker``), so nobody counting a scarce
+#: resource from the stream ever sees it over-allocated.
 RUN_RANK = {Topic.TASK_SUBMITTED: 0, Topic.TASK_STARTED: 1, Topic.TASK_SUCCEEDED: 2, Topic.TASK_FAILED: 3}
 _SUBMITTED, _STARTED, _SUCCEEDED = Topic.TASK_SUBMITTED, Topic.TASK_STARTED, Topic.TASK_SUCCEEDED
 
@@ -184,9 +187,49 @@ def _sorted_into(ordered: list, stretch: list) -> None:
     start = len(ordered)
     buckets: tuple = ([], [], [], [])
     for event in stretch:
-        buckets[RUN_RANK[event[0]]].append(event)
+        topic, fields = event
+        if topic == _STARTED and _scarce(fields["resources"]):
+            del ordered[start:]
+            _sorted_per_worker(ordered, stretch)
+            return
+        buckets[RUN_RANK[topic]].append(event)
     for bucket in buckets:
         ordered.extend(bucket)
+    _renumber(ordered, start, seqs)
+
+
+def _scarce(resources: dict) -> bool:
+    """Whether a start takes more than CPU slots."""
+    return len(resources) > 1 or (len(resources) == 1 and "cpu" not in resources)
+
+
+def _sorted_per_worker(ordered: list, stretch: list) -> None:
+    """``stretch`` in ``RUN_RANK`` order where each worker's events keep their order: submissions
+    first, then by depth on their worker (its first event, its second, ...) and within one depth by
+    rank. Runs are only as long as the workers in the stretch: for stretches with scarce starts."""
+    seqs = [fields["seq"] for _, fields in stretch]
+    start = len(ordered)
+    levels: list = []  #: per depth, one list per rank 1..3
+    depth: dict = {}  #: worker -> its events seen so far in this stretch
+    for event in stretch:
+        rank = RUN_RANK[event[0]]
+        if rank == 0:
+            ordered.append(event)
+            continue
+        worker = event[1].get("worker")
+        k = 0 if worker is None else depth.setdefault(worker, -1) + 1
+        if worker is not None:
+            depth[worker] = k
+        if k == len(levels):
+            levels.append(([], [], []))
+        levels[k][rank - 1].append(event)
+    for level in levels:
+        for bucket in level:
+            ordered.extend(bucket)
+    _renumber(ordered, start, seqs)
+
+
+def _renumber(ordered: list, start: int, seqs: list) -> None:
     for (_, fields), seq in zip(ordered[start:], seqs):
         fields["seq"] = seq
 

@@ -593,6 +593,17 @@ def test_a_flush_publishes_runs_of_one_topic_with_seqs_in_order_and_each_task_in
                                                                             ("task.succeeded", 4)]
 
 
+def _one_slot_log(sent: list, blob: bytes) -> list:
+    """A one-slot worker's DONE log for ``sent`` (the first already running): a result, the next
+    task's start, its result, ..."""
+    log = []
+    for i, t in enumerate(sent):
+        if i:
+            log.append(t)
+        log.append([t, True, blob, 0, 0.0001])
+    return log
+
+
 def test_one_workers_alternating_results_and_starts_go_out_as_two_messages_each_task_in_order(h):
     from broker.events import runs
 
@@ -603,12 +614,7 @@ def test_one_workers_alternating_results_and_starts_go_out_as_two_messages_each_
     assert sent == ids[: len(sent)] and len(sent) >= 3
     h.events.clear()
     blob, _ = pack_value(None)
-    log = []  # a one-slot worker's report: a result, the next task's start, its result, ...
-    for i, t in enumerate(sent):
-        if i:
-            log.append(t)
-        log.append([t, True, blob, 0, 0.0001])
-    h.core.on_worker(b"w1", Message(Command.DONE, {"log": log}), h.now)
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": _one_slot_log(sent, blob)}), h.now)
     out = h.flush()
     grouped = runs(out.events)
     assert [topic for topic, _ in grouped][:2] == ["task.started", "task.succeeded"]
@@ -618,6 +624,26 @@ def test_one_workers_alternating_results_and_starts_go_out_as_two_messages_each_
     position = {(topic, f["task_id"]): f["seq"] for topic, f in out.events}
     for t in sent[1:]:  # each task: started before succeeded
         assert position[("task.started", t)] < position[("task.succeeded", t)]
+
+
+def test_starts_that_take_a_gpu_stay_after_the_result_that_freed_it(h):
+    h.join(b"g1", resources={"cpu": 1, "gpu": 1})
+    blob, _ = pack_value(None)
+    first = h.submit(resources={"gpu": 1})
+    assert h.dispatched(b"g1") == [first]
+    h.core.on_worker(b"g1", Message(Command.DONE, {"log": [[first, True, blob, 0, 0.00001]]}), h.now)
+    h.flush()  # now noop is known to be short: the next ones are sent ahead
+    ids = [h.submit(resources={"gpu": 1}) for _ in range(4)]
+    sent = h.dispatched(b"g1")
+    assert sent == ids[: len(sent)] and len(sent) >= 2
+    h.events.clear()
+    h.core.on_worker(b"g1", Message(Command.DONE, {"log": _one_slot_log(sent, blob)}), h.now)
+    out = h.flush()
+    running = peak = 1  # the GPU as a subscriber counts it, event by event: sent[0] holds it
+    for topic, _ in out.events:
+        running += {"task.started": 1, "task.succeeded": -1}[topic]
+        peak = max(peak, running)
+    assert peak == 1 and [f["task_id"] for t, f in out.events if t == "task.succeeded"] == sent
 
 
 def test_events_never_move_across_a_snapshot_taken_within_the_flush(h):
