@@ -25,6 +25,7 @@ STATS_SPAN_S = 10.0
 #: resource from the stream ever sees it over-allocated.
 RUN_RANK = {Topic.TASK_SUBMITTED: 0, Topic.TASK_STARTED: 1, Topic.TASK_SUCCEEDED: 2, Topic.TASK_FAILED: 3}
 _SUBMITTED, _STARTED, _SUCCEEDED = Topic.TASK_SUBMITTED, Topic.TASK_STARTED, Topic.TASK_SUCCEEDED
+_RANK_OF = RUN_RANK.get
 
 
 @dataclass(slots=True)
@@ -88,8 +89,11 @@ class Events:
         """``events`` (one flush's) reordered into longer runs of one topic where ``RUN_RANK``
         allows, seqs renumbered in the new order (each stretch keeps its own seqs)."""
         cuts, self._cuts = self._cuts, []
-        if len(events) < 2 or (not cuts and _in_order(events)):
-            return events  # the usual flush of a map: one SUBMIT's submissions
+        if len(events) < 2:
+            return events
+        ordered: list = []
+        if not cuts and _sorted_into(ordered, events):
+            return ordered  # the usual flush: task events only, no snapshot among them
         cuts = set(cuts)
         ordered, stretch = [], []
         for i, event in enumerate(events):
@@ -175,27 +179,39 @@ class Stats:
         return queues
 
 
-def _sorted_into(ordered: list, stretch: list) -> None:
+def _sorted_into(ordered: list, stretch: list) -> bool:
     """Append ``stretch`` to ``ordered`` in ``RUN_RANK`` order (one bucket per topic, each event
     keeping its place within its topic), its seqs renumbered in the new order: a flush's events go
     out as one message per topic instead of one per alternation (a worker's DONE with 16 results and
-    the 16 starts behind them: 2 messages, not 32)."""
-    if len(stretch) < 2 or _in_order(stretch):
-        ordered.extend(stretch)
-        return
-    seqs = [fields["seq"] for _, fields in stretch]
-    start = len(ordered)
+    the 16 starts behind them: 2 messages, not 32). One pass; False, ``ordered`` untouched, where
+    ``stretch`` holds a topic ``RUN_RANK`` does not know."""
     buckets: tuple = ([], [], [], [])
+    last, moved, plain = 0, False, None  # plain: the last start's resources found not scarce
     for event in stretch:
-        topic, fields = event
-        if topic == _STARTED and _scarce(fields["resources"]):
-            del ordered[start:]
-            _sorted_per_worker(ordered, stretch)
-            return
-        buckets[RUN_RANK[topic]].append(event)
+        rank = _RANK_OF(event[0])
+        if rank is None:
+            return False
+        if rank < last:
+            moved = True
+        else:
+            last = rank
+        if rank == 1:
+            resources = event[1]["resources"]
+            if resources is not plain:  # the same dict for every task of one name
+                if _scarce(resources):
+                    _sorted_per_worker(ordered, stretch)
+                    return True
+                plain = resources
+        buckets[rank].append(event)
+    if not moved:
+        ordered.extend(stretch)
+        return True
+    seqs = _seqs(stretch)
+    start = len(ordered)
     for bucket in buckets:
         ordered.extend(bucket)
     _renumber(ordered, start, seqs)
+    return True
 
 
 def _scarce(resources: dict) -> bool:
@@ -207,7 +223,7 @@ def _sorted_per_worker(ordered: list, stretch: list) -> None:
     """``stretch`` in ``RUN_RANK`` order where each worker's events keep their order: submissions
     first, then by depth on their worker (its first event, its second, ...) and within one depth by
     rank. Runs are only as long as the workers in the stretch: for stretches with scarce starts."""
-    seqs = [fields["seq"] for _, fields in stretch]
+    seqs = _seqs(stretch)
     start = len(ordered)
     levels: list = []  #: per depth, one list per rank 1..3
     depth: dict = {}  #: worker -> its events seen so far in this stretch
@@ -229,20 +245,17 @@ def _sorted_per_worker(ordered: list, stretch: list) -> None:
     _renumber(ordered, start, seqs)
 
 
-def _renumber(ordered: list, start: int, seqs: list) -> None:
+def _seqs(stretch: list):
+    """The seqs ``stretch`` holds, in order: a range where they are consecutive (as usual)."""
+    first, last = stretch[0][1]["seq"], stretch[-1][1]["seq"]
+    if last - first == len(stretch) - 1:
+        return range(first, last + 1)
+    return [fields["seq"] for _, fields in stretch]
+
+
+def _renumber(ordered: list, start: int, seqs) -> None:
     for (_, fields), seq in zip(ordered[start:], seqs):
         fields["seq"] = seq
-
-
-def _in_order(stretch: list) -> bool:
-    """Whether ``stretch``'s topics already come in ``RUN_RANK`` order (then it needs no reordering)."""
-    last = 0
-    for topic, _ in stretch:
-        rank = RUN_RANK.get(topic)
-        if rank is None or rank < last:
-            return False
-        last = rank
-    return True
 
 
 def runs(events: list) -> list:
