@@ -44,6 +44,20 @@ def send_pair(sock: zmq.Socket, first: bytes, second: bytes) -> None:
     _send(sock, second, 0)
 
 
+def recv_pair(sock: zmq.Socket) -> tuple[bytes, bytes]:
+    """A two-part message of small parts, both copied (an event's topic and body); raises zmq.Again
+    where nothing waits. It asks nothing of RCVMORE, whose query (an enum conversion in pyzmq) costs
+    more than both receives: a message of another length misaligns what follows it, so a caller
+    that finds the parts malformed calls ``skip_rest`` to start again at a message's first part."""
+    return _recv(sock, _NOBLOCK), _recv(sock, _NOBLOCK)
+
+
+def skip_rest(sock: zmq.Socket) -> None:
+    """Drop what is left of the message being received (nothing where its last part was taken)."""
+    while _get(sock, _RCVMORE):
+        _recv(sock, _NOBLOCK)
+
+
 def recv_frames(sock: zmq.Socket) -> list:
     """``sock.recv_multipart(zmq.NOBLOCK, copy=False)``, at a fraction of its cost: a list of
     zmq.Frame; raises zmq.Again where nothing waits."""

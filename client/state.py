@@ -43,6 +43,7 @@ import zmq
 
 from broker.logs import get_logger
 from broker.protocol import DEFAULT_EVENTS, ProtocolError, read_events
+from broker.shared import recv_pair, skip_rest
 from client.errors import GridqError
 from client.model import ClusterModel, RunningTask, WorkerView
 
@@ -298,14 +299,13 @@ class StreamState(ClusterModel):
         event readers get as ``(topic, fields)``: contiguous in ``seq`` since their snapshot."""
         for _ in range(limit):
             try:
-                topic, body = sock.recv_multipart(zmq.NOBLOCK)
+                topic, body = recv_pair(sock)
             except zmq.Again:
                 break
-            except ValueError:  # not two frames
-                continue
             try:
                 events = read_events(body)
-            except ProtocolError:
+            except ProtocolError:  # a bad body, or a message not of two parts: the next starts afresh
+                skip_rest(sock)
                 continue
             topic = topic.decode("ascii", "replace")
             if self._whole_run(topic, events):  # without a model, a message that continues the stream: one step

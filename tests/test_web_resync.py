@@ -7,7 +7,10 @@ from __future__ import annotations
 import signal
 import time
 
-from client.state import ClusterState
+import msgpack
+import zmq
+
+from client.state import ClusterState, StreamState, subscriber
 from tests.harness import Harness
 from tests.test_status import comparable
 
@@ -113,6 +116,52 @@ def test_a_restarted_broker_whose_seq_ran_past_the_old_one_is_told_by_its_boot()
     assert not state.receive(*new.events[-1]) and state.broken.startswith("gap")
     assert state.load(snap, boot="b2") == []
     assert state.missed == {"succeeded": 30, "failed": 0, "cancelled": 0}  # not 30 - 5
+
+
+
+def _published(messages: list) -> tuple[list, StreamState]:
+    """What a live state reads of ``messages`` (lists of frames) sent through a real PUB/SUB pair."""
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.linger = 0
+    pub.bind("inproc://events-under-test")
+    sub = subscriber(ctx, "inproc://events-under-test")
+    state = StreamState(model=False)
+    state.load({"seq": 0, "workers": []})
+    try:
+        probe = [b"broker.stats", msgpack.packb({"seq": 0})]  # at the snapshot's seq: in it, handed to nobody
+        deadline = time.monotonic() + 10
+        while not sub.poll(50):  # a SUB joins asynchronously: until a probe gets through
+            assert time.monotonic() < deadline, "the subscription never went live"
+            pub.send_multipart(probe)
+        for frames in messages:
+            pub.send_multipart(frames)
+        got = []
+        while sub.poll(1000) and len(got) < len(messages):
+            got += [fields["seq"] for _, fields in state.read(sub)]
+        return got, state
+    finally:
+        sub.close(linger=0)
+        pub.close(linger=0)
+        ctx.term()
+
+
+def _message(seq: int, *extra: bytes) -> list:
+    return [b"task.submitted", msgpack.packb({"seq": seq, "ts": 1.0, "task_id": f"t{seq}", "name": "noop"}), *extra]
+
+
+def test_a_message_of_one_part_costs_its_successor_and_a_snapshot_and_the_messages_after_it_read_whole():
+    got, state = _published([_message(1), [b"task.submitted"], _message(2), _message(3), _message(4)])
+    assert got == [1]  # 2 went with the malformed one; 3 is past a gap
+    assert state.broken.startswith("gap")
+    assert [f["seq"] for _, f in state.load({"seq": 2, "workers": []})] == [3, 4], "read in step again"
+
+
+def test_a_message_of_three_parts_costs_its_successor_and_a_snapshot_and_the_messages_after_it_read_whole():
+    got, state = _published([_message(1), _message(2, b"surplus"), _message(3), _message(4), _message(5)])
+    assert got == [1, 2]
+    assert state.broken.startswith("gap")
+    assert [f["seq"] for _, f in state.load({"seq": 3, "workers": []})] == [4, 5]
 
 
 # ==================================================================== real processes
