@@ -21,17 +21,19 @@ async def follow(client, prefix: str, address: str) -> AsyncIterator[dict]:
     """``AsyncClient.events``: every event whose topic starts with ``prefix`` as a dict with its
     ``topic``; a ``{"topic": "snapshot", "seq", "snapshot", "missed"}`` item first and after a break."""
     async for batch in follow_batches(client, address):
-        for topic, fields in batch:
+        for topic, events in batch:
             if topic.startswith(prefix) or topic == "snapshot":
-                yield {"topic": topic, **fields}
+                for fields in events:
+                    yield {"topic": topic, **fields}
 
 
-async def follow_batches(client, address: str) -> AsyncIterator[list[tuple[str, dict]]]:
-    """The broker's events as they come, a list of ``(topic, fields)`` per read (no copy, no
-    per-event step of the caller's): snapshot items as ``("snapshot", {"seq", "snapshot",
-    "missed"})``. The socket is read while a snapshot is fetched: what comes meanwhile is held
-    and follows it. Only the stream is followed (no model): a snapshot is asked for at the
-    start, after a gap or a restart, and when the broker falls silent."""
+async def follow_batches(client, address: str) -> AsyncIterator[list[tuple[str, list[dict]]]]:
+    """The broker's events as they come, per read a list of runs of one topic, ``(topic,
+    [fields])`` (a message's events as the broker sent them, no copy, no per-event step of the
+    caller's): snapshot items as ``("snapshot", [{"seq", "snapshot", "missed"}])``. The socket is
+    read while a snapshot is fetched: what comes meanwhile is held and follows it. Only the
+    stream is followed (no model): a snapshot is asked for at the start, after a gap or a
+    restart, and when the broker falls silent."""
     state = ClusterState(client, address, model=False)
     sock = subscriber(zmq.asyncio.Context.shadow(client._ctx.underlying), address, client._security)
     sync_sock = zmq.Socket.shadow(sock.underlying)  # never waits: the asyncio socket is for poll()
@@ -51,7 +53,7 @@ async def follow_batches(client, address: str) -> AsyncIterator[list[tuple[str, 
                 continue
             wait_s = 0.1 if state.stale else state.silent_after_s / 2
             if await _readable(sock, wait_s, asking):
-                batch = list(state.read(sync_sock))
+                batch = state.read_runs(sync_sock)
                 if batch:
                     yield batch
             state.check_silence()
@@ -63,7 +65,7 @@ async def follow_batches(client, address: str) -> AsyncIterator[list[tuple[str, 
         sock.close(linger=0)
 
 
-def _snapshot_taken(state: ClusterState, asking: asyncio.Future) -> list[tuple[str, dict]]:
+def _snapshot_taken(state: ClusterState, asking: asyncio.Future) -> list[tuple[str, list[dict]]]:
     """What readers get once a snapshot request ends: nothing (it failed; asked again later), or
     the snapshot where the stream broke, then the held events after it."""
     try:
@@ -73,9 +75,9 @@ def _snapshot_taken(state: ClusterState, asking: asyncio.Future) -> list[tuple[s
         return []
     snap = reply["snapshot"]
     broke = state.broken is not None
-    held = state.load(snap, boot=reply.get("boot"))
+    held = [(topic, [fields]) for topic, fields in state.load(snap, boot=reply.get("boot"))]
     if broke:  # one asked for the broker's silence only, with the stream whole, costs readers nothing
-        held.insert(0, ("snapshot", {"seq": snap["seq"], "snapshot": snap, "missed": state.missed or {}}))
+        held.insert(0, ("snapshot", [{"seq": snap["seq"], "snapshot": snap, "missed": state.missed or {}}]))
     return held
 
 

@@ -297,6 +297,14 @@ class StreamState(ClusterModel):
     def read(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> Iterator[tuple[str, dict]]:
         """Receive what waits on ``sock`` (at most ``limit`` messages), apply it, and yield each
         event readers get as ``(topic, fields)``: contiguous in ``seq`` since their snapshot."""
+        for topic, events in self.read_runs(sock, limit):
+            for fields in events:
+                yield topic, fields
+
+    def read_runs(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> list[tuple[str, list[dict]]]:
+        """As ``read``, the events as runs of one topic, ``(topic, [fields])``: a message that
+        continues the stream is one run, taken whole (the broker sends hundreds of events in one)."""
+        runs = []
         for _ in range(limit):
             try:
                 topic, body = recv_pair(sock)
@@ -309,12 +317,13 @@ class StreamState(ClusterModel):
                 continue
             topic = topic.decode("ascii", "replace")
             if self._whole_run(topic, events):  # without a model, a message that continues the stream: one step
-                for fields in events:
-                    yield topic, fields
+                runs.append((topic, events))
                 continue
-            for fields in events:  # one message may carry several events of its topic, in seq order
-                if self.receive(topic, fields):
-                    yield topic, fields
+            # one message may carry several events of its topic, in seq order
+            taken = [fields for fields in events if self.receive(topic, fields)]
+            if taken:
+                runs.append((topic, taken))
+        return runs
 
 
 class ClusterState(StreamState):

@@ -37,10 +37,10 @@ class Feed:
         self.queue: asyncio.Queue = asyncio.Queue()
 
     async def source(self):
-        """As ``client.follow.follow_batches``: a batch of ``(topic, fields)`` per item put."""
+        """As ``client.follow.follow_batches``: a batch of one run ``(topic, [fields])`` per item put."""
         while True:
             item = dict(await self.queue.get())
-            yield [(item.pop("topic"), item)]
+            yield [(item.pop("topic"), [item])]
 
     async def status(self) -> dict:
         return {"seq": self.status_seq, "workers": [], "queued": 0, "running": 0, "done": 0, "failed": 0}
@@ -151,7 +151,7 @@ def test_task_events_feed_the_window_and_the_metrics():
     async def main():
         feed = Feed()
         window = TaskWindow(size=3)
-        hub = EventHub(feed.source, feed.status, metrics=Metrics(), on_event=window.event, tick_s=0)
+        hub = EventHub(feed.source, feed.status, metrics=Metrics(), on_events=window.events, tick_s=0)
         hub.start()
         await feed.queue.put({"topic": "snapshot", "seq": 0, "snapshot": await feed.status()})
         seq = 0
@@ -170,11 +170,16 @@ def test_task_events_feed_the_window_and_the_metrics():
     run(main())
 
 
+def _run(*seqs: int, topic: str = "task.submitted") -> tuple[str, list]:
+    return topic, [{k: v for k, v in ev(s, topic).items() if k != "topic"} for s in seqs]
+
+
 def test_a_stream_filters_a_batch_that_straddles_what_it_has():
     stream = Stream(after=5)
-    stream.put(Batch([(4, b"id: 4\n\n"), (5, b"id: 5\n\n"), (6, b"id: 6\n\n")]))
-    stream.put(Batch([(7, b"id: 7\n\n")]))
-    assert ids(stream.take()) == [6, 7]
+    stream.put(Batch.of([_run(3, 4), _run(5, 6, topic="task.started")]))
+    stream.put(Batch.of([_run(7)]))
+    text = stream.take()
+    assert ids(text) == [6, 7] and events_of(text) == ["task.started", "task.submitted"]
 
 
 def test_events_wait_while_a_submission_awaits_acceptance_but_never_past_the_hold_s_bound():
@@ -209,12 +214,12 @@ def test_events_after_a_snapshot_in_the_same_read_are_counted():
 
         hub = EventHub(source, feed.status, metrics=Metrics(), tick_s=0)
         hub.start()
-        await batches.put([("snapshot", {"seq": 0, "snapshot": await feed.status()})])
+        await batches.put([("snapshot", [{"seq": 0, "snapshot": await feed.status()}])])
         await settle()
         stream, _ = hub.resume(0)
-        succeeded = [(e.pop("topic"), e) for e in (ev(s, "task.succeeded", run_s=0.01) for s in (1, 11, 12))]
+        succeeded = [(e.pop("topic"), [e]) for e in (ev(s, "task.succeeded", run_s=0.01) for s in (1, 11, 12))]
         snap = {"seq": 10, "snapshot": {**await feed.status(), "seq": 10, "done": 3}, "missed": {"succeeded": 2}}
-        await batches.put(succeeded[:1] + [("snapshot", snap)] + succeeded[1:])
+        await batches.put(succeeded[:1] + [("snapshot", [snap])] + succeeded[1:])
         await settle()
         metrics = hub.metrics.render().decode()
         assert 'gridq_tasks_total{event="succeeded"} 5.0' in metrics  # 1 + 2 missed + 2 after the snapshot

@@ -3,9 +3,11 @@
 
 A reader that falls behind its buffer is disconnected (its browser reconnects and resumes
 from the ring, or from a fresh snapshot); it never slows the gateway or the other readers.
-Each event is encoded to SSE text once, and the events of a tick (``TICK_S``) go out as one
-batch of bytes shared by every stream: 50 open streams cost 50 list appends, 50 wakeups and
-50 writes per tick, whatever the event rate, and no encoding per stream.
+The broker sends a run of one topic's events per message (hundreds in a flood): the hub takes
+each run in one step (the ring, the counts, the task window), and the events of a tick (``TICK_S``)
+are encoded to SSE once, a run per JSON encoder call, into one batch of bytes shared by every
+stream: 50 open streams cost 50 list appends, 50 wakeups and 50 writes per tick, whatever the
+event rate, and no encoding per stream.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from itertools import islice
+from itertools import chain, groupby, islice, repeat
+from operator import itemgetter, methodcaller
 from typing import AsyncIterator, Awaitable, Callable
 
 import msgspec
@@ -37,8 +40,8 @@ BATCH_EVENTS = 10_000
 TICK_S = 0.1
 #: longest the hub leaves events waiting while an HTTP submission awaits the broker's acceptance
 HOLD_MAX_S = 1.0
-#: events handled before the hub lets other work on the loop run
-YIELD_EVERY = 256
+#: events handled before the hub lets other work on the loop run (a few milliseconds' work)
+YIELD_EVERY = 1024
 #: seconds between keep-alive comments on a quiet stream (they also reveal a vanished reader)
 KEEPALIVE_S = 15.0
 #: first pause before resubscribing after the broker went away, doubled up to RETRY_MAX_S
@@ -52,7 +55,13 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "content-
 
 #: compact JSON as bytes, a fraction of the json module's cost per event (no encoder made per call);
 #: the broker's events hold strings, numbers, lists and maps only
-_encode = msgspec.json.Encoder().encode
+_json = msgspec.json.Encoder()
+_encode = _json.encode
+#: a run of events as JSON lines, one encoder call (JSON text holds no raw newline: a line per event)
+_encode_lines = _json.encode_lines
+_seq = itemgetter("seq")
+_sse_id = b"id: %d".__mod__
+_run_s = methodcaller("get", "run_s")
 
 
 def sse(seq: int | None, topic: str, data) -> bytes:
@@ -66,29 +75,45 @@ def sse(seq: int | None, topic: str, data) -> bytes:
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, topic.encode(), body)
 
 
-def _text(entry: list) -> bytes:
-    """A ring entry ``[seq, topic, event, text]`` as SSE bytes, encoded once, when first needed."""
-    if entry[3] is None:
-        entry[3] = sse(entry[0], entry[1], entry[2])
-        entry[2] = None  # the text is smaller than the map
-    return entry[3]
+def sse_run(topic: str, events: list) -> bytes:
+    """Events of one topic, in order, as SSE bytes: their JSON in one encoder call, the lines
+    around it joined in C (no Python step per event)."""
+    try:
+        bodies = _encode_lines(events).split(b"\n")
+    except (TypeError, ValueError):  # numpy values and the like: rare, so converted only when met
+        return b"".join([sse(ev["seq"], topic, ev) for ev in events])
+    middle = b"\nevent: %s\ndata: " % topic.encode()
+    return b"".join(chain.from_iterable(zip(map(_sse_id, map(_seq, events)), repeat(middle), bodies, repeat(b"\n\n"))))
+
+
+def sse_entries(entries) -> bytes:
+    """Ring entries ``(topic, event)`` as SSE bytes, a run of one topic at a time."""
+    return b"".join([sse_run(topic, [ev for _, ev in run]) for topic, run in groupby(entries, key=itemgetter(0))])
 
 
 class Batch:
-    """Events sent to every stream at once, as the same bytes (joined and encoded once)."""
+    """Events sent to every stream at once, as the same bytes (encoded and joined once)."""
 
-    __slots__ = ("entries", "first", "last", "data", "size", "kind")
+    __slots__ = ("runs", "first", "last", "data", "size", "kind")
 
-    def __init__(self, entries: list, kind: str = "events") -> None:
-        self.entries = entries  #: [(seq, sse bytes)]
-        self.first, self.last = entries[0][0], entries[-1][0]
-        self.data = b"".join([t for _, t in entries])
-        self.size = len(self.data)
+    def __init__(self, data: bytes, first: int | None, last: int | None, runs: list = (), kind: str = "events") -> None:
+        self.runs = runs  #: [(topic, [event])]: what ``data`` holds, for a stream that had part of it
+        self.first, self.last = first, last
+        self.data = data
+        self.size = len(data)
         #: "events"; "snapshot" (sent to everyone, and what follows continues from its seq); "note" (sent to everyone)
         self.kind = kind
 
+    @classmethod
+    def of(cls, runs: list) -> "Batch":
+        """Runs ``(topic, [event])`` of consecutive seqs, encoded (a run per encoder call) and joined."""
+        return cls(b"".join([sse_run(topic, events) for topic, events in runs]), runs[0][1][0]["seq"],
+                   runs[-1][1][-1]["seq"], runs)
+
     def after(self, seq: int) -> bytes:
-        return b"".join([t for s, t in self.entries if s > seq])
+        """The events past ``seq`` only (a stream that joined within this batch: rare)."""
+        return b"".join([sse_run(topic, kept) for topic, events in self.runs
+                         if (kept := [ev for ev in events if ev["seq"] > seq])])
 
 
 class Stream:
@@ -147,16 +172,16 @@ class EventHub:
     """The gateway's one subscription: feeds the ring, the streams, the task window and the metrics."""
 
     def __init__(self, source: Callable[[], AsyncIterator[list]], status: Callable[[], Awaitable[dict]], *,
-                 on_event: Callable[[str, dict], None] | None = None, metrics=None, ring_events: int = RING_EVENTS,
+                 on_events: Callable[[str, list], None] | None = None, metrics=None, ring_events: int = RING_EVENTS,
                  stream_buffer_bytes: int = STREAM_BUFFER_BYTES, tick_s: float = TICK_S) -> None:
-        #: batches of ``(topic, fields)``, snapshots as ``("snapshot", {"seq", "snapshot", "missed"})``
+        #: batches of runs ``(topic, [fields])``, snapshots as ``("snapshot", [{"seq", "snapshot", "missed"}])``
         #: (``client.follow.follow_batches``)
         self._source = source
         self.tick_s = tick_s
         self._status = status
-        self._on_event = on_event
+        self._on_events = on_events  #: each run of task events (the task window)
         self.metrics = metrics
-        self.ring: deque = deque(maxlen=ring_events)  #: [seq, topic, event, sse text or None], consecutive seqs
+        self.ring: deque = deque(maxlen=ring_events)  #: (topic, event), consecutive seqs
         self.head: int | None = None  #: seq of the newest event (or snapshot) handed to the streams
         self.streams: set[Stream] = set()
         self.stream_buffer_bytes = stream_buffer_bytes
@@ -164,7 +189,8 @@ class EventHub:
         self.error: str | None = None
         self.heard_at = 0.0  #: local monotonic time of the latest item
         self.live = asyncio.Event()
-        self._pending: list = []
+        self._pending: list = []  #: runs for the streams' next batch
+        self._pending_events = 0
         self._counts: dict = {}
         self._run_times: list = []
         self._flush_handle: asyncio.Handle | None = None
@@ -200,13 +226,19 @@ class EventHub:
                     if not self._released.is_set() and time.monotonic() < self._hold_until:
                         await self._held()
                     self.heard_at = time.monotonic()
-                    for start in range(0, len(batch), YIELD_EVERY):
-                        if start:
-                            # a flood arrives in runs of thousands without a real await between them:
+                    chunk, size = [], 0
+                    for run in batch:
+                        chunk.append(run)
+                        size += len(run[1])
+                        if size >= YIELD_EVERY:
+                            if self._on_items(chunk):
+                                retry_s = RETRY_MIN_S
+                            chunk, size = [], 0
+                            # a flood arrives in thousands of events without a real await between them:
                             # let HTTP requests and the client's own replies in between
                             await asyncio.sleep(0)
-                        if self._on_items(batch[start:start + YIELD_EVERY] if len(batch) > YIELD_EVERY else batch):
-                            retry_s = RETRY_MIN_S
+                    if chunk and self._on_items(chunk):
+                        retry_s = RETRY_MIN_S
             except asyncio.CancelledError:
                 raise
             except (GridqError, TimeoutError, zmq.ZMQError) as exc:
@@ -250,7 +282,7 @@ class EventHub:
         if self.streams:
             self._flush()
             text = sse(None, "gateway.link", {"link": link, "error": error})
-            self._broadcast(Batch([(None, text)], kind="note"))
+            self._broadcast(Batch(text, None, None, kind="note"))
 
     def _on_snapshot(self, item: dict) -> None:
         """``item``: ``{"seq", "snapshot", "missed"}``."""
@@ -265,21 +297,22 @@ class EventHub:
         if self.head is not None and seq != self.head:  # events were missed, or another broker took over
             self.ring.clear()
             self.head = seq
-            self._broadcast(Batch([(seq, sse(seq, "snapshot", snap))], kind="snapshot"))
+            self._broadcast(Batch(sse(seq, "snapshot", snap), seq, seq, kind="snapshot"))
         self.head = seq
         self._set_link("live")
 
-    def _on_items(self, items: list) -> bool:
-        """Events ``(topic, fields)`` in order (snapshot items among them): into the ring, the counts,
-        the window and the streams' next batch; one loop with the per-event work inline, the flush
-        decided once. True where a snapshot came."""
+    def _on_items(self, runs: list) -> bool:
+        """Runs ``(topic, [fields])`` in order (snapshot items among them): into the ring, the counts,
+        the window and the streams' next batch, each run in one step; the flush decided once. True
+        where a snapshot came."""
         snapshot = False
-        ring_append, counts, run_times, on_event = self.ring.append, self._counts, self._run_times, self._on_event
+        ring_extend, counts, run_times, on_events = self.ring.extend, self._counts, self._run_times, self._on_events
         pending = self._pending.append if self.streams else None
-        for topic, ev in items:
+        for topic, events in runs:
             if topic == "snapshot" or self.link != "live":
                 if topic == "snapshot":
-                    self._on_snapshot(ev)
+                    for item in events:
+                        self._on_snapshot(item)
                     snapshot = True
                 else:
                     self._set_link("live")
@@ -288,21 +321,20 @@ class EventHub:
                 pending = self._pending.append if self.streams else None
                 if topic == "snapshot":
                     continue
-            entry = [ev["seq"], topic, ev, None]  # encoded only if a stream needs it: no browser open costs no JSON
-            ring_append(entry)
-            self.head = entry[0]
-            counts[topic] = counts.get(topic, 0) + 1
+            ring_extend(zip(repeat(topic), events))  # encoded only if a stream needs it: no browser open costs no JSON
+            self.head = events[-1]["seq"]
+            counts[topic] = counts.get(topic, 0) + len(events)
             if topic == "task.succeeded":
-                run_s = ev.get("run_s")
-                if isinstance(run_s, (int, float)):
-                    run_times.append(run_s)
+                run_times += [run_s for run_s in map(_run_s, events) if isinstance(run_s, (int, float))]
             elif topic == "broker.stats" and self.metrics is not None:
-                self.metrics.state(ev)
-            if on_event is not None:
-                on_event(topic, ev)
+                for ev in events:
+                    self.metrics.state(ev)
+            if on_events is not None:
+                on_events(topic, events)
             if pending is not None:
-                pending(entry)
-        if len(self._pending) >= BATCH_EVENTS or len(self._run_times) >= BATCH_EVENTS:
+                pending((topic, events))
+                self._pending_events += len(events)
+        if self._pending_events >= BATCH_EVENTS or len(self._run_times) >= BATCH_EVENTS:
             self._flush()
         elif self._flush_handle is None and (self._pending or self._counts):
             loop = asyncio.get_running_loop()
@@ -317,7 +349,7 @@ class EventHub:
             self.metrics.events(self._counts, self._run_times)
         self._counts, self._run_times = {}, []
         if self._pending:
-            batch, self._pending = Batch([(e[0], _text(e)) for e in self._pending]), []
+            batch, self._pending, self._pending_events = Batch.of(self._pending), [], 0
             self._broadcast(batch)
 
     def _broadcast(self, batch: Batch) -> None:
@@ -338,14 +370,14 @@ class EventHub:
     def resumable(self, last_id: int) -> bool:
         if self.head is None:
             return False
-        return last_id == self.head or bool(self.ring) and self.ring[0][0] - 1 <= last_id <= self.head
+        return last_id == self.head or bool(self.ring) and self.ring[0][1]["seq"] - 1 <= last_id <= self.head
 
     def resume(self, last_id: int) -> tuple[Stream, bytes]:
         """A stream continuing after ``last_id`` from the ring, none missing, none repeated."""
         self._flush()
         text = b""
         if last_id < self.head:
-            text = b"".join([_text(e) for e in islice(self.ring, last_id + 1 - self.ring[0][0], None)])
+            text = sse_entries(islice(self.ring, last_id + 1 - self.ring[0][1]["seq"], None))
         return self._register(self.head), text
 
     async def fresh(self, timeout_s: float) -> tuple[Stream, bytes]:
@@ -361,7 +393,9 @@ class EventHub:
         seq = int(snap["seq"])
         text = sse(seq, "snapshot", to_json(snap))
         # events up to seq are in the snapshot; the ones after it that already went by are in the ring
-        backlog = b"".join([_text(e) for e in self.ring if e[0] > seq]) if self.head is not None and seq < self.head else b""
+        backlog = b""
+        if self.head is not None and seq < self.head and self.ring:
+            backlog = sse_entries(islice(self.ring, max(seq + 1 - self.ring[0][1]["seq"], 0), None))
         return self._register(max(seq, self.head or seq)), text + backlog
 
     def _register(self, after: int | None) -> Stream:
@@ -439,4 +473,4 @@ class EventStreamResponse(Response):
             pass
 
 
-__all__ = ["EventHub", "Stream", "Batch", "EventStreamResponse", "sse"]
+__all__ = ["EventHub", "Stream", "Batch", "EventStreamResponse", "sse", "sse_run"]

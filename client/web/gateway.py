@@ -68,7 +68,7 @@ class Gateway:
         self.client = GatewayClient(c.broker, timeout=max(c.broker_wait_s / 2, 0.5), retries=1, broker_key=c.broker_key,
                                   secret=c.curve_secret, cancel_on_close=False)
         self.hub = EventHub(lambda: follow_batches(self.client, c.events), self.client.status,
-                            on_event=self.window.event, metrics=self.metrics)
+                            on_events=self.window.events, metrics=self.metrics)
         self.hub.start()
         log.info("gateway_started", broker=c.broker, events=c.events)
 

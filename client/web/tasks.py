@@ -55,7 +55,10 @@ class TaskRecord:
         if self.state in FINAL:
             if self.state == "succeeded" and self.via == "http":
                 out["result"] = to_json(self.result)  # converted when read, not for every result that comes
-            out["info"] = to_json(self.info)
+            info = self.info
+            if info is None and self.via == "events":  # an event told how it ended
+                info = {"worker": self.worker, "run_s": self.run_s}
+            out["info"] = to_json(info)
         return out
 
 
@@ -126,46 +129,54 @@ class TaskWindow:
             record.worker = record.worker or record.info.get("worker")
             record.run_s = record.run_s if record.run_s is not None else record.info.get("run_s")
 
-    def _finish(self, record: TaskRecord, state: str) -> None:
+    def _finish(self, record: TaskRecord, state: str, now: float | None = None) -> None:
         record.state = state
-        record.finished_at = time.monotonic()
+        record.finished_at = time.monotonic() if now is None else now
         if record.done is not None:
             record.done.set()
 
     def event(self, topic: str, ev: dict) -> None:
-        """One task event off the stream (called for every event: kept to a few lookups)."""
+        """One task event off the stream."""
+        self.events(topic, [ev])
+
+    def events(self, topic: str, evs: list) -> None:
+        """A run of one topic's task events off the stream, in order (called for every run: a few
+        lookups per event)."""
         state = _EVENT_STATE.get(topic)
         if state is None:
             return
-        task_id = ev.get("task_id")
-        if type(task_id) is not str:
-            return
-        record = self._tasks.get(task_id)
-        if record is None:
-            if topic == "task.submitted":  # else submitted before the window saw it (or already forgotten)
-                record = self._add(task_id, str(ev.get("name", "")), "events")
-                record.submitted_at = ev.get("ts")
-                record.worker = ev.get("worker")
-            return
-        if topic == "task.submitted":
-            record.submitted_at = ev.get("ts") or record.submitted_at
-        if record.state in FINAL:
-            return  # the future said so first; events do not move a finished task back
-        if "worker" in ev:
-            record.worker = ev["worker"]
-        if state not in FINAL:
-            record.state = state
-            return
-        if topic == "task.succeeded":
-            record.run_s = ev.get("run_s")
-        if record.via == "http":
-            record.state = state  # shown at once; the future brings result and info
-            return
-        if topic == "task.failed":
-            record.error = {"type": str(ev.get("error_type", "Error")), "message": str(ev.get("error", "")),
-                            "traceback": ""}
-        record.info = {"worker": record.worker, "run_s": record.run_s}
-        self._finish(record, state)
+        tasks, final, now = self._tasks, state in FINAL, None
+        submitted, succeeded = topic == "task.submitted", topic == "task.succeeded"
+        for ev in evs:
+            task_id = ev.get("task_id")
+            if type(task_id) is not str:
+                continue
+            record = tasks.get(task_id)
+            if record is None:
+                if submitted:  # else submitted before the window saw it (or already forgotten)
+                    record = self._add(task_id, str(ev.get("name", "")), "events")
+                    record.submitted_at = ev.get("ts")
+                    record.worker = ev.get("worker")
+                continue
+            if submitted:
+                record.submitted_at = ev.get("ts") or record.submitted_at
+            if record.state in FINAL:
+                continue  # the future said so first; events do not move a finished task back
+            if "worker" in ev:
+                record.worker = ev["worker"]
+            if not final:
+                record.state = state
+                continue
+            if succeeded:
+                record.run_s = ev.get("run_s")
+            if record.via == "http":
+                record.state = state  # shown at once; the future brings result and info
+                continue
+            if topic == "task.failed":
+                record.error = {"type": str(ev.get("error_type", "Error")), "message": str(ev.get("error", "")),
+                                "traceback": ""}
+            # info ({"worker", "run_s"}) is made when the task is read: most never are
+            self._finish(record, state, now := now or time.monotonic())
 
     # ------------------------------------------------------------ reading
 
