@@ -4,6 +4,7 @@ JS heap. Starts its own broker, workers and gateway on free loopback ports and s
 
     .venv/bin/python scripts/bench_web.py            # about 2 minutes
     .venv/bin/python scripts/bench_web.py --quick    # about 40 s, smaller counts
+    .venv/bin/python scripts/bench_web.py --only streams --stream-encoding identity   # one figure
 """
 
 from __future__ import annotations
@@ -131,9 +132,10 @@ def gateway_rate(base: str, frontend: str, n: int, web: subprocess.Popen, batch:
             "done_per_s": n / total_s, "gateway_cpu_s_per_10k": round((gateway_cpu_s(web) - cpu_before) * 10_000 / n, 2)}
 
 
-async def _read_streams(base: str, count: int, out: str, max_s: float = 600.0) -> None:
+async def _read_streams(base: str, count: int, out: str, encoding: str = "gzip", max_s: float = 600.0) -> None:
     """``count`` SSE readers that keep up; every second, bytes read and streams ended go to ``out``.
-    Runs until killed (or ``max_s``)."""
+    They ask for ``encoding`` as browsers do (an EventSource's request takes gzip), and read it
+    without decoding (a browser decodes on its own machine). Runs until killed (or ``max_s``)."""
     totals = {"bytes": 0, "ended": 0, "connected": 0}
 
     host, port = base.split("//")[1].split(":")
@@ -142,7 +144,8 @@ async def _read_streams(base: str, count: int, out: str, max_s: float = 600.0) -
         # a raw socket that reads and discards, as cheap as a reader can be: browsers run elsewhere
         try:
             r, w = await asyncio.open_connection(host, int(port))
-            w.write(f"GET /api/events HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n\r\n".encode())
+            w.write(f"GET /api/events HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n"
+                    f"Accept-Encoding: {encoding}\r\n\r\n".encode())
             await w.drain()
             totals["connected"] += 1
             while chunk := await r.read(1 << 20):
@@ -160,11 +163,11 @@ async def _read_streams(base: str, count: int, out: str, max_s: float = 600.0) -
         t.cancel()
 
 
-def streams_process(base: str, count: int, out: Path) -> list:
+def streams_process(base: str, count: int, out: Path, encoding: str = "gzip") -> list:
     """The readers stand for browsers on other machines: niced, so that on this one they take only
     the CPU that the broker, workers and client leave (they keep up: ``streams`` says what they read)."""
     code = (f"import asyncio, os, sys; os.nice(19); sys.path.insert(0, {str(ROOT / 'scripts')!r}); "
-            f"import bench_web as b; asyncio.run(b._read_streams({base!r}, {count}, {str(out)!r}))")
+            f"import bench_web as b; asyncio.run(b._read_streams({base!r}, {count}, {str(out)!r}, {encoding!r}))")
     return [sys.executable, "-c", code]
 
 
@@ -177,6 +180,19 @@ def streams_open(base: str) -> float:
 
 def gateway_cpu_s(proc: subprocess.Popen) -> float:
     return sum(psutil.Process(proc.pid).cpu_times()[:2])
+
+
+def cpu_s(pids: dict) -> dict:
+    """CPU seconds (user + system) of each named process and its children, by name."""
+    out = {}
+    for name, pid in pids.items():
+        try:
+            proc = psutil.Process(pid)
+            family = [proc] if pid == os.getpid() else [proc, *proc.children(recursive=True)]  # the client: itself
+            out[name] = sum(sum(p.cpu_times()[:2]) for p in family)
+        except psutil.Error:
+            out[name] = 0.0
+    return out
 
 
 def status_seq(frontend: str) -> int:
@@ -218,7 +234,12 @@ def main() -> int:
     ap.add_argument("--page-seconds", type=float, default=None, help="how long the page watches a busy cluster")
     ap.add_argument("--stream-seconds", type=float, default=None,
                     help="how long the 50 streams read while the cluster runs no-ops (gateway RSS sampled throughout)")
+    ap.add_argument("--stream-encoding", choices=("gzip", "identity"), default="gzip",
+                    help="what the 50 readers ask for (gzip: as a browser's EventSource does)")
+    ap.add_argument("--only", choices=("post", "streams", "page"), action="append",
+                    help="run only these figures (repeatable; the no-gateway rate is always measured)")
     args = ap.parse_args()
+    only = set(args.only or ("post", "streams", "page"))
     n_map = 20_000 if args.quick else 50_000
     n_web = 20_000 if args.quick else 50_000
     stream_s = args.stream_seconds or (10.0 if args.quick else 20.0)
@@ -228,73 +249,109 @@ def main() -> int:
         procs = Procs(Path(tmp))
         try:
             frontend, backend, events = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
-            procs.start("broker", "-m", "broker", "--frontend", frontend, "--backend", backend, "--events", events)
+            pids = {"client": os.getpid(), "broker": procs.start("broker", "-m", "broker", "--frontend", frontend, "--backend", backend,
+                                          "--events", events).pid}
             for i in range(2):
-                procs.start(f"worker{i}", "-m", "worker", "--broker", backend, "--slots", "2",
-                            "--name", f"bench-{i}")
+                pids[f"worker{i}"] = procs.start(f"worker{i}", "-m", "worker", "--broker", backend, "--slots", "2",
+                                                 "--name", f"bench-{i}").pid
             with Client(frontend) as c:
                 wait_for(lambda: len(c.status()["workers"]) == 2, 30, "workers")
 
-            # 1. broker throughput with no gateway
+            # 1. broker throughput with no gateway, and what each process spends per task meanwhile
+            cpu_before = cpu_s(pids)
             results["map_per_s_no_gateway"] = map_rate(frontend, n_map)
+            results["cpu_us_per_task_no_gateway"] = per_task(cpu_before, cpu_s(pids), n_map + 200)
             # 2. the gateway: batch POST and submit rate, same run
             web, base = start_web(procs, frontend, events)
             results["gateway_rss_mib_start"] = round(rss_mib(web), 1)
-            results["map_per_s_gateway_idle"] = map_rate(frontend, n_map)
-            results.update(gateway_rate(base, frontend, n_web, web))
+            if "post" in only:
+                results["map_per_s_gateway_idle"] = map_rate(frontend, n_map)
+                results.update(gateway_rate(base, frontend, n_web, web))
             # 3. 50 SSE streams reading while the cluster runs no-ops flat out
-            out = Path(tmp) / "streams.json"
-            readers = subprocess.Popen(streams_process(base, 50, out), env=procs.env)
-            try:
-                wait_for(lambda: streams_open(base) >= 50, 120, "50 streams")
-                rss_before = rss_mib(web)
-                cpu_before, seq_before = gateway_cpu_s(web), status_seq(frontend)
-                rates, rss_samples = [], []
-                began = time.monotonic()
-                end = began + stream_s
-                while time.monotonic() < end:
-                    rates.append(map_rate(frontend, n_map // 4))
-                    rss_samples.append((round(time.monotonic() - began), round(rss_mib(web), 1)))
-                results["map_per_s_50_streams"] = sum(rates) / len(rates)
-                # the gateway's CPU per event the broker published meanwhile: less noisy than a rate on a shared box
-                results["gateway_cpu_us_per_event_50_streams"] = round(
-                    (gateway_cpu_s(web) - cpu_before) * 1e6 / max(status_seq(frontend) - seq_before, 1), 1)
-                results["gateway_rss_mib_50_streams"] = [round(rss_before, 1), round(rss_mib(web), 1)]
-                results["gateway_rss_mib_samples"] = rss_samples[:: max(1, len(rss_samples) // 20)]
-                later = [rss for t, rss in rss_samples if t >= stream_s / 3]  # after a third: warm
-                results["gateway_rss_growth_after_warm_mib"] = round(max(later) - later[0], 1) if later else None
-                results["streams_open_at_end"] = streams_open(base)
-                time.sleep(1.5)
-                results["streams"] = json.loads(out.read_text())
-            finally:
-                if readers.poll() is None:
-                    readers.send_signal(signal.SIGTERM)
-                readers.wait(timeout=30)
-            results["ratio_50_streams_vs_no_gateway"] = results["map_per_s_50_streams"] / results["map_per_s_no_gateway"]
+            if "streams" in only:
+                results.update(streams_figures(procs, pids, web, base, frontend, n_map, stream_s, args.stream_encoding))
+                results["ratio_50_streams_vs_no_gateway"] = results["map_per_s_50_streams"] / results["map_per_s_no_gateway"]
             # 4. the page
-            if os.path.exists(CHROMIUM):
+            if "page" in only and os.path.exists(CHROMIUM):
                 results["page"] = page_figures(base, frontend, page_s)
                 results["gateway_rss_mib_end"] = round(rss_mib(web), 1)
         finally:
             procs.close()
     print(json.dumps(results, indent=2))
-    r = results
-    print(f"\n10,000-task batch POST accepted in {r['first_batch_accepted_s']:.2f} s (the first), "
-          f"{sorted(r['batches_accepted_s'])[len(r['batches_accepted_s']) // 2]:.2f} s (median of "
-          f"{len(r['batches_accepted_s'])}); gateway CPU {r['gateway_cpu_s_per_10k']:.2f} s per 10,000 tasks")
-    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
-    print(f"gateway: {r['accepted_per_s']:,.0f} tasks/s accepted, {r['done_per_s']:,.0f} tasks/s done; "
-          f"Client.map {r['map_per_s_gateway_idle']:,.0f} tasks/s (ratio {r['done_per_s'] / r['map_per_s_gateway_idle']:.2f})")
-    print(f"broker with 50 SSE streams: {r['map_per_s_50_streams']:,.0f} tasks/s vs {r['map_per_s_no_gateway']:,.0f} "
-          f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x); the gateway's CPU meanwhile: "
-          f"{r['gateway_cpu_us_per_event_50_streams']} us per event; the streams read {r['streams']['bytes'] / 1e6:,.0f} MB")
-    print(f"gateway RSS while the 50 streams read {stream_s:.0f} s: {r['gateway_rss_mib_50_streams'][0]} -> "
-          f"{r['gateway_rss_mib_50_streams'][1]} MiB; growth after the first third: "
-          f"{r['gateway_rss_growth_after_warm_mib']} MiB; samples (s, MiB): {r['gateway_rss_mib_samples']}")
+    report(results, stream_s)
+    return 0
+
+
+def per_task(before: dict, after: dict, tasks: int) -> dict:
+    return {name: round((after[name] - before[name]) * 1e6 / tasks, 1) for name in before}
+
+
+def streams_figures(procs: Procs, pids: dict, web, base: str, frontend: str, n_map: int, stream_s: float,
+                    encoding: str) -> dict:
+    """The broker's rate while 50 SSE streams read, the CPU each process spends per task meanwhile,
+    and the gateway's RSS throughout."""
+    results: dict = {"stream_encoding": encoding}
+    out = procs.tmp / "streams.json"
+    readers = subprocess.Popen(streams_process(base, 50, out, encoding), env=procs.env)
+    try:
+        wait_for(lambda: streams_open(base) >= 50, 120, "50 streams")
+        rss_before = rss_mib(web)
+        everyone = {**pids, "gateway": web.pid, "readers": readers.pid}
+        cpu_before, seq_before, all_before = gateway_cpu_s(web), status_seq(frontend), cpu_s(everyone)
+        rates, rss_samples = [], []
+        began = time.monotonic()
+        end = began + stream_s
+        while time.monotonic() < end:
+            rates.append(map_rate(frontend, n_map // 4))
+            rss_samples.append((round(time.monotonic() - began), round(rss_mib(web), 1)))
+        results["cpu_us_per_task_50_streams"] = per_task(all_before, cpu_s(everyone), len(rates) * (n_map // 4 + 200))
+        results["map_per_s_50_streams"] = sum(rates) / len(rates)
+                # the gateway's CPU per event the broker published meanwhile: less noisy than a rate on a shared box
+        # the gateway's CPU per event the broker published meanwhile: less noisy than a rate on a shared box
+        results["gateway_cpu_us_per_event_50_streams"] = round(
+            (gateway_cpu_s(web) - cpu_before) * 1e6 / max(status_seq(frontend) - seq_before, 1), 1)
+        results["gateway_rss_mib_50_streams"] = [round(rss_before, 1), round(rss_mib(web), 1)]
+        results["gateway_rss_mib_samples"] = rss_samples[:: max(1, len(rss_samples) // 20)]
+        later = [rss for t, rss in rss_samples if t >= stream_s / 3]  # after a third: warm
+        results["gateway_rss_growth_after_warm_mib"] = round(max(later) - later[0], 1) if later else None
+        results["streams_open_at_end"] = streams_open(base)
+        time.sleep(1.5)
+        results["streams"] = json.loads(out.read_text())
+    finally:
+        if readers.poll() is None:
+            readers.send_signal(signal.SIGTERM)
+        readers.wait(timeout=30)
+    return results
+
+
+def report(r: dict, stream_s: float) -> None:
+    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+    print(f"CPU us per task, no gateway: {r['cpu_us_per_task_no_gateway']}")
+    if "first_batch_accepted_s" in r:
+        _report_post(r)
+    if "map_per_s_50_streams" in r:
+        _report_streams(r, stream_s)
     if "page" in r:
         print(f"page: first paint {r['page']['first_contentful_paint_ms']:.0f} ms, live in {r['page']['live_s']:.2f} s, "
               f"JS heap {r['page']['js_heap_mib_start']} -> {r['page']['js_heap_mib_end']} MiB")
-    return 0
+
+
+def _report_post(r: dict) -> None:
+    print(f"10,000-task batch POST accepted in {r['first_batch_accepted_s']:.2f} s (the first), "
+          f"{sorted(r['batches_accepted_s'])[len(r['batches_accepted_s']) // 2]:.2f} s (median of "
+          f"{len(r['batches_accepted_s'])}); gateway CPU {r['gateway_cpu_s_per_10k']:.2f} s per 10,000 tasks")
+    print(f"gateway: {r['accepted_per_s']:,.0f} tasks/s accepted, {r['done_per_s']:,.0f} tasks/s done; "
+          f"Client.map {r['map_per_s_gateway_idle']:,.0f} tasks/s (ratio {r['done_per_s'] / r['map_per_s_gateway_idle']:.2f})")
+
+
+def _report_streams(r: dict, stream_s: float) -> None:
+    print(f"broker with 50 SSE streams ({r['stream_encoding']}): {r['map_per_s_50_streams']:,.0f} tasks/s vs {r['map_per_s_no_gateway']:,.0f} "
+          f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x); the gateway's CPU meanwhile: "
+          f"{r['gateway_cpu_us_per_event_50_streams']} us per event; the streams read {r['streams']['bytes'] / 1e6:,.0f} MB")
+    print(f"CPU us per task with 50 streams: {r['cpu_us_per_task_50_streams']}")
+    print(f"gateway RSS while the 50 streams read {stream_s:.0f} s: {r['gateway_rss_mib_50_streams'][0]} -> "
+          f"{r['gateway_rss_mib_50_streams'][1]} MiB; growth after the first third: "
+          f"{r['gateway_rss_growth_after_warm_mib']} MiB; samples (s, MiB): {r['gateway_rss_mib_samples']}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import zlib
 
-from client.web.events import HOLD_MAX_S, Batch, EventHub, Stream
+from client.web.events import HOLD_MAX_S, EventHub
+from client.web.sse import GZIP_HEADER, Batch, Stream, accepts_gzip, sse
 from client.web.metrics import Metrics
 from client.web.tasks import TaskWindow
 
@@ -228,3 +230,31 @@ def test_events_after_a_snapshot_in_the_same_read_are_counted():
         await hub.close()
 
     run(main())
+
+
+def test_a_gzip_stream_sends_the_same_events_in_order_as_a_plain_one_from_the_same_shared_batches():
+    plain, gzip = Stream(after=2), Stream(after=2, gzip=True)
+    batches = [Batch.of([_run(1, 2, 3), _run(4, 5, topic="task.started")]),  # straddles what they have
+               Batch(sse(None, "gateway.link", {"link": "live"}), None, None, kind="note"),
+               Batch.of([_run(6, topic="task.succeeded"), _run(7, 8)])]
+    sent_plain, sent_gzip = [b"retry: 1000\n"], [GZIP_HEADER + gzip.encode(b"retry: 1000\n")]
+    for batch in batches:  # a write per tick, as the pump makes them
+        assert plain.put(batch) and gzip.put(batch)
+        sent_plain.append(plain.take())
+        sent_gzip.append(gzip.take())
+    sent_gzip.append(gzip.encode(b": keep-alive\n\n"))
+    sent_plain.append(b": keep-alive\n\n")
+    reader = zlib.decompressobj(16 + zlib.MAX_WBITS)  # a browser's gzip decoder, fed as the chunks come
+    got = b"".join(reader.decompress(chunk) for chunk in sent_gzip)
+    assert got == b"".join(sent_plain)
+    assert ids(got) == [3, 4, 5, 6, 7, 8]
+    assert events_of(got) == ["task.submitted", "task.started", "task.started", "gateway.link", "task.succeeded",
+                              "task.submitted", "task.submitted"]
+    assert batches[2].gzipped() is batches[2].gzipped(), "compressed once, shared by every gzip stream"
+    assert sum(map(len, sent_gzip[1:])) < sum(map(len, sent_plain[1:]))
+
+
+def test_gzip_is_taken_where_accept_encoding_allows_it():
+    assert accepts_gzip("gzip, deflate, br, zstd") and accepts_gzip("br;q=1.0, gzip;q=0.5") and accepts_gzip("*")
+    assert not accepts_gzip(None) and not accepts_gzip("identity") and not accepts_gzip("gzip;q=0")
+    assert not accepts_gzip("deflate, br") and not accepts_gzip("gzip;q=bad")

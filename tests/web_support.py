@@ -122,6 +122,7 @@ class SSE:
                  headers: dict | None = None) -> None:
         self.events: list[tuple[str | None, str, object]] = []
         self.status: int | None = None
+        self.headers: httpx.Headers | None = None
         self.closed = threading.Event()
         self._lock = threading.Lock()
         hdrs = dict(headers or {})
@@ -137,6 +138,7 @@ class SSE:
     def _run(self) -> None:
         try:
             with self._client.stream("GET", "/api/events", params=self._params) as r:
+                self.headers = r.headers
                 self.status = r.status_code
                 if r.status_code != 200:
                     return

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from client.errors import BrokerUnavailable
 from client.web.auth import AuthError, bearer
 from client.web.events import EventStreamResponse
+from client.web.sse import accepts_gzip
 from client.web.gateway import ApiError, Config, Gateway, unavailable
 from client.web.metrics import CONTENT_TYPE
 from client.web.models import (MAX_BATCH, Accepted, BodyError, Cancelled, ErrorOut, Health, Status, TaskIn, TaskList,
@@ -143,11 +144,12 @@ def create_app(config: Config) -> FastAPI:
                      last_event_id: Optional[str] = Query(None, description="as the Last-Event-ID header (which wins)")):
         hub = gateway.hub
         last = _event_id(request.headers.get("last-event-id", last_event_id))
+        gzip = accepts_gzip(request.headers.get("accept-encoding"))  # a tenth of the bytes to write
         if last is not None and hub.resumable(last):
-            stream, first = hub.resume(last)
+            stream, first = hub.resume(last, gzip)
         else:  # new, or an id the gateway no longer holds (or cannot read): a snapshot first
             try:
-                stream, first = await hub.fresh(config.broker_wait_s)
+                stream, first = await hub.fresh(config.broker_wait_s, gzip)
             except BrokerUnavailable as exc:
                 raise unavailable(exc) from None
         return EventStreamResponse(hub, stream, first)

@@ -15,25 +15,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from itertools import chain, groupby, islice, repeat
-from operator import itemgetter, methodcaller
+from itertools import islice, repeat
+from operator import methodcaller
 from typing import AsyncIterator, Awaitable, Callable
 
-import msgspec
 import zmq
 from starlette.responses import Response
 
 from broker.logs import get_logger
 from client.errors import BrokerUnavailable, GridqError
 from client.state import SILENT_AFTER_S
+from client.web.sse import GZIP_HEADER, STREAM_BUFFER_BYTES, Batch, Stream, sse, sse_entries
 from client.web.tasks import to_json
 
 log = get_logger(__name__)
 
 #: recent events kept for Last-Event-ID resume
 RING_EVENTS = 20_000
-#: bytes a stream may have waiting to be sent before its reader counts as fallen behind
-STREAM_BUFFER_BYTES = 4 << 20
 #: events gathered into one batch at most before it goes to the streams
 BATCH_EVENTS = 10_000
 #: seconds events wait to be sent, at most: a burst goes to each stream as one write per tick
@@ -50,122 +48,12 @@ RETRY_MAX_S = 4.0
 #: what EventSource waits before reconnecting, sent once per stream (milliseconds)
 RECONNECT_MS = 1000
 
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "content-type": "text/event-stream; charset=utf-8"}
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "content-type": "text/event-stream; charset=utf-8",
+               "vary": "accept-encoding"}
+#: with gzip (client/web/sse.py)
+GZIP_HEADERS = {**SSE_HEADERS, "content-encoding": "gzip"}
 
-
-#: compact JSON as bytes, a fraction of the json module's cost per event (no encoder made per call);
-#: the broker's events hold strings, numbers, lists and maps only
-_json = msgspec.json.Encoder()
-_encode = _json.encode
-#: a run of events as JSON lines, one encoder call (JSON text holds no raw newline: a line per event)
-_encode_lines = _json.encode_lines
-_seq = itemgetter("seq")
-_sse_id = b"id: %d".__mod__
 _run_s = methodcaller("get", "run_s")
-
-
-def sse(seq: int | None, topic: str, data) -> bytes:
-    """One Server-Sent Event: ``id: SEQ``, ``event: TOPIC``, ``data: JSON`` (UTF-8)."""
-    try:
-        body = _encode(data)
-    except (TypeError, ValueError):  # numpy values and the like: rare, so converted only when met
-        body = _encode(to_json(data))
-    if seq is None:
-        return b"event: %s\ndata: %s\n\n" % (topic.encode(), body)
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, topic.encode(), body)
-
-
-def sse_run(topic: str, events: list) -> bytes:
-    """Events of one topic, in order, as SSE bytes: their JSON in one encoder call, the lines
-    around it joined in C (no Python step per event)."""
-    try:
-        bodies = _encode_lines(events).split(b"\n")
-    except (TypeError, ValueError):  # numpy values and the like: rare, so converted only when met
-        return b"".join([sse(ev["seq"], topic, ev) for ev in events])
-    middle = b"\nevent: %s\ndata: " % topic.encode()
-    return b"".join(chain.from_iterable(zip(map(_sse_id, map(_seq, events)), repeat(middle), bodies, repeat(b"\n\n"))))
-
-
-def sse_entries(entries) -> bytes:
-    """Ring entries ``(topic, event)`` as SSE bytes, a run of one topic at a time."""
-    return b"".join([sse_run(topic, [ev for _, ev in run]) for topic, run in groupby(entries, key=itemgetter(0))])
-
-
-class Batch:
-    """Events sent to every stream at once, as the same bytes (encoded and joined once)."""
-
-    __slots__ = ("runs", "first", "last", "data", "size", "kind")
-
-    def __init__(self, data: bytes, first: int | None, last: int | None, runs: list = (), kind: str = "events") -> None:
-        self.runs = runs  #: [(topic, [event])]: what ``data`` holds, for a stream that had part of it
-        self.first, self.last = first, last
-        self.data = data
-        self.size = len(data)
-        #: "events"; "snapshot" (sent to everyone, and what follows continues from its seq); "note" (sent to everyone)
-        self.kind = kind
-
-    @classmethod
-    def of(cls, runs: list) -> "Batch":
-        """Runs ``(topic, [event])`` of consecutive seqs, encoded (a run per encoder call) and joined."""
-        return cls(b"".join([sse_run(topic, events) for topic, events in runs]), runs[0][1][0]["seq"],
-                   runs[-1][1][-1]["seq"], runs)
-
-    def after(self, seq: int) -> bytes:
-        """The events past ``seq`` only (a stream that joined within this batch: rare)."""
-        return b"".join([sse_run(topic, kept) for topic, events in self.runs
-                         if (kept := [ev for ev in events if ev["seq"] > seq])])
-
-
-class Stream:
-    """One reader's bounded buffer of batches; ``dropped`` once it overflows."""
-
-    def __init__(self, after: int | None, limit_bytes: int = STREAM_BUFFER_BYTES) -> None:
-        self.after = after  #: seq of the last event this reader has (or its snapshot's)
-        self.limit_bytes = limit_bytes
-        self.batches: deque = deque()
-        self.size = 0
-        self.dropped = False
-        self._wakeup = asyncio.Event()
-
-    def put(self, batch: Batch) -> bool:
-        if self.dropped:
-            return False
-        if self.size + batch.size > self.limit_bytes:
-            self.dropped = True  # fallen behind: disconnected, never buffered forever
-            self.batches.clear()
-            self._wakeup.set()
-            return False
-        self.batches.append(batch)
-        self.size += batch.size
-        self._wakeup.set()
-        return True
-
-    def take(self) -> bytes:
-        """What is waiting, as SSE bytes: events after ``after`` only (a whole batch as it is, no copy)."""
-        parts = []
-        while self.batches:
-            batch = self.batches.popleft()
-            self.size -= batch.size
-            if batch.kind == "note":
-                parts.append(batch.data)
-            elif batch.kind == "snapshot":
-                parts.append(batch.data)
-                self.after = batch.last
-            elif self.after is None or batch.first > self.after:
-                parts.append(batch.data)
-                self.after = batch.last
-            elif batch.last > self.after:
-                parts.append(batch.after(self.after))
-                self.after = batch.last
-        self._wakeup.clear()
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def wait(self, timeout_s: float) -> None:
-        if not self.batches and not self.dropped:
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
-            except asyncio.TimeoutError:
-                pass
 
 
 class EventHub:
@@ -372,16 +260,24 @@ class EventHub:
             return False
         return last_id == self.head or bool(self.ring) and self.ring[0][1]["seq"] - 1 <= last_id <= self.head
 
-    def resume(self, last_id: int) -> tuple[Stream, bytes]:
-        """A stream continuing after ``last_id`` from the ring, none missing, none repeated."""
+    def resume(self, last_id: int, gzip: bool = False) -> tuple[Stream, bytes]:
+        """A stream continuing after ``last_id`` from the ring, none missing, none repeated (and
+        the SSE text it starts with)."""
         self._flush()
         text = b""
         if last_id < self.head:
             text = sse_entries(islice(self.ring, last_id + 1 - self.ring[0][1]["seq"], None))
-        return self._register(self.head), text
+        return self._register(self.head, gzip), text
 
-    async def fresh(self, timeout_s: float) -> tuple[Stream, bytes]:
+    async def fresh(self, timeout_s: float, gzip: bool = False) -> tuple[Stream, bytes]:
         """A new stream: a snapshot, then every event after it. BrokerUnavailable if none can be had."""
+        if self.head is None:
+            # the hub has no snapshot of its own yet: one taken now could be older than it, and the
+            # events between the two would reach this stream in neither
+            try:
+                await asyncio.wait_for(self.live.wait(), timeout_s)
+            except (asyncio.TimeoutError, TimeoutError) as exc:
+                raise BrokerUnavailable(f"the broker did not answer within {timeout_s:g} s") from exc
         if self._asking is None or self._asking.done():
             # streams opening together (browsers reconnecting after a restart) share one request
             self._asking = asyncio.ensure_future(self._status())
@@ -396,10 +292,10 @@ class EventHub:
         backlog = b""
         if self.head is not None and seq < self.head and self.ring:
             backlog = sse_entries(islice(self.ring, max(seq + 1 - self.ring[0][1]["seq"], 0), None))
-        return self._register(max(seq, self.head or seq)), text + backlog
+        return self._register(max(seq, self.head or seq), gzip), text + backlog
 
-    def _register(self, after: int | None) -> Stream:
-        stream = Stream(after, self.stream_buffer_bytes)
+    def _register(self, after: int | None, gzip: bool = False) -> Stream:
+        stream = Stream(after, self.stream_buffer_bytes, gzip)
         self.streams.add(stream)
         if self.metrics is not None:
             self.metrics.sse_streams.set(len(self.streams))
@@ -428,7 +324,8 @@ class _Hold:
 
 
 class EventStreamResponse(Response):
-    """``text/event-stream`` of one Stream; ends when the reader leaves or falls behind."""
+    """``text/event-stream`` of one Stream (gzip where the stream is); ends when the reader leaves or
+    falls behind."""
 
     media_type = "text/event-stream"
 
@@ -436,7 +333,8 @@ class EventStreamResponse(Response):
         self.status_code = 200
         self.background = None
         # no content-length: the body never ends while the reader keeps up
-        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in {**SSE_HEADERS, **(headers or {})}.items()]
+        base = GZIP_HEADERS if stream.gzip else SSE_HEADERS
+        self.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in {**base, **(headers or {})}.items()]
         self.hub, self.stream, self.first = hub, stream, first
 
     async def __call__(self, scope, receive, send) -> None:
@@ -458,14 +356,14 @@ class EventStreamResponse(Response):
             pass
 
     async def _pump(self, send) -> None:
-        await send({"type": "http.response.body", "body": b"retry: %d\n%s" % (RECONNECT_MS, self.first),
-                    "more_body": True})
         stream = self.stream
+        first = stream.encode(b"retry: %d\n%s" % (RECONNECT_MS, self.first))
+        await send({"type": "http.response.body", "body": GZIP_HEADER + first if stream.gzip else first, "more_body": True})
         while not stream.dropped:
             await stream.wait(KEEPALIVE_S)
             if stream.dropped:
                 break
-            data = stream.take() or b": keep-alive\n\n"
+            data = stream.take() or stream.encode(b": keep-alive\n\n")
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def _watch(self, receive) -> None:
@@ -473,4 +371,4 @@ class EventStreamResponse(Response):
             pass
 
 
-__all__ = ["EventHub", "Stream", "Batch", "EventStreamResponse", "sse", "sse_run"]
+__all__ = ["EventHub", "EventStreamResponse"]
