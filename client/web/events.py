@@ -34,8 +34,9 @@ log = get_logger(__name__)
 RING_EVENTS = 20_000
 #: events gathered into one batch at most before it goes to the streams
 BATCH_EVENTS = 10_000
-#: seconds events wait to be sent, at most: a burst goes to each stream as one write per tick
-TICK_S = 0.1
+#: seconds events wait to be sent, at most: a burst goes to each stream as one write per tick (the
+#: page redraws four times a second: a shorter tick would wake every stream more for nothing seen)
+TICK_S = 0.25
 #: longest the hub leaves events waiting while an HTTP submission awaits the broker's acceptance
 HOLD_MAX_S = 1.0
 #: events handled before the hub lets other work on the loop run (a few milliseconds' work)

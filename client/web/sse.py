@@ -174,8 +174,9 @@ class Stream:
     async def wait(self, timeout_s: float) -> None:
         if not self.batches and not self.dropped:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(timeout_s):  # no task made per wait, as wait_for does
+                    await self._wakeup.wait()
+            except TimeoutError:
                 pass
 
 
