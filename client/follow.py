@@ -53,7 +53,7 @@ async def follow_batches(client, address: str) -> AsyncIterator[list[tuple[str, 
                 continue
             wait_s = 0.1 if state.stale else state.silent_after_s / 2
             if await _readable(sock, wait_s, asking):
-                batch = state.read_runs(sync_sock)
+                batch = state.read(sync_sock)
                 if batch:
                     yield batch
             state.check_silence()

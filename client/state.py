@@ -37,7 +37,7 @@ import enum
 import threading
 import time
 from collections import deque
-from typing import Callable, Iterator
+from typing import Callable
 
 import zmq
 
@@ -294,16 +294,10 @@ class StreamState(ClusterModel):
         self._heard_at = self.clock()  # only applied events count: a restarted broker's old seqs do not
         self.apply(topic, fields)
 
-    def read(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> Iterator[tuple[str, dict]]:
-        """Receive what waits on ``sock`` (at most ``limit`` messages), apply it, and yield each
-        event readers get as ``(topic, fields)``: contiguous in ``seq`` since their snapshot."""
-        for topic, events in self.read_runs(sock, limit):
-            for fields in events:
-                yield topic, fields
-
-    def read_runs(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> list[tuple[str, list[dict]]]:
-        """As ``read``, the events as runs of one topic, ``(topic, [fields])``: a message that
-        continues the stream is one run, taken whole (the broker sends hundreds of events in one)."""
+    def read(self, sock: zmq.Socket, limit: int = POLL_BATCH) -> list[tuple[str, list[dict]]]:
+        """Receive what waits on ``sock`` (at most ``limit`` messages), apply it, and return the
+        events readers get, contiguous in ``seq`` since their snapshot, as runs of one topic
+        ``(topic, [fields])``: a message that continues the stream is one run, taken whole."""
         runs = []
         for _ in range(limit):
             try:
@@ -405,7 +399,7 @@ class ClusterState(StreamState):
         return applied
 
     def _drain(self, limit: int) -> int:
-        return sum(1 for _ in self.read(self._sock, limit))
+        return sum(len(events) for _, events in self.read(self._sock, limit))
 
     def start(self) -> "ClusterState":
         """Keep the state current on a background thread until ``close()``."""

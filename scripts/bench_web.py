@@ -171,11 +171,15 @@ def streams_process(base: str, count: int, out: Path, encoding: str = "gzip") ->
     return [sys.executable, "-c", code]
 
 
-def streams_open(base: str) -> float:
+def metric(base: str, name: str) -> float:
     for line in httpx.get(base + "/metrics").text.splitlines():
-        if line.startswith("gridq_web_event_streams "):
+        if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def streams_open(base: str) -> float:
+    return metric(base, "gridq_web_event_streams")
 
 
 def gateway_cpu_s(proc: subprocess.Popen) -> float:
@@ -297,6 +301,9 @@ def streams_figures(procs: Procs, pids: dict, web, base: str, frontend: str, n_m
         wait_for(lambda: streams_open(base) >= 50, 120, "50 streams")
         rss_before = rss_mib(web)
         everyone = {**pids, "gateway": web.pid, "readers": readers.pid}
+        # a gateway that falls behind skips work (its SUB socket drops events; it takes a snapshot):
+        # its figures then flatter it, so whether it kept up is reported with them
+        fell_behind = [metric(base, "gridq_web_snapshots_total"), metric(base, "gridq_web_event_streams_dropped_total")]
         cpu_before, seq_before, all_before = gateway_cpu_s(web), status_seq(frontend), cpu_s(everyone)
         rates, rss_samples = [], []
         began = time.monotonic()
@@ -315,6 +322,9 @@ def streams_figures(procs: Procs, pids: dict, web, base: str, frontend: str, n_m
         later = [rss for t, rss in rss_samples if t >= stream_s / 3]  # after a third: warm
         results["gateway_rss_growth_after_warm_mib"] = round(max(later) - later[0], 1) if later else None
         results["streams_open_at_end"] = streams_open(base)
+        results["gateway_resyncs_and_streams_dropped"] = [
+            metric(base, "gridq_web_snapshots_total") - fell_behind[0],
+            metric(base, "gridq_web_event_streams_dropped_total") - fell_behind[1]]
         time.sleep(1.5)
         results["streams"] = json.loads(out.read_text())
     finally:
@@ -348,7 +358,9 @@ def _report_streams(r: dict, stream_s: float) -> None:
     print(f"broker with 50 SSE streams ({r['stream_encoding']}): {r['map_per_s_50_streams']:,.0f} tasks/s vs {r['map_per_s_no_gateway']:,.0f} "
           f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x); the gateway's CPU meanwhile: "
           f"{r['gateway_cpu_us_per_event_50_streams']} us per event; the streams read {r['streams']['bytes'] / 1e6:,.0f} MB")
-    print(f"CPU us per task with 50 streams: {r['cpu_us_per_task_50_streams']}")
+    print(f"CPU us per task with 50 streams: {r['cpu_us_per_task_50_streams']}; the gateway kept up: "
+          f"{'yes' if r['gateway_resyncs_and_streams_dropped'] == [0, 0] else 'NO'} "
+          f"(snapshots taken, streams dropped meanwhile: {r['gateway_resyncs_and_streams_dropped']})")
     print(f"gateway RSS while the 50 streams read {stream_s:.0f} s: {r['gateway_rss_mib_50_streams'][0]} -> "
           f"{r['gateway_rss_mib_50_streams'][1]} MiB; growth after the first third: "
           f"{r['gateway_rss_growth_after_warm_mib']} MiB; samples (s, MiB): {r['gateway_rss_mib_samples']}")

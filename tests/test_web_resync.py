@@ -138,7 +138,7 @@ def _published(messages: list) -> tuple[list, StreamState]:
             pub.send_multipart(frames)
         got = []
         while sub.poll(1000) and len(got) < len(messages):
-            got += [fields["seq"] for _, fields in state.read(sub)]
+            got += [fields["seq"] for _, events in state.read(sub) for fields in events]
         return got, state
     finally:
         sub.close(linger=0)
