@@ -14,6 +14,13 @@ STATS_WINDOW = 2048
 STATS_INTERVAL_S = 1.0
 #: seconds of completions the rate and percentiles of broker.stats cover
 STATS_SPAN_S = 10.0
+#: most events in one message: a message stays a few tens of KiB, so the events socket's high-water
+#: mark, which counts messages, bounds what a slow subscriber can pile up in bytes too
+MAX_RUN = 256
+#: messages the events socket holds for one subscriber that reads too slowly (then it drops, the
+#: subscriber sees a seq gap and takes a fresh snapshot): 5,000 x 256 events, as many as a
+#: million one-event messages held before runs
+EVENTS_SNDHWM = 5_000
 #: topics whose events may move within a flush to make runs of one topic (one message each). Between
 #: two events of other topics (or a snapshot) a task has at most one event of each, in this order
 #: (its lifecycle), so putting a stretch's events in this order keeps every task's own order: all its
@@ -259,14 +266,16 @@ def _renumber(ordered: list, start: int, seqs) -> None:
 
 
 def runs(events: list) -> list:
-    """``(topic, [fields, ...])`` per run of consecutive events of one topic: one message each."""
+    """``(topic, [fields, ...])`` per run of consecutive events of one topic, at most ``MAX_RUN``
+    events each: one message each."""
     out: list = []
-    last = None
+    last, run = None, None
     for topic, fields in events:
-        if topic == last:
-            out[-1][1].append(fields)
+        if topic == last and len(run) < MAX_RUN:
+            run.append(fields)
         else:
-            out.append((topic, [fields]))
+            run = [fields]
+            out.append((topic, run))
             last = topic
     return out
 

@@ -15,7 +15,7 @@ import msgspec
 import zmq
 
 from broker.core import Core
-from broker.events import runs
+from broker.events import EVENTS_SNDHWM, runs
 from broker.logs import get_logger
 from broker.mdp import MdpBridge
 from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, FETCH_IN_SUBMIT,
@@ -98,7 +98,7 @@ class Broker:
             sock.sndhwm = 0  # replies and batches are bounded by the protocol, never drop them
             sock.rcvhwm = 0
         else:
-            sock.sndhwm = 1_000_000
+            sock.sndhwm = EVENTS_SNDHWM  # per subscriber; messages of at most MAX_RUN events
         if security is not None:
             security.apply_server(sock, role)
         return sock

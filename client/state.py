@@ -42,6 +42,7 @@ from typing import Callable
 import zmq
 
 from broker.logs import get_logger
+from broker.events import MAX_RUN
 from broker.protocol import DEFAULT_EVENTS, ProtocolError, read_events
 from broker.shared import recv_pair, skip_rest
 from client.errors import GridqError
@@ -54,8 +55,11 @@ SILENT_AFTER_S = 3.0
 #: first pause before asking an unreachable broker again, doubled up to RETRY_MAX_S
 RETRY_MIN_S = 0.25
 RETRY_MAX_S = 4.0
-#: events buffered by the SUB socket at most; beyond that ZeroMQ drops them and we see a gap
+#: events held while a snapshot is due or being fetched, at most
 EVENTS_HWM = 200_000
+#: messages buffered by the SUB socket at most (each at most broker.events.MAX_RUN events, so about
+#: as many events); beyond that ZeroMQ drops them and we see a gap
+EVENTS_RCVHWM = EVENTS_HWM // MAX_RUN
 #: events applied per poll() at most, so a flood never starves the caller
 POLL_BATCH = 5000
 #: topics a state needs (everything the broker publishes)
@@ -77,7 +81,7 @@ def subscriber(ctx: zmq.Context, address: str, security=None) -> zmq.Socket:
     a zmq.asyncio context makes an asyncio socket)."""
     sock = ctx.socket(zmq.SUB)
     sock.linger = 0
-    sock.rcvhwm = EVENTS_HWM
+    sock.rcvhwm = EVENTS_RCVHWM
     if security is not None:
         security.apply_client(sock)
     for topic in TOPICS:

@@ -646,6 +646,22 @@ def test_starts_that_take_a_gpu_stay_after_the_result_that_freed_it(h):
     assert peak == 1 and [f["task_id"] for t, f in out.events if t == "task.succeeded"] == sent
 
 
+def test_a_long_run_goes_out_in_messages_of_at_most_max_run_events_seqs_continuing(h):
+    from broker.events import MAX_RUN, runs
+
+    blob, _ = pack_value([[], {}])
+    count = 2 * MAX_RUN + 88
+    tasks = [[f"b{i}", "noop", blob, 0, None, 0, None, None, None] for i in range(count)]
+    h.events.clear()
+    h.core.on_client(b"c1", Message(Command.SUBMIT, {"rid": 1, "session": "s1", "tasks": tasks}), h.now)
+    grouped = runs(h.flush().events)
+    assert [(topic, len(events)) for topic, events in grouped] == [("task.submitted", MAX_RUN),
+                                                                   ("task.submitted", MAX_RUN),
+                                                                   ("task.submitted", 88)]
+    seqs = [f["seq"] for _, events in grouped for f in events]
+    assert seqs == list(range(seqs[0], seqs[0] + count))
+
+
 def test_events_never_move_across_a_snapshot_taken_within_the_flush(h):
     h.join(b"w1", slots=2)
     x = h.submit()
