@@ -9,7 +9,8 @@ import time
 import numpy as np
 import zmq
 
-from broker.protocol import read_events
+from broker.protocol import ProtocolError, read_events
+from broker.shared import recv_pair, skip_rest
 from scripts.benchmarks import baseline
 from scripts.benchmarks.common import MIB, RESULT_TIMEOUT_S
 
@@ -118,12 +119,15 @@ def _subscribe(endpoint: str, counts, stop) -> None:
                 continue
             while True:
                 try:
-                    _topic, body = sub.recv_multipart(zmq.NOBLOCK)
+                    _topic, body = recv_pair(sub)  # as client/state.py reads: two plain receives
                 except zmq.Again:
                     break
-                except ValueError:  # not two frames: not ours to judge here
+                try:
+                    events = read_events(body)  # one message may carry several events, of consecutive seqs
+                except ProtocolError:  # not two frames: not ours to judge here; realign
+                    skip_rest(sub)
+                    gaps += 1
                     continue
-                events = read_events(body)  # one message may carry several events, of consecutive seqs
                 first, last = events[0].get("seq"), events[-1].get("seq")
                 if not (isinstance(first, int) and isinstance(last, int) and last - first == len(events) - 1):
                     gaps += 1  # a message whose seqs are not consecutive
