@@ -134,7 +134,7 @@ class Core:
             if first is not None:
                 aliases.append([task_id, first.task_id])
                 if first.session != session and session not in first.watchers:
-                    first.watchers.add(session)
+                    first.watchers = first.watchers | {session}
                     self.table.mark(first)  # a restarted broker must still deliver to it
                 if first.result is not None:  # to this session too: it may have fetched it already
                     self.results.deliver(first, session)
@@ -297,8 +297,8 @@ class Core:
         ones wait for their worker."""
         task = Task(rec["task_id"], rec["session"], rec["name"], rec["args"], rec["frames"], rec["override"],
                     rec["priority"], rec["retries"], rec["timeout_s"], rec["key"], now,
-                    attempts=rec["attempts"], worker_name=rec["worker_name"], lost_on=rec["lost_on"],
-                    watchers=rec["watchers"], wall_submitted=rec["submitted_wall"], digest=rec.get("digest"),
+                    attempts=rec["attempts"], worker_name=rec["worker_name"], lost_on=tuple(rec["lost_on"]),
+                    watchers=frozenset(rec["watchers"]), wall_submitted=rec["submitted_wall"], digest=rec.get("digest"),
                     retry_on=tuple(rec.get("retry_on") or ()), backoff_s=rec.get("backoff_s"),
                     error_retries=rec.get("error_retries") or 0)
         state = rec["state"]

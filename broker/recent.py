@@ -32,13 +32,17 @@ class RecentIds:
         self._batches: deque = deque()  #: (expires_at, array of hashes), oldest first
 
     def add(self, session: str, task_id: str, now: float) -> None:
-        key = hash((session, task_id))
+        self.add_all(session, (task_id,), now)
+
+    def add_all(self, session: str, task_ids, now: float) -> None:
+        """``add`` for every id of ``task_ids`` (one session's, recorded at one time)."""
+        keys = [hash((session, t)) for t in task_ids]
         expires_at = now + self.keep_s
         if self._batches and self._batches[-1][0] > expires_at - BATCH_SPAN_S:
-            self._batches[-1][1].append(key)
+            self._batches[-1][1].extend(keys)
         else:
-            self._batches.append((expires_at, array("q", (key,))))
-        self._hashes.add(key)
+            self._batches.append((expires_at, array("q", keys)))
+        self._hashes.update(keys)
 
     def __contains__(self, pair: tuple) -> bool:
         return hash(pair) in self._hashes

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
+from operator import methodcaller
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
@@ -201,7 +202,7 @@ class Scheduler:
         ``ready`` lists workers with a free slot. The caller applies each
         assignment (holding resources, taking a slot) before the next is chosen.
         """
-        return self._assign(ready, is_queued, lambda w: w.has_free_slot(), lambda w: w.load(),
+        return self._assign(ready, is_queued, methodcaller("has_free_slot"), methodcaller("load"),
                             lambda cls, needs, w: fits(needs, w.free))
 
     def send_ahead(self, workers: Iterable, is_queued: Callable[[str], bool], tasks: Mapping) -> Iterator[tuple]:
@@ -213,15 +214,22 @@ class Scheduler:
         """
         policy = self.ahead
         return self._assign([w for w in workers if policy.wants_refill(w)], is_queued, policy.has_room,
-                            lambda w: w.load_ahead(), lambda cls, needs, w: policy.allows(cls.name, w, tasks))
+                            methodcaller("load_ahead"), lambda cls, needs, w: policy.allows(cls.name, w, tasks))
 
     def _assign(self, workers: list, is_queued, has_room, load, acceptable) -> Iterator[tuple]:
         if not any(c.queued for c in self.classes.values()):
             return
         heap = [(load(w), w.tiebreak, w) for w in workers]
         heapq.heapify(heap)
-        while heap:
-            _, _, worker = heapq.heappop(heap)
+        following = None  #: the worker just served, back in line if it has room (one heap step for both)
+        while heap or following is not None:
+            if following is None:
+                _, _, worker = heapq.heappop(heap)
+            elif heap:
+                _, _, worker = heapq.heappushpop(heap, following)
+            else:
+                worker = following[2]
+            following = None
             best = None
             for cls in self.classes.values():
                 if cls.queued <= 0 or worker.wid not in cls.eligible:
@@ -241,4 +249,4 @@ class Scheduler:
             cls.queued -= 1
             yield worker, task_id, needs
             if has_room(worker):
-                heapq.heappush(heap, (load(worker), worker.tiebreak, worker))
+                following = (load(worker), worker.tiebreak, worker)

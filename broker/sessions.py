@@ -16,6 +16,8 @@ ACKED_GRACE_S = 120.0
 #: without a journal, most keyed results kept in memory once fetched (oldest forgotten first; with a
 #: journal they live there and are read back when their key is submitted again)
 MAX_KEYED_RESULTS = 100_000
+#: a record from all its fields at a plain tuple's cost (a NamedTuple's constructor takes keywords)
+_as_record = tuple.__new__
 
 
 @dataclass(eq=False, slots=True)
@@ -67,7 +69,8 @@ class Sessions:
     def finished(self, task, now: float, ttl_s: float | None = None, deliver: bool = True) -> None:
         """``task`` reached a terminal state: to its session and watchers, forgotten after its TTL."""
         if deliver:
-            for sid in (task.session, *task.watchers):
+            self.deliver(task, task.session)
+            for sid in task.watchers:
                 self.deliver(task, sid)
         self.expiry[task.task_id] = now + (self.result_ttl_s if ttl_s is None else ttl_s)
 
@@ -75,9 +78,8 @@ class Sessions:
 
     def fetch(self, sid: str, route: bytes, rid, acks: list, wait_s: float, limit: int, now: float) -> None:
         sess = self.get(sid)
-        for task_id in acks:
-            if sess.outbox.pop(task_id, 0) is None:
-                self._acked(task_id, sid, now)
+        if acks:
+            self._take_acks(sess, acks, now)
         if sess.fetch is not None:  # a newer fetch replaces a parked one (client resent)
             old_route, old_rid, _, _ = sess.fetch
             self._reply_empty(old_route, old_rid)
@@ -108,26 +110,38 @@ class Sessions:
             if task is None or task.result is None:
                 continue
             status, value, vframes, info = task.result
-            records.append(ResultRecord(task_id, status, value, len(vframes), info))
+            records.append(_as_record(ResultRecord, (task_id, status, value, len(vframes), info)))
             frames.extend(vframes)
             if len(records) >= limit:
                 break
         self.out.clients.append((route, Message(Command.RESULTS, {"rid": rid, "results": records, **self.incarnation},
                                                 frames)))
 
-    def _acked(self, task_id: str, sid: str, now: float) -> None:
+    def _take_acks(self, sess: Session, acks: list, now: float) -> None:
+        """Acknowledgements of results ``sess`` holds: the plain tasks it submitted leave memory
+        here, their ids recorded together (the usual ack: a batch of them); keyed ones in ``_acked``."""
+        sid, pop, get = sess.sid, sess.outbox.pop, self.table.get
+        plain = []
+        for task_id in acks:
+            if pop(task_id, 0) is not None:
+                continue  # not delivered to this session (or acknowledged already)
+            task = get(task_id)
+            if task is None or task.result is None:
+                continue
+            if task.key is not None:
+                self._acked(task, sid)
+            elif task.session == sid:  # only keyed tasks have watchers
+                self.forget(task)
+                plain.append(task_id)
+        if plain:
+            self.recent.add_all(sid, plain, now)
+
+    def _acked(self, task, sid: str) -> None:
         """A session confirmed it holds the result. Once nobody waits for it any more, the task
         leaves memory: a plain one leaves a compact record of its id (a late resend of its SUBMIT
         can only come within the client's retries); a keyed one stays findable by its key, in the
         journal (read back on demand) or, without one, in memory for its TTL (bounded)."""
-        task = self.table.get(task_id)
-        if task is None or task.result is None:
-            return
-        if task.key is None:  # only keyed tasks have watchers
-            if task.session == sid:
-                self.forget(task)
-                self.recent.add(sid, task_id, now)
-            return
+        task_id = task.task_id
         if any(task_id in sess.outbox for s in (task.session, *task.watchers)
                if (sess := self.sessions.get(s)) is not None):
             return  # another session has still to fetch it
@@ -162,13 +176,18 @@ class Sessions:
         self.recent.expire(now)
 
     def forget(self, task) -> None:
-        self.expiry.pop(task.task_id, None)
-        self.keyed_kept.pop(task.task_id, None)
+        task_id, sessions = task.task_id, self.sessions
+        self.expiry.pop(task_id, None)
+        if task.key is not None:
+            self.keyed_kept.pop(task_id, None)
         self.table.forget(task)
-        for sid in (task.session, *task.watchers):
-            sess = self.sessions.get(sid)
+        sess = sessions.get(task.session)
+        if sess is not None:
+            sess.outbox.pop(task_id, None)
+        for sid in task.watchers:
+            sess = sessions.get(sid)
             if sess is not None:
-                sess.outbox.pop(task.task_id, None)
+                sess.outbox.pop(task_id, None)
 
     def tidy(self) -> None:
         """Drop fetch timers of FETCHes answered early once they outnumber the live ones, and

@@ -3,7 +3,7 @@ count and the journal marks in step with it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from broker.states import TASK_MOVES, TERMINAL, TaskState, check_task_move
@@ -40,8 +40,10 @@ class Task:
     needs: dict | None = None  #: resources held on its worker while RUNNING
     started_at: float | None = None
     queued_s: float = 0.0
-    lost_on: list = field(default_factory=list)  #: names of workers that died holding it
-    watchers: set = field(default_factory=set)  #: other sessions submitted with its key
+    #: names of workers that died holding it; a tuple, replaced (not grown) on a loss, and
+    #: ``watchers`` a frozenset replaced likewise: a new task builds no container for either
+    lost_on: tuple = ()
+    watchers: frozenset = frozenset()  #: other sessions submitted with its key
     result: tuple | None = None  #: (status, value, frames, info) once terminal
     finished_at: float | None = None
     cls: Any = None  #: its TaskClass while queued
@@ -67,6 +69,9 @@ class TaskTable:
         self.keys: dict[str, str] = {}  #: idempotency key -> task id
         self.counts = {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
         self.ahead = 0  #: tasks in DISPATCHED state
+        #: old state -> new state -> (old counter, new counter, change of ``ahead``), legal moves only
+        self._steps = {old: {new: (COUNTER[old], COUNTER[new], (new is TaskState.DISPATCHED) - (old is TaskState.DISPATCHED))
+                             for new in legal} for old, legal in TASK_MOVES.items()}
         self.get = self.tasks.get  #: task id -> Task or None (the dict's own method: this is the hot path)
 
     def is_queued(self, task_id: str) -> bool:
@@ -92,15 +97,17 @@ class TaskTable:
     def move(self, task: Task, new: TaskState) -> None:
         """The one way a task changes state; an illegal move raises (a broker bug)."""
         old = task.state
-        if new not in TASK_MOVES[old]:
+        step = self._steps[old].get(new)
+        if step is None:
             check_task_move(task.task_id, old, new)  # raises IllegalTransition
         task.state = new
-        self.counts[COUNTER[old]] -= 1
-        self.counts[COUNTER[new]] += 1
-        if old is TaskState.DISPATCHED:
-            self.ahead -= 1
-        elif new is TaskState.DISPATCHED:
-            self.ahead += 1
+        was, now, ahead = step
+        if was is not now:  # QUEUED <-> DISPATCHED count as queued both
+            counts = self.counts
+            counts[was] -= 1
+            counts[now] += 1
+        if ahead:
+            self.ahead += ahead
         if self.journal is not None:
             (self.journal.finished if new in TERMINAL else self.journal.state)(task)
 

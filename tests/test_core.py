@@ -228,7 +228,7 @@ def test_worker_that_hands_back_tasks_gets_them_requeued_without_counting_a_loss
     h.dispatched(b"w1")
     h.core.on_worker(b"w1", Message(Command.RETURN, {"draining": True, "ids": [t]}), h.now)
     h.flush()
-    assert h.state(t) is TaskState.QUEUED and h.core.tasks[t].lost_on == []
+    assert h.state(t) is TaskState.QUEUED and h.core.tasks[t].lost_on == ()
     assert h.core.workers[b"w1"].state is WorkerState.DRAINING
     h.join(b"w2")
     assert h.dispatched(b"w2") == [t] and h.dispatched(b"w1") == []
@@ -389,7 +389,7 @@ def test_tasks_ahead_of_a_dead_worker_are_requeued_without_counting_a_loss(h):
     running, ahead = ids[0], ids[1:]
     assert h.state(running) is TaskState.FAILED  # retries=0: lost once is too many
     assert all(h.state(t) is TaskState.QUEUED for t in ahead)
-    assert all(h.core.tasks[t].attempts == 0 and h.core.tasks[t].lost_on == [] for t in ahead)
+    assert all(h.core.tasks[t].attempts == 0 and h.core.tasks[t].lost_on == () for t in ahead)
     assert h.topics("worker.lost")[0]["requeued"] == ahead
     h.join(b"w2")
     assert set(h.dispatched(b"w2")) == set(ahead)
