@@ -15,8 +15,8 @@ Values (task arguments, results) are packed into an opaque msgpack *blob* plus
 their own array frames (``pack_value``/``unpack_value``). The broker carries the
 blob and frames of a task as they are. Nothing is pickled.
 
-This module imports nothing else of gridq but ``broker.fields`` (its fields' rules): clients
-and workers import it too.
+This module imports nothing else of gridq but ``broker.fields`` (its fields' rules) and
+``broker.values`` (values as blobs and frames), which it re-exports: clients and workers import it too.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from typing import Any, NamedTuple, Sequence
 
 import msgpack
 import msgspec
-import numpy as np
 
 from broker.fields import (DEFAULT_RESOURCES, MAX_BACKOFF_S, MAX_NAME_LEN, MAX_RESOURCE_QTY,  # noqa: F401  (the
                            MAX_RETRIES, MAX_RETRY_ON, check_int, check_name, check_resources,  # field rules are
                            check_seconds, error_map, retry_names)  # part of the vocabulary: re-exported)
+from broker.values import ARRAY_EXT, EncodeError, ProtocolError, frame_buffer, pack_value, unpack_value  # noqa: F401
 
 #: Where a broker listens unless told otherwise: clients (ROUTER), workers (ROUTER), events (XPUB).
 DEFAULT_FRONTEND = "tcp://127.0.0.1:5555"
@@ -61,8 +61,6 @@ WRONG_PORT = "wrong port"
 FETCH_IN_SUBMIT = "fetch"
 #: gridq's top-level import names (a user's module named so shadows gridq's, or is shadowed)
 OUR_PACKAGES = ("broker", "worker", "client")
-#: msgpack extension code of an array reference inside a value blob.
-ARRAY_EXT = 1
 
 
 class Topic:
@@ -92,14 +90,6 @@ class ErrorType:
     NO_WORKER = "NoWorkerAvailable"  #: no connected worker could serve it for --no-worker-timeout
     PROTOCOL = "ProtocolError"  #: it cannot travel to the worker that took it (an MDP worker: frames only)
     KEY_CONFLICT = "KeyConflict"  #: its idempotency key belongs to a task of another name or arguments
-
-
-class ProtocolError(ValueError):
-    """A peer sent frames that do not form a valid gridq message."""
-
-
-class EncodeError(TypeError):
-    """A value cannot travel: it is not msgpack-encodable nor a numeric array."""
 
 
 class Command(enum.IntEnum):
@@ -194,11 +184,6 @@ def as_bytes(frame) -> bytes:
     if isinstance(frame, bytes):
         return frame
     return frame.bytes  # zmq.Frame
-
-
-def frame_buffer(frame):
-    """A frame's memory without a copy."""
-    return frame if isinstance(frame, (bytes, bytearray, memoryview)) else frame.buffer
 
 
 def task_digest(name: str, args: bytes, frames: Sequence) -> bytes:
@@ -362,82 +347,6 @@ def _parse_records(message: Message) -> list:
         return [item if type(item) is str else (item, []) for item in typed]
     per_record = iter(split_frames(message.frames, counts))
     return [item if type(item) is str else (item, next(per_record)) for item in typed]
-
-
-# --------------------------------------------------------------------- values
-
-
-def pack_value(value: Any) -> tuple[bytes, list]:
-    """Pack a value into a msgpack blob and the array frames it references.
-
-    numpy arrays become separate frames (zero-copy for contiguous arrays); numpy
-    scalars become Python numbers; tuples become lists. Raises EncodeError.
-    """
-    frames: list = []
-
-    def default(obj):
-        if isinstance(obj, np.ndarray):
-            return _array_ext(obj, frames)
-        if isinstance(obj, np.generic):
-            if obj.dtype.kind in "biuf":
-                return obj.item()
-            if obj.dtype.kind == "c":
-                return _array_ext(np.asarray(obj), frames)
-        if _is_cupy_array(obj):
-            return _array_ext(obj.get(), frames)
-        raise EncodeError(f"cannot encode value of type {type(obj).__name__}: use msgpack types or numeric numpy arrays")
-
-    try:
-        blob = msgpack.packb(value, default=default)
-    except EncodeError:
-        raise
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise EncodeError(f"cannot encode value: {exc}") from None
-    return blob, frames
-
-
-def _array_ext(array: np.ndarray, frames: list) -> msgpack.ExtType:
-    if array.dtype.kind not in "biufc":
-        raise EncodeError(f"cannot encode array of dtype {array.dtype}: only numeric dtypes travel")
-    fortran = array.ndim > 1 and array.flags.f_contiguous and not array.flags.c_contiguous
-    if not (array.flags.c_contiguous or fortran):
-        array = np.ascontiguousarray(array)
-    raw = array.T if fortran else array
-    frames.append(memoryview(raw.reshape(-1).view(np.uint8)) if raw.size else b"")
-    ref = msgpack.packb((len(frames) - 1, array.dtype.str, array.shape, fortran))
-    return msgpack.ExtType(ARRAY_EXT, ref)
-
-
-def _is_cupy_array(obj) -> bool:
-    return type(obj).__module__.startswith("cupy") and hasattr(obj, "get")
-
-
-def unpack_value(blob, frames: Sequence = ()) -> Any:
-    """Inverse of pack_value. Arrays are read-only views on the received frames."""
-
-    def ext_hook(code, data):
-        if code != ARRAY_EXT:
-            raise ProtocolError(f"unknown msgpack extension {code}")
-        index, dtype_str, shape, fortran = msgpack.unpackb(data)
-        if not 0 <= index < len(frames):
-            raise ProtocolError(f"array frame {index} missing: message has {len(frames)}")
-        dtype = np.dtype(dtype_str)
-        if dtype.kind not in "biufc":
-            raise ProtocolError(f"array dtype {dtype} not allowed")
-        frame = frames[index]
-        buffer = frame_buffer(frame)
-        flat = np.frombuffer(buffer, dtype=dtype)
-        shape = tuple(shape)
-        if flat.size != int(np.prod(shape, dtype=np.int64)):
-            raise ProtocolError(f"array frame of {flat.size} items does not fit shape {shape}")
-        return flat.reshape(shape, order="F" if fortran else "C")
-
-    try:
-        return msgpack.unpackb(blob, ext_hook=ext_hook, strict_map_key=False)
-    except ProtocolError:
-        raise
-    except Exception as exc:
-        raise ProtocolError(f"bad value blob: {exc}") from None
 
 
 def split_frames(frames: list, counts: Sequence[int]) -> list[list]:

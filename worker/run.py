@@ -24,7 +24,8 @@ def run_task(registry: dict[str, TaskSpec], task_id: str, name: str, args_blob, 
         else:
             value = spec.fn(*args, **kwargs)
         blob, out_frames = pack_value(value)
-        return DoneRecord(task_id, True, blob, len(out_frames), time.perf_counter() - started), out_frames
+        # as DoneRecord(...) makes it, at a plain tuple's cost (the NamedTuple constructor takes keywords)
+        return tuple.__new__(DoneRecord, (task_id, True, blob, len(out_frames), time.perf_counter() - started)), out_frames
     except BaseException as exc:  # a task may raise anything; it must not kill the slot
         if isinstance(exc, EncodeError):
             exc = EncodeError(f"result of {name!r} cannot be sent back: {exc}")
