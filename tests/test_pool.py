@@ -366,7 +366,7 @@ def test_a_child_handing_back_batches_at_random_moments_runs_each_task_once_in_o
         while queue:
             batch, queue = queue[:32], queue[32:]
             back: list = []
-            slot.run(batch, lambda entry, frames, started: ran.append(entry.task_id), back.extend)
+            slot.run(batch, lambda outcomes: ran.extend(entry.task_id for entry, _, _ in outcomes), back.extend)
             ids = [r.task_id for r, _ in batch]
             assert ran[len(ran) - (len(ids) - len(back)):] == ids[:len(ids) - len(back)]  # a prefix ran
             assert [r.task_id for r, _ in back] == ids[len(ids) - len(back):]  # the rest came back
@@ -396,7 +396,7 @@ def test_a_child_dying_while_it_holds_results_loses_only_its_task_and_the_ones_i
             deadline = time.monotonic() + 30
             while not answered and time.monotonic() < deadline:  # a booting child hands its first batches back
                 slot.run([(DispatchRecord("warm", "noop", noop, 0, 1, None, True), [])],
-                         lambda entry, frames, started: answered.append(entry), lambda tasks: None)
+                         lambda done: answered.extend(e for e, _, _ in done), lambda tasks: None)
             # no-ops finish within the child's hold time: their results wait for the next tasks
             before = [f"a{attempt}-{i}" for i in range(8)]
             after = [f"b{attempt}-{i}" for i in range(3)]
@@ -405,7 +405,7 @@ def test_a_child_dying_while_it_holds_results_loses_only_its_task_and_the_ones_i
             batch += [(DispatchRecord(t, "noop", noop, 0, 1, None, True), []) for t in after]
             outcomes: list = []
             back: list = []
-            slot.run(batch, lambda entry, frames, started: outcomes.append((entry.task_id, entry.ok)), back.extend)
+            slot.run(batch, lambda done: outcomes.extend((entry.task_id, entry.ok) for entry, _, _ in done), back.extend)
             ran = [t for t, ok in outcomes if ok is True]
             assert [t for t, ok in outcomes if ok is not True] == [(f"x{attempt}")]
             assert dict(outcomes)[f"x{attempt}"] == LOST

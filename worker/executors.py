@@ -252,10 +252,10 @@ class Runner:
                     log.exception("process_slot_failed", slot=child.index)
                     for record, _ in batch:
                         if record.task_id in self._running:
-                            self._emit(*failure(record.task_id, False, exc, 0.0), None)
+                            self._emit([(*failure(record.task_id, False, exc, 0.0), None)])
             else:
                 record, frames = batch[0]
-                self._emit(*run_task(self.registry, record.task_id, record.name, record.args, frames, self.gpu), None)
+                self._emit([(*run_task(self.registry, record.task_id, record.name, record.args, frames, self.gpu), None)])
             with self._cond:
                 if self._running:
                     hold(self._free, needs, +1)
@@ -284,19 +284,23 @@ class Runner:
             self._pending.extendleft(reversed(tasks))
             self._notify_all()
 
-    def _emit(self, entry: DoneRecord, frames: list, started: DispatchRecord | None = None) -> None:
-        """A task's outcome into the log; ``started``: the next task of its batch, starting now."""
+    def _emit(self, outcomes: list) -> None:
+        """Tasks' outcomes into the log, in order: ``(entry, frames, started)`` each, ``started`` the
+        next task of its batch, starting now (or None). One lock for all of a child's message."""
+        slow = False  #: a task that ran long enough to be reported at once
         with self._cond:
-            self._running.discard(entry.task_id)
-            self._where.pop(entry.task_id, None)
-            self._log.append((entry, frames))
-            self._results += 1
-            if started is not None and started.ahead:
-                self._log.append(started.task_id)
+            running, where, log = self._running, self._where, self._log
+            for entry, frames, started in outcomes:
+                running.discard(entry.task_id)
+                where.pop(entry.task_id, None)
+                log.append((entry, frames))
+                if started is not None and started.ahead:
+                    log.append(started.task_id)
+                slow = slow or entry.run_s >= BATCH_BELOW_S
+            self._results += len(outcomes)
             # tiny tasks with more waiting here: let results gather into one DONE (the socket
             # thread also sends what is there every 2 ms); otherwise report at once
-            wake = not self._woken and (not (self._pending or started) or self._results >= OUTPUT_BATCH
-                                        or entry.run_s >= BATCH_BELOW_S)
+            wake = not self._woken and (not (self._pending or started) or self._results >= OUTPUT_BATCH or slow)
             self._woken = self._woken or wake
         if wake:
             self.waker.wake()

@@ -30,6 +30,8 @@ from worker.child import child_main
 from worker.run import failure
 
 log = get_logger(__name__)
+#: a record from all its fields at a plain tuple's cost (a NamedTuple's constructor takes keywords)
+_as_record = tuple.__new__
 
 #: argument frames at least this large travel through the slot's shared-memory arena
 SHM_MIN_BYTES = 256 * 1024
@@ -134,8 +136,8 @@ class ProcessSlot:
         return max(1, limit - self._ran) if limit else CHILD_BATCH
 
     def run(self, batch: list, emit, give_back) -> None:
-        """Run ``batch`` [(record, frames)] in the child, in order. ``emit(entry, frames, next_record)``
-        reports each outcome as it comes; ``give_back(tasks)`` returns tasks the child will not start
+        """Run ``batch`` [(record, frames)] in the child, in order. ``emit([(entry, frames, next_record)])``
+        reports outcomes as they come (those the child wrote together, together); ``give_back(tasks)`` returns tasks the child will not start
         (the task before them runs long, or the child went) to the worker's queue at once."""
         if self._closed:
             give_back(batch)
@@ -241,15 +243,20 @@ class ProcessSlot:
             if header[0] == "done":
                 if self._arena_named:
                     self._unlink_arena()  # the child mapped it before it ran anything
-                at = 0
+                at, outcomes = 0, []
                 for task_id, ok, value, nframes, run_s, bye in header[1]:
                     nxt = batch[k + 1][0] if k + 1 < len(batch) and not bye else None
-                    emit(DoneRecord(task_id, ok, value, nframes, run_s), frames[at:at + nframes], nxt)
+                    outcomes.append((_as_record(DoneRecord, (task_id, ok, value, nframes, run_s)),
+                                     frames[at:at + nframes] if nframes else [], nxt))
                     at += nframes
                     k += 1
-                    self._ran += 1
                     if bye:
-                        return k, bye
+                        break
+                self._ran += len(outcomes)
+                if outcomes:
+                    emit(outcomes)
+                if bye:
+                    return k, bye
             elif header[0] == "released" and header[1] == self._seq and k <= header[2] < len(batch):
                 # (answered after the batch ran to its end, it concerns no task: read while idle)
                 give_back(batch[header[2]:])  # never started there: first in line again here
@@ -287,10 +294,11 @@ class ProcessSlot:
         proc.join(JOIN_S)
         how = _exit_text(proc.exitcode)
         if reason is not None:
-            emit(*failure(record.task_id, False, Killed(f"killed on its worker ({reason})"), 0.0, ""), None)
+            emit([(*failure(record.task_id, False, Killed(f"killed on its worker ({reason})"), 0.0, ""), None)])
         elif not self._closed:
             log.warning("child_died", slot=self.index, pid=proc.pid, task_id=record.task_id, how=how)
-            emit(*failure(record.task_id, LOST, ChildDied(f"the child process running it died ({how})"), 0.0, ""), None)
+            emit([(*failure(record.task_id, LOST, ChildDied(f"the child process running it died ({how})"), 0.0, ""),
+                    None)])
         give_back(batch[k + 1:])
         self._replace(how)
 
