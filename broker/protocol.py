@@ -308,6 +308,11 @@ _RECORDS = {
 }
 
 
+#: record type -> {number of fields a record may have: the defaults of the ones it leaves off}
+_PADS = {kind: {len(kind._fields) - i: list(kind._field_defaults.values())[len(kind._field_defaults) - i:]
+                for i in range(len(kind._field_defaults) + 1)} for _, kind in _RECORDS.values()}
+
+
 def records(message: Message) -> list:
     """``message``'s records, each as ``(record, its payload frames)`` (a started id in a DONE log
     stays a string). ProtocolError where their shape is wrong; commands without records get []."""
@@ -326,27 +331,32 @@ def _parse_records(message: Message) -> list:
         items = message.header.get("results")
     if not isinstance(items, list):
         raise ProtocolError(f"{message.command.name} needs a list {key!r}")
-    width, make = len(kind._fields), _new_record
-    defaults = tuple(kind._field_defaults.values())  #: trailing fields a record may leave off
-    typed, counts = [], []
+    make, strings, pads = _new_record, kind is DoneRecord, _PADS[kind]
+    typed = []
     for item in items:
-        if type(item) is str and kind is DoneRecord:
+        if type(item) is list and (pad := pads.get(len(item))) is not None:  # the usual record: a list
+            typed.append(make(kind, item + pad if pad else item))
+        elif strings and type(item) is str:
             typed.append(item)
-            continue
-        if not isinstance(item, (list, tuple)) or not width - len(defaults) <= len(item) <= width:
-            raise ProtocolError(f"each {message.command.name} record is a list of {width} fields {kind._fields}"
-                                + (f" (the last {len(defaults)} may be left off)" if defaults else ""))
-        if len(item) < width:
-            item = (*item, *defaults[len(item) - width:])
-        n = item[3]  # nframes, the fourth field of every record
-        if type(n) is not int or n < 0:
-            raise ProtocolError("nframes must be a non-negative integer")
-        typed.append(make(kind, item))
-        counts.append(n)
+        else:
+            typed.append(make(kind, _padded(message.command, kind, item)))
+    counts = [r[3] for r in typed if type(r) is not str] if strings else [r[3] for r in typed]  # nframes
+    if len(set(map(type, counts)) - {int}) or (counts and min(counts) < 0):
+        raise ProtocolError("nframes must be a non-negative integer")
     if not message.frames and not any(counts):  # the common case: no arrays travel
         return [item if type(item) is str else (item, []) for item in typed]
     per_record = iter(split_frames(message.frames, counts))
     return [item if type(item) is str else (item, next(per_record)) for item in typed]
+
+
+def _padded(command: Command, kind, item) -> tuple:
+    """A record that left off trailing fields, with their defaults; ProtocolError where ``item``
+    is no record of ``kind`` at all."""
+    width, defaults = len(kind._fields), tuple(kind._field_defaults.values())
+    if not isinstance(item, (list, tuple)) or not width - len(defaults) <= len(item) <= width:
+        raise ProtocolError(f"each {command.name} record is a list of {width} fields {kind._fields}"
+                            + (f" (the last {len(defaults)} may be left off)" if defaults else ""))
+    return (*item, *defaults[len(item) - width:]) if len(item) < width else item
 
 
 def split_frames(frames: list, counts: Sequence[int]) -> list[list]:
