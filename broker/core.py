@@ -111,42 +111,55 @@ class Core:
     def _on_submit(self, route: bytes, rid, msg: Message, now: float) -> None:
         session = check_name(msg.header.get("session"), "session")
         rejected, aliases, conflicts = [], [], []
+        # the loop runs per task: what it calls, looked up once
+        known, recent, max_retries, wall = self.tasks.get, self.results.recent, self.max_retries, self.wall
+        add, enqueue, needs_of, submitted = self.table.add, self.moves.enqueue, self.moves.needs_of, self.events.submitted
         for raw, frames in records(msg):
             try:
-                rec = raw.checked(self.max_retries)
+                rec = raw.checked(max_retries)
             except ValueError as exc:
                 rejected.append([raw.task_id if isinstance(raw.task_id, str) else None, str(exc)])
                 continue
-            task_id, key = rec.task_id, rec.key
-            existing = self.tasks.get(task_id)
+            task_id, name, key = rec.task_id, rec.name, rec.key
+            existing = known(task_id)
             if existing is not None:
                 if existing.session != session:
                     rejected.append([task_id, "task id already in use by another session"])
                 continue  # a resend: accepted once already
-            if (session, task_id) in self.results.recent:
+            if (session, task_id) in recent:
                 continue  # a late resend of a task whose result was fetched already
-            digest = None if key is None else task_digest(rec.name, rec.args, frames)
-            first = self._keyed(key, now) if key is not None else None
-            if first is not None and first.digest is not None and first.digest != digest:
-                conflicts.append([task_id, f"key {key!r} belongs to another task ({first.name!r}, id {first.task_id}): "
-                                           "a key stands for one task name and its arguments"])
-                continue
-            if first is not None:
-                aliases.append([task_id, first.task_id])
-                if first.session != session and session not in first.watchers:
-                    first.watchers = first.watchers | {session}
-                    self.table.mark(first)  # a restarted broker must still deliver to it
-                if first.result is not None:  # to this session too: it may have fetched it already
-                    self.results.deliver(first, session)
-                continue
-            task = Task(task_id, session, rec.name, rec.args, frames, rec.resources, rec.priority, rec.retries,
-                        rec.timeout_s, key, now, wall_submitted=self.wall, digest=digest, retry_on=rec.retry_on,
+            digest = None
+            if key is not None:
+                digest = task_digest(name, rec.args, frames)
+                if self._by_key(key, digest, task_id, session, aliases, conflicts, now):
+                    continue
+            task = Task(task_id, session, name, rec.args, frames, rec.resources, rec.priority, rec.retries,
+                        rec.timeout_s, key, now, wall_submitted=wall, digest=digest, retry_on=rec.retry_on,
                         backoff_s=rec.backoff_s)
-            self.table.add(task)
-            self.moves.enqueue(task, now)
-            self.events.submitted(task_id, task.name, self.moves.needs_of(task), task.priority)
+            add(task)
+            enqueue(task, now)
+            submitted(task_id, name, needs_of(task), task.priority)
         self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases,
                                               "conflicts": conflicts, **self._incarnation})
+
+    def _by_key(self, key: str, digest: bytes, task_id: str, session: str, aliases: list, conflicts: list,
+                now: float) -> bool:
+        """A submission whose key another task holds already: answered as an alias of that task (or a
+        conflict, where the key stands for other work); False where the key is new."""
+        first = self._keyed(key, now)
+        if first is None:
+            return False
+        if first.digest is not None and first.digest != digest:
+            conflicts.append([task_id, f"key {key!r} belongs to another task ({first.name!r}, id {first.task_id}): "
+                                       "a key stands for one task name and its arguments"])
+            return True
+        aliases.append([task_id, first.task_id])
+        if first.session != session and session not in first.watchers:
+            first.watchers = first.watchers | {session}
+            self.table.mark(first)  # a restarted broker must still deliver to it
+        if first.result is not None:  # to this session too: it may have fetched it already
+            self.results.deliver(first, session)
+        return True
 
     def _keyed(self, key: str, now: float) -> Task | None:
         """The task first submitted with ``key``: in memory, or a finished one read back from the journal."""
