@@ -27,9 +27,10 @@ from broker.logs import get_logger
 from broker.protocol import DEFAULT_FRONTEND, Command
 from client.aio_io import PENDING, LoopIO, resolve
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
+from client.engine import split_options
 from client.errors import GridqError, at_index, map_timeout
 from client.follow import follow
-from client.outcomes import MapResults, outcome
+from client.outcomes import MapResults
 from client.state import events_address_for
 
 log = get_logger(__name__)
@@ -96,6 +97,22 @@ class AsyncFuture(asyncio.Future):
         return f"<AsyncFuture {self.task_id} {state}>"
 
 
+class _Wakeup:
+    """An ``AsyncClient.map``'s sink: the outcomes of a reply go to its results at once, and the
+    map's coroutine, where it waits for room or for the end, is woken."""
+
+    __slots__ = ("results", "future")
+
+    def __init__(self) -> None:
+        self.results: MapResults | None = None
+        self.future: asyncio.Future | None = None  #: what the map awaits, if it waits
+
+    def put(self, batch: list) -> None:
+        self.results.finish_batch(batch)
+        if self.future is not None and not self.future.done():
+            self.future.set_result(None)
+
+
 class AsyncClient(BaseClient):
     """A connection to a gridq broker for asyncio code; use it from one event loop."""
 
@@ -141,50 +158,43 @@ class AsyncClient(BaseClient):
         """Run ``name(item)`` for every item; results in input order. Raises the first failure
         (in input order, its ``index`` set; nothing more is submitted after it) unless
         ``return_exceptions``; ``timeout`` bounds the whole call, ``task_timeout`` each task's run.
-        Holds the futures in flight only. A map that raises (a failure, its timeout,
+        Holds the tasks in flight only. A map that raises (a failure, its timeout,
         cancellation) cancels its tasks not started yet."""
         if task_timeout is not None:
             options["timeout"] = task_timeout
-        index_of: dict = {}  #: future in flight -> its item's index (only these are held)
-        results = MapResults(return_exceptions)
+        results = MapResults(return_exceptions, _Wakeup(), asyncio.CancelledError)
+        results.sink.results = results
         try:
-            return await self._map(name, iterable, results, index_of, timeout, max_in_flight, options)
+            return await self._map(name, iterable, results, timeout, max_in_flight, *split_options(options))
         except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
-            self._abandon(*index_of)
-            raise map_timeout(len(results.results), len(results.results) - len(index_of), timeout) from None
+            self._abandon_ids(results.unfinished())
+            raise map_timeout(len(results.results), len(results.results) - len(results.in_flight), timeout) from None
         except BaseException:
-            self._abandon(*index_of)
+            self._abandon_ids(results.unfinished())
             raise
 
-    async def _map(self, name: str, iterable: Iterable, results: MapResults, index_of: dict, timeout: float | None,
-                   max_in_flight: int, options: dict) -> list:
+    async def _map(self, name: str, iterable: Iterable, results: MapResults, timeout: float | None,
+                   max_in_flight: int, options: dict, kwargs: dict) -> list:
         loop = self._start()
         deadline = None if timeout is None else loop.time() + timeout
-        wake: asyncio.Future | None = None
-        context = contextvars.copy_context()  # one for every callback, not a copy per task
+        in_flight, wakeup, engine = results.in_flight, results.sink, self._engine
 
-        def finished(future) -> None:
-            results.finish(index_of.pop(future), *outcome(future, asyncio.CancelledError))
-            if wake is not None and not wake.done():
-                wake.set_result(None)
-
-        async def wait_one() -> None:
-            nonlocal wake
-            wake = loop.create_future()
-            await self._until(wake, deadline)
+        async def wait_some() -> None:
+            wakeup.future = loop.create_future()
+            await self._until(wakeup.future, deadline)
 
         for i, item in enumerate(iterable, 1):
             if results.stopping:
                 break
-            while len(index_of) >= max_in_flight:
-                await wait_one()
-            future = self.submit(name, item, **options)
-            index_of[future] = results.start()
-            future.add_done_callback(finished, context=context)
+            while len(in_flight) >= max_in_flight:
+                await wait_some()
+            record, frames = engine.make_task(name, (item,), kwargs, **options)
+            engine.submit(results.start(record.task_id), record, frames)
+            self._send_submitted()
             if i % MAP_SLICE == 0:
                 await asyncio.sleep(0)  # let the batch go out and replies in; never hold the loop
         while not results.settled():
-            await wait_one()
+            await wait_some()
         return results.outcome()
 
     async def gather(self, futures: Iterable[asyncio.Future], return_exceptions: bool = False, *,
@@ -325,7 +335,10 @@ class AsyncClient(BaseClient):
     def _abandon(self, *futures: AsyncFuture) -> None:
         """Futures cancelled or given up here: ask the broker to cancel the tasks of those not
         finished, not waiting for the answer."""
-        ids = [f.task_id for f in futures if not f.done()]
+        self._abandon_ids([f.task_id for f in futures if not f.done()])
+
+    def _abandon_ids(self, ids: list) -> None:
+        """Ask the broker to cancel these tasks, not waiting for the answer."""
         if ids and not self._closed and self._io is not None:
             self._engine.call(Command.CANCEL, {"ids": ids}, None, time.monotonic())
             self._io.flush_soon()

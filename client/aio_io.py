@@ -19,7 +19,7 @@ from broker.protocol import CLIENT_TAG, Message, encode
 from broker.shared import NOBLOCK, recv_frames, send_frames
 from client.engine import Outbox
 from client.errors import GridqError
-from client.outcomes import FAILED, settle
+from client.outcomes import FAILED, settle, settle_all
 
 log = get_logger("client.aio")
 
@@ -36,6 +36,12 @@ def resolve(future: asyncio.Future, outcome) -> None:
             future.set_exception(outcome)
         else:
             future.set_result(outcome)
+
+
+def _settle(future, kind: str, value) -> None:
+    if future._accept is PENDING:  # a task that ended was accepted, unless it failed here
+        future._set_accepted(value if kind == FAILED else None)
+    settle(future, kind, value)
 
 
 class LoopIO:
@@ -149,10 +155,7 @@ class LoopIO:
         for future, error in out.accepted:
             if future._accept is PENDING:
                 future._set_accepted(error)
-        for future, kind, value in out.settled:
-            if future._accept is PENDING:  # a task that ended was accepted, unless it failed here
-                future._set_accepted(value if kind == FAILED else None)
-            settle(future, kind, value)
+        settle_all(out.settled, _settle)
         for waiter, reply in out.replies:
             resolve(waiter, reply)
 

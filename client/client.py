@@ -23,9 +23,9 @@ import zmq
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
 from broker.shared import NOBLOCK, Waker, recv_frames, send_frames
-from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox
+from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox, split_options
 from client.errors import GridqError, at_index, map_timeout
-from client.outcomes import MapResults, outcome, settle
+from client.outcomes import FAILED, MapResults, settle_all
 
 log = get_logger(__name__)
 
@@ -143,40 +143,40 @@ class Client(BaseClient):
         """Run ``name(item)`` for every item; results in input order. Raises the first failure
         (in input order, its ``index`` set; nothing more is submitted after a failure) unless
         ``return_exceptions``, which puts errors in place of results. ``timeout`` bounds the whole
-        call, ``task_timeout`` each task's run. Holds the futures in flight only: the results list
+        call, ``task_timeout`` each task's run. Holds the tasks in flight only: the results list
         is what grows. A map that raises (a failure, its timeout, Ctrl-C) cancels its tasks not
         started yet."""
         if task_timeout is not None:
             options["timeout"] = task_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        results = MapResults(return_exceptions)
-        finished: queue.SimpleQueue = queue.SimpleQueue()
-        index_of: dict = {}  #: future in flight -> its item's index
+        # the I/O thread hands this thread each reply's outcomes as one batch (outcomes.settle_all)
+        results = MapResults(return_exceptions, queue.SimpleQueue(), CancelledError)
+        in_flight, make_task, post = results.in_flight, self._engine.make_task, self._post
+        options, kwargs = split_options(options)
 
-        def wait_one() -> None:
+        def wait_some() -> None:
             left = None if deadline is None else deadline - time.monotonic()
             try:
                 if left is not None and left <= 0:
                     raise queue.Empty
-                future = finished.get(timeout=left)
+                batch = results.sink.get(timeout=left)
             except queue.Empty:
-                raise map_timeout(len(results.results), len(results.results) - len(index_of), timeout) from None
-            results.finish(index_of.pop(future), *outcome(future, CancelledError))
+                raise map_timeout(len(results.results), len(results.results) - len(in_flight), timeout) from None
+            results.finish_batch(batch)
 
         try:
             for item in iterable:
                 if results.stopping:
                     break
-                while len(index_of) >= max_in_flight:
-                    wait_one()
-                future = self.submit(name, item, **options)
-                index_of[future] = results.start()
-                future.add_done_callback(finished.put)
+                while len(in_flight) >= max_in_flight:
+                    wait_some()
+                record, frames = make_task(name, (item,), kwargs, **options)
+                post(("submit", results.start(record.task_id), record, frames))
             while not results.settled():
-                wait_one()
+                wait_some()
             return results.outcome()
         except BaseException:
-            self._cancel_unfinished(list(index_of))
+            self._cancel_ids(results.unfinished())
             raise
 
     def stream(self, name: str | None, submissions: Iterable, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
@@ -224,9 +224,8 @@ class Client(BaseClient):
                 out.append(exc)
         return out
 
-    def _cancel_unfinished(self, futures: list) -> None:
-        """Ask the broker to cancel the tasks of ``futures`` not finished (not waiting for the answer)."""
-        ids = [f.task_id for f in futures if not f.done()]
+    def _cancel_ids(self, ids: list) -> None:
+        """Ask the broker to cancel these tasks (not waiting for the answer)."""
         if ids and not self._closed.is_set():
             self._post(("do", partial(self._engine.call, Command.CANCEL, {"ids": ids}), Future()))
 
@@ -363,8 +362,7 @@ class Client(BaseClient):
                 send_frames(self._sock, [b"", *encode(CLIENT_TAG, msg)], NOBLOCK)
             except zmq.Again:
                 pass
-        for future, kind, value in out.settled:
-            settle(future, kind, value)
+        settle_all(out.settled)
         for waiter, reply in out.replies:
             if not waiter.done():
                 if isinstance(reply, BaseException):
@@ -378,9 +376,10 @@ class Client(BaseClient):
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
-            target = item[1] if item[0] == "submit" else item[-1]
-            if not target.done():
-                target.set_exception(error)
+            if item[0] == "submit":
+                settle_all([(item[1], FAILED, error)])
+            elif not item[-1].done():
+                item[-1].set_exception(error)
 
 
 __all__ = ["BaseClient", "Client", "GridFuture", "CancelledError", "EncodeError", "DEFAULT_MAX_IN_FLIGHT"]

@@ -80,6 +80,16 @@ def task_record(task_id: str, name: str, args: tuple, kwargs: dict, *, resources
     return record, frames or ()
 
 
+#: the keyword arguments of ``submit`` (and ``map``) that are the task's options; any other goes to the task
+TASK_OPTIONS = ("resources", "priority", "retries", "timeout", "key", "retry_on", "backoff")
+
+
+def split_options(options: dict) -> tuple[dict, dict]:
+    """``submit``'s keyword arguments as (``task_record``'s options, the task's own kwargs)."""
+    kwargs = dict(options)
+    return {k: kwargs.pop(k) for k in TASK_OPTIONS if k in kwargs}, kwargs
+
+
 class BootWatch:
     """The broker's incarnation (``boot``) as replies report it, and which one accepted each task
     still pending: a broker that restarted without a journal has forgotten what its predecessor

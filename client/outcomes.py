@@ -2,8 +2,8 @@
 
 The engine reports each finished task as ``(handle, kind, value)`` with one of
 the kinds below; ``settle`` applies that to a shell's future (a concurrent or
-asyncio one), ``outcome`` reads a finished future back, and ``MapResults``
-keeps a ``map``'s results in input order.
+asyncio one), ``settle_all`` to a whole reply's worth, and ``MapResults`` keeps a
+``map``'s results in input order (its tasks' handles are ``MapItem``s, not futures).
 """
 
 from __future__ import annotations
@@ -50,48 +50,89 @@ def result_outcome(task_id: str, status: str, value, frames, info) -> tuple:
                              name=about.get("name"), worker=about.get("worker"))
 
 
-def outcome(handle, cancelled: type) -> tuple:
-    """``(value, None)`` or ``(None, error)`` of a shell's finished future; a cancelled one gives
-    a ``cancelled`` error (the shell's CancelledError type)."""
-    if handle.cancelled():
-        return None, cancelled()
-    error = handle.exception()
-    return (None, error) if error is not None else (handle.result(), None)
-
-
 _RUNNING = object()  #: a map item whose task has not finished
 
 
+class MapItem:
+    """One task of a ``map`` in flight, the engine's handle for it in place of a future: a
+    future costs microseconds to make, settle and read back (a Condition, callbacks), and a map
+    needs none of it. Its outcome goes to its map's ``sink`` (``sink.put(batch)``), in batches
+    of ``(index, kind, value)``: one hand-off per reply, not one per task (``settle_all``)."""
+
+    __slots__ = ("task_id", "info", "index", "sink")
+    _accept = None  #: a map item's acceptance is not reported (its map waits for outcomes only)
+
+    def __init__(self, task_id: str, index: int, sink) -> None:
+        self.task_id = task_id
+        self.info = None
+        self.index = index
+        self.sink = sink
+
+
+def settle_all(settled: list, settle_one=settle) -> None:
+    """Carry out ``take().settled``: each future with ``settle_one(handle, kind, value)``, map items
+    as one batch per map (consecutive items of one map, the usual reply, make one batch)."""
+    sink, batch = None, None
+    for handle, kind, value in settled:
+        if type(handle) is MapItem:
+            if handle.sink is not sink:
+                if batch:
+                    sink.put(batch)
+                sink, batch = handle.sink, []
+            batch.append((handle.index, kind, value))
+        else:
+            settle_one(handle, kind, value)
+    if batch:
+        sink.put(batch)
+
+
 class MapResults:
-    """What a ``map`` holds: its results so far (the only part that grows with the input) and the
-    indices of its tasks in flight. Shared by ``Client.map`` and ``AsyncClient.map``, which keep
-    the futures in flight and hand each one's outcome to ``finish``.
+    """What a ``map`` holds: its results so far (the only part that grows with the input) and its
+    items in flight. Shared by ``Client.map`` and ``AsyncClient.map``: ``start`` makes the engine's
+    handle of each new item, ``finish_batch`` takes the outcomes its ``sink`` was handed.
 
     Without ``return_exceptions`` a failure stops further submissions (``stopping``) and, once
     every item before it has finished (``settled``), ``outcome()`` raises the first failure in
     input order."""
 
-    __slots__ = ("results", "return_exceptions", "failed", "_order")
+    __slots__ = ("results", "return_exceptions", "failed", "in_flight", "sink", "_cancelled", "_order")
 
-    def __init__(self, return_exceptions: bool) -> None:
+    def __init__(self, return_exceptions: bool, sink, cancelled: type) -> None:
         self.results: list = []
         self.return_exceptions = return_exceptions
         self.failed: tuple | None = None  #: (index, error): the first failure in input order so far
+        self.in_flight: dict = {}  #: index -> MapItem not finished
+        self.sink = sink  #: where the engine's shell puts batches of outcomes of this map's items
+        self._cancelled = cancelled  #: the shell's CancelledError type
         self._order: deque = deque()  #: indices submitted, oldest first (finished ones dropped lazily)
 
-    def start(self) -> int:
-        """A new item is submitted: its index."""
+    def start(self, task_id: str) -> MapItem:
+        """A new item is submitted as ``task_id``: its handle."""
         index = len(self.results)
         self.results.append(_RUNNING)
         self._order.append(index)
-        return index
+        item = self.in_flight[index] = MapItem(task_id, index, self.sink)
+        return item
 
-    def finish(self, index: int, value, error: BaseException | None) -> None:
-        if error is not None:
-            error = at_index(error, index)
-        self.results[index] = value if error is None else error
-        if error is not None and not self.return_exceptions and (self.failed is None or index < self.failed[0]):
+    def finish_batch(self, batch: list) -> None:
+        """Outcomes ``(index, kind, value)`` of items of this map, as ``settle_all`` handed them over."""
+        in_flight, results = self.in_flight, self.results
+        for index, kind, value in batch:
+            if in_flight.pop(index, None) is None:
+                continue  # already finished
+            if kind == OK:
+                results[index] = value
+            else:
+                self._failure(index, self._cancelled() if kind == CANCELLED else value)
+
+    def _failure(self, index: int, error: BaseException) -> None:
+        self.results[index] = error = at_index(error, index)
+        if not self.return_exceptions and (self.failed is None or index < self.failed[0]):
             self.failed = (index, error)
+
+    def unfinished(self) -> list[str]:
+        """Task ids of the items in flight (to cancel them)."""
+        return [item.task_id for item in self.in_flight.values()]
 
     @property
     def stopping(self) -> bool:
@@ -99,8 +140,8 @@ class MapResults:
 
     def settled(self) -> bool:
         """Nothing left to wait for: every item finished, or every item before the first failure."""
-        order, results = self._order, self.results
-        while order and results[order[0]] is not _RUNNING:
+        order, in_flight = self._order, self.in_flight
+        while order and order[0] not in in_flight:
             order.popleft()
         return not order or (self.failed is not None and order[0] > self.failed[0])
 
