@@ -20,6 +20,8 @@ _recv = zmq.backend.Socket.recv
 _get = zmq.backend.Socket.get
 _SNDMORE = int(zmq.SNDMORE)
 _RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _NOBLOCK = NOBLOCK = int(zmq.NOBLOCK)  #: zmq.NOBLOCK as a plain int (no enum arithmetic per part)
 #: parts shorter than this are copied (what pyzmq does anyway); longer ones and received Frames
 #: go zero-copy where the caller allows it
@@ -67,6 +69,12 @@ def recv_frames(sock: zmq.Socket) -> list:
         frame = _recv(sock, _NOBLOCK, False)
         parts.append(frame)
     return parts
+
+
+def readable(sock: zmq.Socket) -> bool:
+    """A message waits on ``sock`` (ZMQ_EVENTS): cheaper than a ``recv`` that raises zmq.Again, and
+    it re-arms the socket's descriptor for an event loop that watches it."""
+    return bool(_get(sock, _EVENTS) & _POLLIN)
 
 
 class Waker:

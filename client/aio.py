@@ -27,7 +27,7 @@ from broker.logs import get_logger
 from broker.protocol import DEFAULT_FRONTEND, Command
 from client.aio_io import PENDING, LoopIO, resolve
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
-from client.engine import split_options
+from client.submission import split_options
 from client.errors import GridqError, at_index, map_timeout
 from client.follow import follow
 from client.outcomes import MapResults

@@ -16,7 +16,7 @@ import zmq
 
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, Message, encode
-from broker.shared import NOBLOCK, recv_frames, send_frames
+from broker.shared import NOBLOCK, readable, recv_frames, send_frames
 from client.engine import Outbox
 from client.errors import GridqError
 from client.outcomes import FAILED, settle, settle_all
@@ -99,12 +99,8 @@ class LoopIO:
         engine = self.engine
         try:
             started = time.monotonic()
-            while True:
-                try:
-                    raw = recv_frames(self.client._sock)
-                except zmq.Again:
-                    break
-                engine.on_frames(raw, time.monotonic())
+            while readable(self.client._sock):  # re-read: a reply may make carry_out dial a fresh socket
+                engine.on_frames(recv_frames(self.client._sock), time.monotonic())
                 out = engine.take()
                 self.carry_out(out)
                 now = time.monotonic()
@@ -150,7 +146,7 @@ class LoopIO:
                     self.send(msg)
                 except zmq.Again:
                     pass  # no pipe (a refused CURVE handshake): Lazy Pirate resends
-            if self.client._sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if readable(self.client._sock):
                 self.service_soon()  # a send can take the descriptor's edge: a reply already in would wait
         for future, error in out.accepted:
             if future._accept is PENDING:

@@ -22,8 +22,9 @@ import zmq
 
 from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
-from broker.shared import NOBLOCK, Waker, recv_frames, send_frames
-from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox, split_options
+from broker.shared import NOBLOCK, Waker, readable, recv_frames, send_frames
+from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox
+from client.submission import split_options
 from client.errors import GridqError, at_index, map_timeout
 from client.outcomes import FAILED, MapResults, settle_all
 
@@ -346,12 +347,8 @@ class Client(BaseClient):
 
     def _drain_socket(self) -> None:
         now = time.monotonic()
-        while True:
-            try:
-                raw = recv_frames(self._sock)
-            except zmq.Again:
-                return
-            self._engine.on_frames(raw, now)
+        while readable(self._sock):  # re-read: a reply may make _carry_out dial a fresh socket
+            self._engine.on_frames(recv_frames(self._sock), now)
             self._carry_out(self._engine.take())  # a caller waiting for a result wakes now, not after the loop
 
     def _carry_out(self, out: Outbox) -> None:

@@ -25,11 +25,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from broker.logs import get_logger
-from broker.protocol import (CLIENT_TAG, FETCH_IN_SUBMIT, MAX_BACKOFF_S, MAX_RETRIES, Command, ErrorType, Message,
-                             ProtocolError, SubmitRecord, check_int, check_name, check_resources, check_seconds, decode,
-                             pack_value, records, retry_names)
+from broker.protocol import CLIENT_TAG, FETCH_IN_SUBMIT, Command, ErrorType, Message, ProtocolError, decode, records
 from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost
 from client.outcomes import CANCELLED, FAILED, result_outcome
+from client.submission import SubmitRecord, task_record
 
 log = get_logger(__name__)
 
@@ -44,51 +43,6 @@ FETCH_WAIT_S = 1.0
 #: how long acknowledgements of results wait for a FETCH that goes anyway (a new task's) before
 #: one goes for them alone: one message per round trip fewer for a caller that submits one at a time
 ACK_DELAY_S = 0.05
-
-def _check_options(resources, priority, retries, timeout, key) -> dict | None:
-    """Refuse bad task options (ValueError) as the broker would; returns the checked resources."""
-    check_int(priority, "priority", -(2**31), 2**31)
-    if retries is not None:
-        check_int(retries, "retries", 0, MAX_RETRIES)
-    if timeout is not None:
-        check_seconds(timeout, "timeout")
-    if key is not None:
-        check_name(key, "key")
-    return None if resources is None else check_resources(resources)
-
-
-def task_record(task_id: str, name: str, args: tuple, kwargs: dict, *, resources: dict | None = None,
-                priority: int = 0, retries: int | None = None, timeout: float | None = None, key: str | None = None,
-                retry_on=(), backoff: float = 0.0) -> tuple[SubmitRecord, tuple | list]:
-    """A checked SUBMIT record and its array frames; bad input raises here. ``retry_on``
-    (exception classes or names) and ``backoff`` (seconds, doubling) make the broker run the
-    task again after it raised one of those, within ``retries``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("task name must be a non-empty string")
-    if (type(priority) is not int or priority or retries is not None or timeout is not None or key is not None
-            or resources is not None):
-        resources = _check_options(resources, priority, retries, timeout, key)  # most tasks have none
-    retry = None
-    if retry_on or backoff:
-        retry = tuple(retry_names(retry_on)), check_seconds(backoff, "backoff", MAX_BACKOFF_S, zero=True)
-    blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
-    # a tuple of atoms, and no empty list: the garbage collector stops tracking them
-    if retry is None:
-        record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key)
-    else:
-        record = SubmitRecord(task_id, name, blob, len(frames), resources, priority, retries, timeout, key, *retry)
-    return record, frames or ()
-
-
-#: the keyword arguments of ``submit`` (and ``map``) that are the task's options; any other goes to the task
-TASK_OPTIONS = ("resources", "priority", "retries", "timeout", "key", "retry_on", "backoff")
-
-
-def split_options(options: dict) -> tuple[dict, dict]:
-    """``submit``'s keyword arguments as (``task_record``'s options, the task's own kwargs)."""
-    kwargs = dict(options)
-    return {k: kwargs.pop(k) for k in TASK_OPTIONS if k in kwargs}, kwargs
-
 
 class BootWatch:
     """The broker's incarnation (``boot``) as replies report it, and which one accepted each task
@@ -131,15 +85,18 @@ class Request:
     task_ids: list = field(default_factory=list)  #: for SUBMIT
 
 
-@dataclass
 class Outbox:
-    """What the shell must do next, in this order."""
+    """What the shell must do next, in this order. (A plain class: one is made per ``take()``,
+    several per round trip.)"""
 
-    reconnect: bool = False  #: close the socket and dial a fresh one before sending
-    messages: list = field(default_factory=list)  #: Messages to send
-    accepted: list = field(default_factory=list)  #: (handle, None or the error that refused it)
-    settled: list = field(default_factory=list)  #: (handle, OK/ERROR/CANCELLED/FAILED, value)
-    replies: list = field(default_factory=list)  #: (waiter, reply header or an exception)
+    __slots__ = ("reconnect", "messages", "accepted", "settled", "replies")
+
+    def __init__(self) -> None:
+        self.reconnect = False  #: close the socket and dial a fresh one before sending
+        self.messages: list = []  #: Messages to send
+        self.accepted: list = []  #: (handle, None or the error that refused it)
+        self.settled: list = []  #: (handle, OK/ERROR/CANCELLED/FAILED, value)
+        self.replies: list = []  #: (waiter, reply header or an exception)
 
     def __bool__(self) -> bool:
         return bool(self.reconnect or self.messages or self.accepted or self.settled or self.replies)
@@ -250,18 +207,23 @@ class Engine:
         """Send queued tasks in batches (a few SUBMITs in flight), and keep one FETCH outstanding.
         A FETCH that goes out with a SUBMIT travels inside it (``FETCH_IN_SUBMIT``): one message
         fewer per round trip for a caller that submits one task at a time."""
-        submits = sum(1 for r in self.requests.values() if r.command is Command.SUBMIT)
+        submits = self._submits_out() if self._to_submit else 0
         while self._to_submit and submits < pipeline:
             records, frames, ids, size = [], [], [], 0
             while self._to_submit and len(records) < self.submit_batch and (size < SUBMIT_BATCH_BYTES or not records):
                 handle, record, task_frames = self._to_submit.popleft()
-                self._wait(handle.task_id, (handle,))
+                task_id = handle.task_id
+                if task_id in self.pending:
+                    self._wait(task_id, (handle,))
+                else:
+                    self.pending[task_id] = handle
                 if record.key is not None:
-                    self._keyed.add(handle.task_id)
+                    self._keyed.add(task_id)
                 records.append(record)
-                frames.extend(task_frames)
-                ids.append(handle.task_id)
-                size += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in task_frames)
+                ids.append(task_id)
+                if task_frames:
+                    frames.extend(task_frames)
+                    size += sum(len(f) if isinstance(f, bytes) else f.nbytes for f in task_frames)
             self._request(Command.SUBMIT, {"session": self.session, "tasks": records}, now, frames, task_ids=ids)
             submits += 1
         if self._fetching is None and (self.pending or self._acks):
@@ -307,7 +269,12 @@ class Engine:
     @property
     def lone_submit(self) -> bool:
         """One task waits to be sent and no SUBMIT is in flight: nothing to batch it with, send it now."""
-        return len(self._to_submit) == 1 and not any(r.command is Command.SUBMIT for r in self.requests.values())
+        return len(self._to_submit) == 1 and not self._submits_out()
+
+    def _submits_out(self) -> int:
+        """SUBMIT requests awaiting their ACCEPTED."""
+        submit = Command.SUBMIT
+        return sum([r.command is submit for r in self.requests.values()])
 
     @property
     def busy(self) -> bool:
