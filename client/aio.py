@@ -27,7 +27,7 @@ from broker.logs import get_logger
 from broker.protocol import DEFAULT_FRONTEND, Command
 from client.aio_io import PENDING, LoopIO, resolve
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
-from client.submission import split_options
+from client.submission import record_maker, split_options
 from client.errors import GridqError, at_index, map_timeout
 from client.follow import follow
 from client.outcomes import MapResults
@@ -120,6 +120,7 @@ class AsyncClient(BaseClient):
     #: the loop: never long enough to hold it up
     FETCH_MAX = 1000
     SUBMIT_BATCH = 500
+    REPORT_ACCEPTED = True
 
     def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float = 2.5, retries: int = 3,
                  broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
@@ -165,7 +166,8 @@ class AsyncClient(BaseClient):
         results = MapResults(return_exceptions, _Wakeup(), asyncio.CancelledError)
         results.sink.results = results
         try:
-            return await self._map(name, iterable, results, timeout, max_in_flight, *split_options(options))
+            make = record_maker(name, *split_options(options))
+            return await self._map(iterable, make, results, timeout, max_in_flight)
         except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11 on
             self._abandon_ids(results.unfinished())
             raise map_timeout(len(results.results), len(results.results) - len(results.in_flight), timeout) from None
@@ -173,8 +175,8 @@ class AsyncClient(BaseClient):
             self._abandon_ids(results.unfinished())
             raise
 
-    async def _map(self, name: str, iterable: Iterable, results: MapResults, timeout: float | None,
-                   max_in_flight: int, options: dict, kwargs: dict) -> list:
+    async def _map(self, iterable: Iterable, make, results: MapResults, timeout: float | None,
+                   max_in_flight: int) -> list:
         loop = self._start()
         deadline = None if timeout is None else loop.time() + timeout
         in_flight, wakeup, engine = results.in_flight, results.sink, self._engine
@@ -188,7 +190,9 @@ class AsyncClient(BaseClient):
                 break
             while len(in_flight) >= max_in_flight:
                 await wait_some()
-            record, frames = engine.make_task(name, (item,), kwargs, **options)
+            if self._closed:  # closed meanwhile (as submit() says)
+                raise GridqError("client is closed")
+            record, frames = make(engine.new_task_id(), item)
             engine.submit(results.start(record.task_id), record, frames)
             self._send_submitted()
             if i % MAP_SLICE == 0:

@@ -24,7 +24,7 @@ from broker.logs import get_logger
 from broker.protocol import CLIENT_TAG, DEFAULT_FRONTEND, Command, EncodeError, encode
 from broker.shared import NOBLOCK, Waker, readable, recv_frames, send_frames
 from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox
-from client.submission import split_options
+from client.submission import record_maker, split_options
 from client.errors import GridqError, at_index, map_timeout
 from client.outcomes import FAILED, MapResults, settle_all
 
@@ -72,11 +72,14 @@ class BaseClient:
     FETCH_MAX: int | None = None
     #: most tasks per SUBMIT message
     SUBMIT_BATCH = SUBMIT_BATCH
+    #: the shell uses the engine's acceptances (AsyncFuture.accepted); Client's futures have none
+    REPORT_ACCEPTED = False
 
     def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float = 2.5, retries: int = 3,
                  broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
         self._engine = Engine(timeout_s=float(timeout), retries=int(retries), address=address,
-                              fetch_max=self.FETCH_MAX, submit_batch=self.SUBMIT_BATCH)
+                              fetch_max=self.FETCH_MAX, submit_batch=self.SUBMIT_BATCH,
+                              report_accepted=self.REPORT_ACCEPTED)
         self.address = address
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -152,8 +155,8 @@ class Client(BaseClient):
         deadline = None if timeout is None else time.monotonic() + timeout
         # the I/O thread hands this thread each reply's outcomes as one batch (outcomes.settle_all)
         results = MapResults(return_exceptions, queue.SimpleQueue(), CancelledError)
-        in_flight, make_task, post = results.in_flight, self._engine.make_task, self._post
-        options, kwargs = split_options(options)
+        in_flight, new_id, post = results.in_flight, self._engine.new_task_id, self._post
+        make = record_maker(name, *split_options(options))
 
         def wait_some() -> None:
             left = None if deadline is None else deadline - time.monotonic()
@@ -171,7 +174,7 @@ class Client(BaseClient):
                     break
                 while len(in_flight) >= max_in_flight:
                     wait_some()
-                record, frames = make_task(name, (item,), kwargs, **options)
+                record, frames = make(new_id(), item)
                 post(("submit", results.start(record.task_id), record, frames))
             while not results.settled():
                 wait_some()

@@ -55,8 +55,12 @@ class BootWatch:
         self.boot = None  #: the incarnation last heard from
         self._accepted_by: dict[str, object] = {}  #: pending task id -> incarnation that accepted it
 
-    def accepted(self, task_id: str, boot) -> None:
-        self._accepted_by[task_id] = boot
+    def accepted(self, task_ids: list, boot, pending: dict) -> None:
+        """``boot`` accepted these tasks (those still ``pending``: the others ended already)."""
+        accepted_by = self._accepted_by
+        for task_id in task_ids:
+            if task_id in pending:
+                accepted_by[task_id] = boot
 
     def forget(self, task_id: str) -> None:
         self._accepted_by.pop(task_id, None)
@@ -106,13 +110,15 @@ class Engine:
     """One client session's protocol state; see the module docstring."""
 
     def __init__(self, *, timeout_s: float, retries: int, address: str = "", session: str | None = None,
-                 fetch_max: int | None = None, submit_batch: int = SUBMIT_BATCH) -> None:
+                 fetch_max: int | None = None, submit_batch: int = SUBMIT_BATCH, report_accepted: bool = True) -> None:
         if not timeout_s > 0 or retries < 0:
             raise ValueError("timeout must be > 0 and retries >= 0")
         #: most results one FETCH reply may carry (None: the broker's limit); smaller replies are shorter to handle
         self.fetch_max = fetch_max
         #: most tasks per SUBMIT message (a smaller one is quicker to encode)
         self.submit_batch = submit_batch
+        #: ``take().accepted`` lists every accepted task (a shell that has no use for it saves the work)
+        self.report_accepted = report_accepted
         self.session = session or os.urandom(8).hex()
         self._ids = itertools.count()
         self._id_prefix = os.urandom(6).hex() + "-"
@@ -136,7 +142,11 @@ class Engine:
 
     def make_task(self, name: str, args: tuple, kwargs: dict, **options) -> tuple[SubmitRecord, tuple | list]:
         """``task_record`` with a fresh task id. Safe to call from any thread: it touches only the id counter."""
-        return task_record(self._id_prefix + format(next(self._ids), "x"), name, args, kwargs, **options)
+        return task_record(self.new_task_id(), name, args, kwargs, **options)
+
+    def new_task_id(self) -> str:
+        """A task id unique to this session (any thread)."""
+        return self._id_prefix + format(next(self._ids), "x")
 
     def submit(self, handle, record: SubmitRecord, frames) -> None:
         """Queue one task (a SUBMIT_FIELDS record and its array frames); sent by the next ``pump``."""
@@ -354,15 +364,16 @@ class Engine:
                 h.task_id = first_id
             self._wait(first_id, handles)
             self._out.accepted.extend((h, None) for h in handles)
-        boot, pending, accepted = header.get("boot"), self.pending, self._out.accepted
+        pending = self.pending
+        self._boots.accepted(req.task_ids, header.get("boot"), pending)
+        if not self.report_accepted:
+            return
+        accepted = self._out.accepted
         for task_id in req.task_ids:
             h = pending.get(task_id)
-            if h is None:
-                continue
-            self._boots.accepted(task_id, boot)
             if isinstance(h, tuple):
                 accepted.extend((x, None) for x in h)
-            else:
+            elif h is not None:
                 accepted.append((h, None))
 
     def _check_boot(self, header: dict) -> None:

@@ -8,7 +8,6 @@ asyncio one), ``settle_all`` to a whole reply's worth, and ``MapResults`` keeps 
 
 from __future__ import annotations
 
-from collections import deque
 from concurrent.futures import InvalidStateError
 
 from broker.protocol import ProtocolError, unpack_value
@@ -95,22 +94,20 @@ class MapResults:
     every item before it has finished (``settled``), ``outcome()`` raises the first failure in
     input order."""
 
-    __slots__ = ("results", "return_exceptions", "failed", "in_flight", "sink", "_cancelled", "_order")
+    __slots__ = ("results", "return_exceptions", "failed", "in_flight", "sink", "_cancelled")
 
     def __init__(self, return_exceptions: bool, sink, cancelled: type) -> None:
         self.results: list = []
         self.return_exceptions = return_exceptions
         self.failed: tuple | None = None  #: (index, error): the first failure in input order so far
-        self.in_flight: dict = {}  #: index -> MapItem not finished
+        self.in_flight: dict = {}  #: index -> MapItem not finished, oldest first (indices only grow)
         self.sink = sink  #: where the engine's shell puts batches of outcomes of this map's items
         self._cancelled = cancelled  #: the shell's CancelledError type
-        self._order: deque = deque()  #: indices submitted, oldest first (finished ones dropped lazily)
 
     def start(self, task_id: str) -> MapItem:
         """A new item is submitted as ``task_id``: its handle."""
         index = len(self.results)
         self.results.append(_RUNNING)
-        self._order.append(index)
         item = self.in_flight[index] = MapItem(task_id, index, self.sink)
         return item
 
@@ -140,10 +137,9 @@ class MapResults:
 
     def settled(self) -> bool:
         """Nothing left to wait for: every item finished, or every item before the first failure."""
-        order, in_flight = self._order, self.in_flight
-        while order and order[0] not in in_flight:
-            order.popleft()
-        return not order or (self.failed is not None and order[0] > self.failed[0])
+        if not self.in_flight:
+            return True
+        return self.failed is not None and next(iter(self.in_flight)) > self.failed[0]
 
     def outcome(self) -> list:
         if self.failed is not None:

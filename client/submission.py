@@ -43,6 +43,23 @@ def task_record(task_id: str, name: str, args: tuple, kwargs: dict, *, resources
                                       names, backoff_s)), frames or ()
 
 
+def record_maker(name: str, options: dict, kwargs: dict):
+    """For a ``map``: ``make(task_id, item)`` -> the record and frames of ``name(item, **kwargs)``
+    with ``options``, checked once (on the first item, where ``submit`` would raise) instead of
+    per item."""
+    template = None
+
+    def make(task_id: str, item) -> tuple[SubmitRecord, tuple | list]:
+        nonlocal template
+        if template is None:
+            template, frames = task_record(task_id, name, (item,), kwargs, **options)
+            return template, frames
+        blob, frames = pack_value([(item,), kwargs])
+        return _new_record(SubmitRecord, (task_id, name, blob, len(frames), *template[4:])), frames or ()
+
+    return make
+
+
 #: the keyword arguments of ``submit`` (and ``map``) that are the task's options; any other goes to the task
 TASK_OPTIONS = ("resources", "priority", "retries", "timeout", "key", "retry_on", "backoff")
 
@@ -53,4 +70,4 @@ def split_options(options: dict) -> tuple[dict, dict]:
     return {k: kwargs.pop(k) for k in TASK_OPTIONS if k in kwargs}, kwargs
 
 
-__all__ = ["SubmitRecord", "TASK_OPTIONS", "split_options", "task_record"]
+__all__ = ["SubmitRecord", "TASK_OPTIONS", "record_maker", "split_options", "task_record"]
