@@ -276,3 +276,64 @@ def test_a_task_is_lone_while_nothing_else_waits_and_no_submit_is_in_flight():
     e.take()
     submit(e)
     assert not e.lone_submit  # the first SUBMIT is unanswered: this one waits to go with others
+
+
+def test_a_maps_records_are_the_records_submit_would_make_with_options_checked_once():
+    from client.submission import record_maker, split_options, task_record
+
+    options, kwargs = split_options({"priority": 3, "retries": 2, "scale": 2})
+    assert options == {"priority": 3, "retries": 2} and kwargs == {"scale": 2}
+    records = record_maker("f", options, kwargs)
+    for i, item in enumerate([1, "a", [2.5, None]]):
+        assert records(f"t{i}", item) == task_record(f"t{i}", "f", (item,), {"scale": 2}, priority=3, retries=2)
+    with pytest.raises(ValueError):  # the first item raises, as submit would
+        record_maker("f", {"priority": "high"}, {})("t0", 1)
+
+
+def test_a_replys_outcomes_reach_their_map_as_one_batch_and_the_first_failure_in_input_order_is_raised():
+    from concurrent.futures import CancelledError
+
+    from client.outcomes import ERROR, MapResults, settle_all
+
+    class Sink(list):
+        put = list.append
+
+    sink, other = Sink(), Sink()
+    results, elsewhere = MapResults(False, sink, CancelledError), MapResults(True, other, CancelledError)
+    items = [results.start(f"t{i}") for i in range(4)]
+    settle_all([(items[2], ERROR, TaskError("ValueError", "late")), (items[0], OK, 0),
+                (elsewhere.start("u0"), CANCELLED, None), (items[1], ERROR, TaskError("ValueError", "first"))])
+    assert [len(b) for b in sink] == [2, 1] and len(other) == 1  # consecutive items of one map: one batch
+    for batch in sink:
+        results.finish_batch(batch)
+    elsewhere.finish_batch(other[0])
+    assert results.stopping and results.settled()  # item 3 runs on, but every item before the failure ended
+    with pytest.raises(TaskError) as info:
+        results.outcome()
+    assert info.value.index == 1 and results.unfinished() == ["t3"]
+    assert isinstance(elsewhere.outcome()[0], CancelledError)
+
+
+def test_recv_frames_reads_one_whole_message_and_readable_says_whether_another_waits():
+    import zmq
+
+    from broker.shared import readable, recv_frames
+
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://shared-recv")
+        b.connect("inproc://shared-recv")
+        assert not readable(b)
+        a.send_multipart([b"one", b"", b"three"])
+        a.send(b"next")
+        assert b.poll(5000) and readable(b)
+        assert [bytes(f) for f in recv_frames(b)] == [b"one", b"", b"three"]
+        assert readable(b) and [bytes(f) for f in recv_frames(b)] == [b"next"]
+        assert not readable(b)
+        with pytest.raises(zmq.Again):
+            recv_frames(b)
+    finally:
+        a.close(linger=0)
+        b.close(linger=0)
+        ctx.term()
