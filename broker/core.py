@@ -332,14 +332,22 @@ class Core:
 
     # ================================================================ flush
 
-    def flush(self, now: float) -> Outgoing:
-        """Dispatch what fits, deliver finished results, hand over all output."""
+    def flush(self, now: float, send_events: bool = True) -> Outgoing:
+        """Dispatch what fits, deliver finished results, hand over all output. With ``send_events``
+        False the events are held for a later flush (the loop's choice: fewer, longer messages
+        while more input waits); they are numbered already and put in runs when they go."""
         if self.moves.dirty:
             self.moves.dispatch(now)
         self.results.flush()
-        out = self._out.take()
-        out.events = self.events.in_runs(out.events)
+        out = self._out.take(send_events)
+        if send_events:
+            out.events = self.events.in_runs(out.events)
         return out
+
+    @property
+    def events_held(self) -> int:
+        """Events held for a later flush."""
+        return len(self._out.events)
 
     def shutdown(self) -> None:
         """Tell every worker the broker is going away."""

@@ -17,6 +17,9 @@ STATS_SPAN_S = 10.0
 #: most events in one message: a message stays a few tens of KiB, so the events socket's high-water
 #: mark, which counts messages, bounds what a slow subscriber can pile up in bytes too
 MAX_RUN = 256
+#: longest an event waits for others to share its message while input keeps the loop busy (an idle
+#: loop publishes at once)
+EVENTS_HOLD_S = 0.02
 #: messages the events socket holds for one subscriber that reads too slowly (then it drops, the
 #: subscriber sees a seq gap and takes a fresh snapshot): 5,000 x 256 events, as many as a
 #: million one-event messages held before runs
@@ -43,8 +46,13 @@ class Outgoing:
     workers: list = field(default_factory=list)  #: (wid, Message)
     events: list = field(default_factory=list)  #: (topic, dict)
 
-    def take(self) -> Outgoing:
-        """Everything gathered so far; this one starts empty again (its parts keep a reference)."""
+    def take(self, events: bool = True) -> Outgoing:
+        """Everything gathered so far; this one starts empty again (its parts keep a reference).
+        With ``events`` False the events stay, to go out with a later flush's."""
+        if not events:
+            taken = Outgoing(self.clients, self.workers, [])
+            self.clients, self.workers = [], []
+            return taken
         taken = Outgoing(self.clients, self.workers, self.events)
         self.clients, self.workers, self.events = [], [], []
         return taken

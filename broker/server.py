@@ -15,14 +15,14 @@ import msgspec
 import zmq
 
 from broker.core import Core
-from broker.events import EVENTS_SNDHWM, runs
+from broker.events import EVENTS_HOLD_S, EVENTS_SNDHWM, MAX_RUN, runs
 from broker.logs import get_logger
 from broker.mdp import MdpBridge
 from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAULT_FRONTEND, FETCH_IN_SUBMIT,
                              MDP_CLIENT_TAG, MDP_WORKER_TAG, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError,
                              Topic, decode, encode, event_body)
 from broker.security import is_loopback
-from broker.shared import recv_frames, send_frames, send_pair
+from broker.shared import readable, recv_frames, send_frames, send_pair
 
 log = get_logger(__name__)
 
@@ -88,6 +88,7 @@ class Broker:
         if self.journal is not None:
             self.journal.restore(self.core, time.monotonic())
         self._running = False
+        self._held_since: float | None = None  #: when the oldest event held for a later flush came
 
     def _socket(self, kind: int, security, role: str) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -130,7 +131,7 @@ class Broker:
                 if now >= next_tick:
                     core.on_tick(now)
                     next_tick = now + core.next_tick_in()
-                self._send(*self.mdp.route(core.flush(now), now))
+                self._send(*self.mdp.route(core.flush(now, self._events_due(now)), now))
         finally:
             core.shutdown()
             now = time.monotonic()
@@ -141,6 +142,23 @@ class Broker:
             for sock in (self.frontend, self.backend, self.events):
                 sock.close()
             log.info("broker_stopped")
+
+    def _events_due(self, now: float) -> bool:
+        """Whether this flush publishes the events held so far: yes where no input waits (the
+        loop would sleep), where a message's worth is held, or where the oldest has waited
+        ``EVENTS_HOLD_S``. While input keeps coming, several flushes' events go out as one
+        message per topic instead of a few each (the subscribers' and this loop's cost per message)."""
+        held = self.core.events_held
+        if not held:
+            self._held_since = None
+            return True
+        if self._held_since is None:
+            self._held_since = now
+        due = (held >= MAX_RUN or now - self._held_since >= EVENTS_HOLD_S
+               or not (readable(self.frontend) or readable(self.backend)))
+        if due:
+            self._held_since = None
+        return due
 
     def _log_exposure(self) -> None:
         if self.security is not None:
@@ -222,7 +240,7 @@ class Broker:
             self._client_error(route, f"a SUBMIT's {FETCH_IN_SUBMIT!r} must be a FETCH header (a map)")
             return
         if not self.frontend.get(zmq.EVENTS) & zmq.POLLIN:
-            self._send(*self.mdp.route(self.core.flush(now), now))
+            self._send(*self.mdp.route(self.core.flush(now, send_events=False), now))
         self._on_client(route, Message(Command.FETCH, header), now)
 
     def _client_error(self, route: bytes, error: str, rid: int | None = None) -> None:

@@ -66,8 +66,8 @@ class Harness:
         self.to_clients: list = []
         self.events: list = []
 
-    def flush(self):
-        out = self.core.flush(self.now)
+    def flush(self, send_events: bool = True):
+        out = self.core.flush(self.now, send_events)
         for wid, msg in out.workers:
             self.to_workers.setdefault(wid, []).append(msg)
         self.to_clients.extend(out.clients)

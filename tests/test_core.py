@@ -662,6 +662,34 @@ def test_a_long_run_goes_out_in_messages_of_at_most_max_run_events_seqs_continui
     assert seqs == list(range(seqs[0], seqs[0] + count))
 
 
+def test_events_held_across_flushes_go_out_together_by_topic_never_across_a_snapshot(h):
+    from broker.events import runs
+
+    h.join(b"w1", slots=4)
+    blob, _ = pack_value(None)
+    h.events.clear()
+    submit = lambda tid: h.core.on_client(b"c1", Message(Command.SUBMIT, {"rid": 1, "session": "s1", "tasks": [
+        [tid, "noop", blob, 0, None, 0, None, None, None]]}), h.now)
+    submit("a")
+    first = h.flush(send_events=False)  # the task goes to its worker now; its events wait
+    assert first.events == [] and h.core.events_held >= 2 and h.dispatched(b"w1") == ["a"]
+    h.core.on_worker(b"w1", Message(Command.DONE, {"log": [["a", True, blob, 0, 0.0001]]}), h.now)
+    submit("b")
+    h.flush(send_events=False)
+    h.core.on_client(b"c1", Message(Command.STATUS, {"rid": 2}), h.now)  # a snapshot: a fixed point
+    submit("c")
+    out = h.flush()
+    assert h.core.events_held == 0
+    snap = [m for _, m in out.clients if m.command is Command.SNAPSHOT][0].header["snapshot"]
+    seqs = [f["seq"] for _, f in out.events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and seqs[-1] > snap["seq"]
+    before = [(t, f["task_id"]) for t, f in out.events if f["seq"] <= snap["seq"]]
+    assert ("task.submitted", "c") not in before and ("task.submitted", "b") in before
+    assert [t for t, _ in runs(out.events)][:3] == ["task.submitted", "task.started", "task.succeeded"]
+    position = {(t, f["task_id"]): f["seq"] for t, f in out.events}
+    assert position[("task.submitted", "a")] < position[("task.started", "a")] < position[("task.succeeded", "a")]
+
+
 def test_events_never_move_across_a_snapshot_taken_within_the_flush(h):
     h.join(b"w1", slots=2)
     x = h.submit()
