@@ -22,7 +22,7 @@ from broker.protocol import (CLIENT_TAG, DEFAULT_BACKEND, DEFAULT_EVENTS, DEFAUL
                              MDP_CLIENT_TAG, MDP_WORKER_TAG, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError,
                              Topic, decode, encode, event_body)
 from broker.security import is_loopback
-from broker.shared import readable, recv_frames, send_frames, send_pair
+from broker.shared import drain, readable, send_frames, send_pair
 
 log = get_logger(__name__)
 
@@ -189,17 +189,8 @@ class Broker:
 
     # ------------------------------------------------------------- input
 
-    @staticmethod
-    def _incoming(sock: zmq.Socket):
-        """The messages waiting on ``sock``, at most DRAIN_BATCH of them."""
-        for _ in range(DRAIN_BATCH):
-            try:
-                yield recv_frames(sock)
-            except zmq.Again:
-                return
-
     def _drain_frontend(self, now: float) -> None:
-        for frames in self._incoming(self.frontend):
+        for frames in drain(self.frontend, DRAIN_BATCH):
             route = frames[0].bytes
             if len(frames) > 1 and frames[1].bytes == WORKER_TAG:
                 self._wrong_port_worker(route)
@@ -248,7 +239,7 @@ class Broker:
         self._send_client(route, Message(Command.ERROR, {"rid": rid, "error": error}))
 
     def _drain_backend(self, now: float) -> None:
-        for frames in self._incoming(self.backend):
+        for frames in drain(self.backend, DRAIN_BATCH):
             wid = frames[0].bytes
             if self._too_big(frames):
                 self.core.drop_worker_input(wid, f"message exceeds {self.config.max_message_bytes} bytes", now)

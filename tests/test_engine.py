@@ -314,26 +314,48 @@ def test_a_replys_outcomes_reach_their_map_as_one_batch_and_the_first_failure_in
     assert isinstance(elsewhere.outcome()[0], CancelledError)
 
 
-def test_recv_frames_reads_one_whole_message_and_readable_says_whether_another_waits():
+@pytest.fixture
+def pair():
+    """Two connected inproc PAIR sockets (sender, receiver), closed with linger 0."""
     import zmq
-
-    from broker.shared import readable, recv_frames
 
     ctx = zmq.Context()
     a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
     try:
-        a.bind("inproc://shared-recv")
-        b.connect("inproc://shared-recv")
-        assert not readable(b)
-        a.send_multipart([b"one", b"", b"three"])
-        a.send(b"next")
-        assert b.poll(5000) and readable(b)
-        assert [bytes(f) for f in recv_frames(b)] == [b"one", b"", b"three"]
-        assert readable(b) and [bytes(f) for f in recv_frames(b)] == [b"next"]
-        assert not readable(b)
-        with pytest.raises(zmq.Again):
-            recv_frames(b)
+        a.bind("inproc://shared-pair")
+        b.connect("inproc://shared-pair")
+        yield a, b
     finally:
         a.close(linger=0)
         b.close(linger=0)
         ctx.term()
+
+
+def test_recv_frames_reads_one_whole_message_and_readable_says_whether_another_waits(pair):
+    import zmq
+
+    from broker.shared import readable, recv_frames
+
+    a, b = pair
+    assert not readable(b)
+    a.send_multipart([b"one", b"", b"three"])
+    a.send(b"next")
+    assert b.poll(5000) and readable(b)
+    assert [bytes(f) for f in recv_frames(b)] == [b"one", b"", b"three"]
+    assert readable(b) and [bytes(f) for f in recv_frames(b)] == [b"next"]
+    assert not readable(b)
+    with pytest.raises(zmq.Again):
+        recv_frames(b)
+
+
+def test_drain_yields_every_waiting_message_whole_at_most_limit_and_ends_without_raising(pair):
+    from broker.shared import drain
+
+    a, b = pair
+    assert list(drain(b)) == []  # nothing waits: nothing, no zmq.Again
+    for i in range(5):
+        a.send_multipart([b"m", str(i).encode()])
+    assert b.poll(5000)
+    assert [[bytes(f) for f in m] for m in drain(b, 2)] == [[b"m", b"0"], [b"m", b"1"]]
+    assert [bytes(m[1]) for m in drain(b)] == [b"2", b"3", b"4"]
+    assert list(drain(b)) == []

@@ -20,7 +20,7 @@ import zmq
 from broker.logs import get_logger
 from broker.protocol import (DEFAULT_BACKEND, NAME_IN_USE, WORKER_TAG, WRONG_PORT, Command, Message, ProtocolError,
                              decode, encode, records)
-from broker.shared import NOBLOCK, recv_frames, send_frames
+from broker.shared import NOBLOCK, drain, send_frames
 from worker.executors import Runner
 from worker.liveness import Liveness
 from worker.pool import PoolOptions
@@ -207,11 +207,7 @@ class Worker:
     def _drain_socket(self) -> bool:
         """Handle what the broker sent; True where this worker announced itself again."""
         announce = False  # once, however many "announce again" came in (one per message it sent us)
-        while True:
-            try:
-                raw = recv_frames(self.sock)
-            except zmq.Again:
-                break
+        for raw in drain(self.sock):
             try:
                 msg = decode(raw, WORKER_TAG)
             except ProtocolError as exc:
