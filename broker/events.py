@@ -49,12 +49,10 @@ class Outgoing:
     def take(self, events: bool = True) -> Outgoing:
         """Everything gathered so far; this one starts empty again (its parts keep a reference).
         With ``events`` False the events stay, to go out with a later flush's."""
-        if not events:
-            taken = Outgoing(self.clients, self.workers, [])
-            self.clients, self.workers = [], []
-            return taken
-        taken = Outgoing(self.clients, self.workers, self.events)
-        self.clients, self.workers, self.events = [], [], []
+        taken = Outgoing(self.clients, self.workers, self.events if events else [])
+        self.clients, self.workers = [], []
+        if events:
+            self.events = []
         return taken
 
 
@@ -248,7 +246,7 @@ def _sorted_per_worker(ordered: list, stretch: list) -> None:
             ordered.append(event)
             continue
         worker = event[1].get("worker")
-        k = 0 if worker is None else depth.setdefault(worker, -1) + 1
+        k = 0 if worker is None else depth.get(worker, -1) + 1
         if worker is not None:
             depth[worker] = k
         if k == len(levels):

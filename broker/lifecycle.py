@@ -14,16 +14,13 @@ import math
 from broker.events import Events, Stats, error_text
 from broker.logs import get_logger
 from broker.protocol import (LOST, MAX_BACKOFF_S, Command, DispatchRecord, DoneRecord, ErrorType, Message, Topic,
-                             hold)
+                             hold, new_record)
 from broker.scheduler import DEFAULT_NEEDS, Scheduler, class_key, missing
 from broker.sessions import Sessions
 from broker.states import TaskState, WorkerState
 from broker.tasks import Task, TaskTable
 
 log = get_logger(__name__)
-
-#: a record from all its fields at a plain tuple's cost (a NamedTuple's constructor takes keywords)
-_as_record = tuple.__new__
 
 
 def why_unservable(cls, workers, declared: dict, waited_s: float) -> str:
@@ -342,7 +339,7 @@ class Lifecycle:
         for wid, tasks in batches.items():
             records, frames = [], []
             for t, ahead in tasks:
-                records.append(_as_record(DispatchRecord, (t.task_id, t.name, t.args, len(t.frames), t.attempts, t.needs,
+                records.append(new_record(DispatchRecord, (t.task_id, t.name, t.args, len(t.frames), t.attempts, t.needs,
                                                            ahead)))
                 frames.extend(t.frames)
             self.out.workers.append((wid, Message(Command.TASKS, {"tasks": records}, frames)))

@@ -217,7 +217,7 @@ def hold(free: dict, needs: dict, sign: int) -> None:
 # (``SubmitRecord.checked``), so one bad task is refused alone, not its whole batch.
 
 
-_new_record = tuple.__new__  #: a record from a sequence of all its fields, at the cost of a plain tuple
+new_record = tuple.__new__  #: a record from a sequence of all its fields, at the cost of a plain tuple
 
 
 class SubmitRecord(NamedTuple):
@@ -248,7 +248,7 @@ class SubmitRecord(NamedTuple):
             check_name(name, "task name")
         if priority != 0 or type(priority) is not int:
             check_int(priority, "priority", -(2**31), 2**31)
-        return _new_record(SubmitRecord, (  # as SubmitRecord(...) does, without its keyword handling
+        return new_record(SubmitRecord, (  # as SubmitRecord(...) does, without its keyword handling
             task_id, name, args, nframes, None if resources is None else check_resources(resources), priority,
             default_retries if retries is None else check_int(retries, "retries", 0, MAX_RETRIES),
             None if timeout_s is None else check_seconds(timeout_s, "timeout"),
@@ -331,7 +331,7 @@ def _parse_records(message: Message) -> list:
         items = message.header.get("results")
     if not isinstance(items, list):
         raise ProtocolError(f"{message.command.name} needs a list {key!r}")
-    make, strings, pads = _new_record, kind is DoneRecord, _PADS[kind]
+    make, strings, pads = new_record, kind is DoneRecord, _PADS[kind]
     typed = []
     for item in items:
         if type(item) is list and (pad := pads.get(len(item))) is not None:  # the usual record: a list

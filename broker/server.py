@@ -230,7 +230,7 @@ class Broker:
         if not isinstance(header, dict):
             self._client_error(route, f"a SUBMIT's {FETCH_IN_SUBMIT!r} must be a FETCH header (a map)")
             return
-        if not self.frontend.get(zmq.EVENTS) & zmq.POLLIN:
+        if not readable(self.frontend):
             self._send(*self.mdp.route(self.core.flush(now, send_events=False), now))
         self._on_client(route, Message(Command.FETCH, header), now)
 

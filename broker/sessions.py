@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from broker.events import Outgoing
-from broker.protocol import Command, Message, ResultRecord
+from broker.protocol import Command, Message, ResultRecord, new_record
 from broker.recent import RecentIds
 from broker.states import TERMINAL
 
@@ -16,8 +16,6 @@ ACKED_GRACE_S = 120.0
 #: without a journal, most keyed results kept in memory once fetched (oldest forgotten first; with a
 #: journal they live there and are read back when their key is submitted again)
 MAX_KEYED_RESULTS = 100_000
-#: a record from all its fields at a plain tuple's cost (a NamedTuple's constructor takes keywords)
-_as_record = tuple.__new__
 
 
 @dataclass(eq=False, slots=True)
@@ -110,7 +108,7 @@ class Sessions:
             if task is None or task.result is None:
                 continue
             status, value, vframes, info = task.result
-            records.append(_as_record(ResultRecord, (task_id, status, value, len(vframes), info)))
+            records.append(new_record(ResultRecord, (task_id, status, value, len(vframes), info)))
             frames.extend(vframes)
             if len(records) >= limit:
                 break

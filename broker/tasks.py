@@ -54,6 +54,11 @@ class Task:
     error_retries: int = 0  #: runs again after it raised (they count against ``retries``, as losses do)
 
 
+#: old state -> new state -> (old counter, new counter, change of ``ahead``), legal moves only
+_STEPS = {old: {new: (COUNTER[old], COUNTER[new], (new is TaskState.DISPATCHED) - (old is TaskState.DISPATCHED))
+                for new in legal} for old, legal in TASK_MOVES.items()}
+
+
 class TaskTable:
     """Every task the broker remembers, by id and by idempotency key.
 
@@ -69,9 +74,6 @@ class TaskTable:
         self.keys: dict[str, str] = {}  #: idempotency key -> task id
         self.counts = {"queued": 0, "running": 0, "done": 0, "failed": 0, "cancelled": 0}
         self.ahead = 0  #: tasks in DISPATCHED state
-        #: old state -> new state -> (old counter, new counter, change of ``ahead``), legal moves only
-        self._steps = {old: {new: (COUNTER[old], COUNTER[new], (new is TaskState.DISPATCHED) - (old is TaskState.DISPATCHED))
-                             for new in legal} for old, legal in TASK_MOVES.items()}
         self.get = self.tasks.get  #: task id -> Task or None (the dict's own method: this is the hot path)
 
     def is_queued(self, task_id: str) -> bool:
@@ -97,7 +99,7 @@ class TaskTable:
     def move(self, task: Task, new: TaskState) -> None:
         """The one way a task changes state; an illegal move raises (a broker bug)."""
         old = task.state
-        step = self._steps[old].get(new)
+        step = _STEPS[old].get(new)
         if step is None:
             check_task_move(task.task_id, old, new)  # raises IllegalTransition
         task.state = new

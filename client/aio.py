@@ -25,12 +25,12 @@ import zmq
 
 from broker.logs import get_logger
 from broker.protocol import DEFAULT_FRONTEND, Command
-from client.aio_io import PENDING, LoopIO, resolve
+from client.aio_io import PENDING, LoopIO
 from client.client import DEFAULT_MAX_IN_FLIGHT, BaseClient
 from client.submission import record_maker, split_options
 from client.errors import GridqError, at_index, map_timeout
 from client.follow import follow
-from client.outcomes import MapResults
+from client.outcomes import MapResults, resolve
 from client.state import events_address_for
 
 log = get_logger(__name__)

@@ -19,7 +19,7 @@ from broker.protocol import CLIENT_TAG, Message, encode
 from broker.shared import NOBLOCK, readable, recv_frames, send_frames
 from client.engine import Outbox
 from client.errors import GridqError
-from client.outcomes import FAILED, settle, settle_all
+from client.outcomes import FAILED, resolve, settle, settle_all
 
 log = get_logger("client.aio")
 
@@ -27,15 +27,6 @@ log = get_logger("client.aio")
 READ_SLICE_S = 0.005
 
 PENDING = object()  #: a future's acceptance is not known yet
-
-
-def resolve(future: asyncio.Future, outcome) -> None:
-    """Set ``future`` to ``outcome`` (an exception is raised from it), unless it is done already."""
-    if not future.done():
-        if isinstance(outcome, BaseException):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
 
 
 def _settle(future, kind: str, value) -> None:

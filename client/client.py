@@ -26,7 +26,7 @@ from broker.shared import NOBLOCK, Waker, readable, recv_frames, send_frames
 from client.engine import FETCH_WAIT_S, SUBMIT_BATCH, Engine, Outbox
 from client.submission import record_maker, split_options
 from client.errors import GridqError, at_index, map_timeout
-from client.outcomes import FAILED, MapResults, settle_all
+from client.outcomes import FAILED, MapResults, resolve, settle_all
 
 log = get_logger(__name__)
 
@@ -364,11 +364,7 @@ class Client(BaseClient):
                 pass
         settle_all(out.settled)
         for waiter, reply in out.replies:
-            if not waiter.done():
-                if isinstance(reply, BaseException):
-                    waiter.set_exception(reply)
-                else:
-                    waiter.set_result(reply)
+            resolve(waiter, reply)
 
     def _fail_inbox(self, error: Exception) -> None:
         while True:

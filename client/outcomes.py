@@ -20,6 +20,16 @@ CANCELLED = "cancelled"  #: the broker cancelled it; value is None
 FAILED = "failed"  #: value is an error of the client side: the task's end is not known (or it was refused)
 
 
+def resolve(future, outcome) -> None:
+    """Set ``future`` (asyncio or concurrent) to ``outcome`` (an exception is raised from it), unless
+    it is done already."""
+    if not future.done():
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
 def settle(handle, kind: str, value) -> None:
     """Apply one outcome to a shell's future (a concurrent or asyncio one) unless it is done."""
     if handle.done():

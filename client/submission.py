@@ -6,7 +6,7 @@ which split their keyword arguments once for every item (``split_options``).
 
 from __future__ import annotations
 
-from broker.protocol import (MAX_BACKOFF_S, MAX_RETRIES, SubmitRecord, _new_record, check_int, check_name,
+from broker.protocol import (MAX_BACKOFF_S, MAX_RETRIES, SubmitRecord, new_record, check_int, check_name,
                              check_resources, check_seconds, pack_value, retry_names)
 
 
@@ -39,7 +39,7 @@ def task_record(task_id: str, name: str, args: tuple, kwargs: dict, *, resources
     blob, frames = pack_value([args, kwargs])  # raises EncodeError for what cannot travel
     # a tuple of atoms, and no empty list: the garbage collector stops tracking them. Made as
     # SubmitRecord(...) makes it, at a plain tuple's cost (its keyword handling was a third of this)
-    return _new_record(SubmitRecord, (task_id, name, blob, len(frames), resources, priority, retries, timeout, key,
+    return new_record(SubmitRecord, (task_id, name, blob, len(frames), resources, priority, retries, timeout, key,
                                       names, backoff_s)), frames or ()
 
 
@@ -55,7 +55,7 @@ def record_maker(name: str, options: dict, kwargs: dict):
             template, frames = task_record(task_id, name, (item,), kwargs, **options)
             return template, frames
         blob, frames = pack_value([(item,), kwargs])
-        return _new_record(SubmitRecord, (task_id, name, blob, len(frames), *template[4:])), frames or ()
+        return new_record(SubmitRecord, (task_id, name, blob, len(frames), *template[4:])), frames or ()
 
     return make
 

@@ -313,7 +313,6 @@ def streams_figures(procs: Procs, pids: dict, web, base: str, frontend: str, n_m
             rss_samples.append((round(time.monotonic() - began), round(rss_mib(web), 1)))
         results["cpu_us_per_task_50_streams"] = per_task(all_before, cpu_s(everyone), len(rates) * (n_map // 4 + 200))
         results["map_per_s_50_streams"] = sum(rates) / len(rates)
-                # the gateway's CPU per event the broker published meanwhile: less noisy than a rate on a shared box
         # the gateway's CPU per event the broker published meanwhile: less noisy than a rate on a shared box
         results["gateway_cpu_us_per_event_50_streams"] = round(
             (gateway_cpu_s(web) - cpu_before) * 1e6 / max(status_seq(frontend) - seq_before, 1), 1)

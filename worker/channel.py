@@ -62,18 +62,10 @@ class Channel:
             if parts and sent:
                 parts[0] = parts[0][sent:]
 
-    def receive(self) -> tuple:
-        """The next message (header, frames), blocking; ChannelClosed at the end."""
-        while not self._ready:
-            self._read()
-        return self._ready.popleft()
-
     def read_available(self) -> list:
         """One read of what the socket holds (blocks if nothing does): every message now complete."""
         self._read()
-        out = list(self._ready)
-        self._ready.clear()
-        return out
+        return self._take_ready()
 
     def read_nowait(self) -> list:
         """What the socket holds now, without waiting: every message complete (maybe none)."""
@@ -81,6 +73,9 @@ class Channel:
             self._read(socket.MSG_DONTWAIT)
         except BlockingIOError:
             pass
+        return self._take_ready()
+
+    def _take_ready(self) -> list:
         out = list(self._ready)
         self._ready.clear()
         return out

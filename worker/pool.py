@@ -23,16 +23,13 @@ from multiprocessing import shared_memory
 import numpy as np
 
 from broker.logs import get_logger
-from broker.protocol import LOST, DoneRecord, frame_buffer
+from broker.protocol import LOST, DoneRecord, frame_buffer, new_record
 from broker.shared import Waker
 from worker.channel import Channel, ChannelClosed, pair
 from worker.child import child_main
 from worker.run import failure
 
 log = get_logger(__name__)
-#: a record from all its fields at a plain tuple's cost (a NamedTuple's constructor takes keywords)
-_as_record = tuple.__new__
-
 #: argument frames at least this large travel through the slot's shared-memory arena
 SHM_MIN_BYTES = 256 * 1024
 #: most tasks one message to a child carries
@@ -246,7 +243,7 @@ class ProcessSlot:
                 at, outcomes = 0, []
                 for task_id, ok, value, nframes, run_s, bye in header[1]:
                     nxt = batch[k + 1][0] if k + 1 < len(batch) and not bye else None
-                    outcomes.append((_as_record(DoneRecord, (task_id, ok, value, nframes, run_s)),
+                    outcomes.append((new_record(DoneRecord, (task_id, ok, value, nframes, run_s)),
                                      frames[at:at + nframes] if nframes else [], nxt))
                     at += nframes
                     k += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from broker.protocol import DoneRecord, EncodeError, ProtocolError, error_map, pack_value, unpack_value
+from broker.protocol import DoneRecord, EncodeError, ProtocolError, error_map, new_record, pack_value, unpack_value
 from worker.registry import TaskSpec
 
 
@@ -25,7 +25,7 @@ def run_task(registry: dict[str, TaskSpec], task_id: str, name: str, args_blob, 
             value = spec.fn(*args, **kwargs)
         blob, out_frames = pack_value(value)
         # as DoneRecord(...) makes it, at a plain tuple's cost (the NamedTuple constructor takes keywords)
-        return tuple.__new__(DoneRecord, (task_id, True, blob, len(out_frames), time.perf_counter() - started)), out_frames
+        return new_record(DoneRecord, (task_id, True, blob, len(out_frames), time.perf_counter() - started)), out_frames
     except BaseException as exc:  # a task may raise anything; it must not kill the slot
         if isinstance(exc, EncodeError):
             exc = EncodeError(f"result of {name!r} cannot be sent back: {exc}")

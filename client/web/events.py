@@ -195,33 +195,26 @@ class EventHub:
         the window and the streams' next batch, each run in one step; the flush decided once. True
         where a snapshot came."""
         snapshot = False
-        ring_extend, counts, run_times, on_events = self.ring.extend, self._counts, self._run_times, self._on_events
-        pending = self._pending.append if self.streams else None
         for topic, events in runs:
-            if topic == "snapshot" or self.link != "live":
-                if topic == "snapshot":
-                    for item in events:
-                        self._on_snapshot(item)
-                    snapshot = True
-                else:
-                    self._set_link("live")
-                # both may flush, which starts new counts and a new batch for the streams
-                counts, run_times = self._counts, self._run_times
-                pending = self._pending.append if self.streams else None
-                if topic == "snapshot":
-                    continue
-            ring_extend(zip(repeat(topic), events))  # encoded only if a stream needs it: no browser open costs no JSON
+            if topic == "snapshot":
+                for item in events:
+                    self._on_snapshot(item)
+                snapshot = True
+                continue
+            if self.link != "live":
+                self._set_link("live")  # may flush: new counts and a new batch for the streams
+            self.ring.extend(zip(repeat(topic), events))  # encoded only if a stream needs it: no browser open costs no JSON
             self.head = events[-1]["seq"]
-            counts[topic] = counts.get(topic, 0) + len(events)
+            self._counts[topic] = self._counts.get(topic, 0) + len(events)
             if topic == "task.succeeded":
-                run_times += [run_s for run_s in map(_run_s, events) if isinstance(run_s, (int, float))]
+                self._run_times += [run_s for run_s in map(_run_s, events) if isinstance(run_s, (int, float))]
             elif topic == "broker.stats" and self.metrics is not None:
                 for ev in events:
                     self.metrics.state(ev)
-            if on_events is not None:
-                on_events(topic, events)
-            if pending is not None:
-                pending((topic, events))
+            if self._on_events is not None:
+                self._on_events(topic, events)
+            if self.streams:
+                self._pending.append((topic, events))
                 self._pending_events += len(events)
         if self._pending_events >= BATCH_EVENTS or len(self._run_times) >= BATCH_EVENTS:
             self._flush()
