@@ -22,7 +22,8 @@ import math
 from broker.events import Events, Outgoing, Stats
 from broker.lifecycle import Lifecycle
 from broker.logs import get_logger
-from broker.protocol import Command, Message, ProtocolError, check_int, check_name, records, task_digest
+from broker.protocol import (DEFER_ACCEPTED, MAX_DEFER_ACCEPTED_MS, Command, Message, ProtocolError, check_int, check_name,
+                             records, task_digest)
 from broker.scheduler import AHEAD_MAX_WAIT_S, AHEAD_PER_SLOT, Scheduler  # noqa: F401 (tests)
 from broker.sessions import ACKED_GRACE_S, Sessions  # noqa: F401 (tests)
 from broker.states import TERMINAL, TaskState, WorkerState
@@ -139,8 +140,13 @@ class Core:
             add(task)
             enqueue(task, now)
             submitted(task_id, name, needs_of(task), task.priority)
-        self._reply(route, Command.ACCEPTED, {"rid": rid, "rejected": rejected, "aliases": aliases,
-                                              "conflicts": conflicts, **self._incarnation})
+        header = {"rid": rid, "rejected": rejected, "aliases": aliases, "conflicts": conflicts, **self._incarnation}
+        defer_ms = msg.header.get(DEFER_ACCEPTED)
+        if type(defer_ms) is int and defer_ms > 0 and not (rejected or aliases or conflicts):
+            self.results.hold_accepted(session, route, header, now + min(defer_ms, MAX_DEFER_ACCEPTED_MS) / 1000,
+                                       [raw.task_id for raw, _ in records(msg)])
+        else:
+            self._reply(route, Command.ACCEPTED, header)
 
     def _by_key(self, key: str, digest: bytes, task_id: str, session: str, aliases: list, conflicts: list,
                 now: float) -> bool:
@@ -339,10 +345,16 @@ class Core:
         if self.moves.dirty:
             self.moves.dispatch(now)
         self.results.flush()
+        if self.results.next_held_due() is not None:
+            self.results.release_held(now, self._running)
         out = self._out.take(send_events)
         if send_events:
             out.events = self.events.in_runs(out.events)
         return out
+
+    def _running(self, task_id: str) -> bool:
+        task = self.tasks.get(task_id)
+        return task is not None and task.state is TaskState.RUNNING
 
     @property
     def events_held(self) -> int:
@@ -350,7 +362,8 @@ class Core:
         return len(self._out.events)
 
     def shutdown(self) -> None:
-        """Tell every worker the broker is going away."""
+        """Tell every worker the broker is going away; send the ACCEPTEDs held back."""
+        self.results.release_held(math.inf)
         for worker in self.workers.values():
             self._out.workers.append((worker.wid, Message(Command.DISCONNECT, {"reason": "broker stopping"})))
 

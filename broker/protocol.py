@@ -59,6 +59,15 @@ WRONG_PORT = "wrong port"
 #: SUBMIT header key of a FETCH header sent in the same message; the broker handles it right
 #: after the SUBMIT, as if it were the next message (one message fewer per lone round trip)
 FETCH_IN_SUBMIT = "fetch"
+#: SUBMIT header key (milliseconds): the broker may hold this SUBMIT's ACCEPTED that long and send it
+#: inside the RESULTS answering the FETCH that came with it, where those come sooner (a lone round
+#: trip then costs one reply, not two). A SUBMIT with a task refused, aliased or in conflict is
+#: answered at once
+DEFER_ACCEPTED = "defer_ms"
+#: longest a broker holds an ACCEPTED, whatever a client asks
+MAX_DEFER_ACCEPTED_MS = 50
+#: RESULTS header key: the header of an ACCEPTED the broker held (its own ``rid``, that of the SUBMIT)
+ACCEPTED_IN_RESULTS = "accepted"
 #: gridq's top-level import names (a user's module named so shadows gridq's, or is shadowed)
 OUR_PACKAGES = ("broker", "worker", "client")
 

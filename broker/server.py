@@ -7,6 +7,7 @@ events, so nothing is acknowledged before it is durable.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -119,7 +120,11 @@ class Broker:
         try:
             while self._running:
                 now = time.monotonic()
-                ready = dict(poller.poll(max(0.0, next_tick - now) * 1000 if next_tick > now else 0))
+                wake = next_tick
+                held = core.results.next_held_due()
+                if held is not None and held < wake:
+                    wake = held
+                ready = dict(poller.poll(math.ceil((wake - now) * 1000) if wake > now else 0))
                 now = time.monotonic()
                 core.wall = time.time()
                 if self.frontend in ready:

@@ -7,7 +7,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from broker.events import Outgoing
-from broker.protocol import Command, Message, ResultRecord, new_record
+from broker.protocol import ACCEPTED_IN_RESULTS, Command, Message, ResultRecord, new_record
 from broker.recent import RecentIds
 from broker.states import TERMINAL
 
@@ -25,6 +25,7 @@ class Session:
     sid: str
     outbox: OrderedDict = field(default_factory=OrderedDict)  #: task_id -> None
     fetch: tuple | None = None  #: (route, rid, max, expires_at)
+    held: tuple | None = None  #: (route, ACCEPTED header, seq): an ACCEPTED waiting to go with the next RESULTS
 
 
 class Sessions:
@@ -43,6 +44,8 @@ class Sessions:
         self._new_results: set = set()  #: sessions with results since the last flush
         self._fetch_expiry: list = []  #: (expires_at, seq, sid, rid); seq: rids are peer data, never compared
         self._fetch_seq = 0
+        self._held_due: list = []  #: (due, seq, sid) of held ACCEPTEDs (answered early ones linger, harmless)
+        self._held_new: list = []  #: (session, seq, task ids) held since the last release_held
         #: finished tasks not fetched yet -> when they are forgotten (after the result TTL);
         #: insertion order is expiry order (the delay is a constant)
         self.expiry: OrderedDict = OrderedDict()
@@ -80,7 +83,7 @@ class Sessions:
             self._take_acks(sess, acks, now)
         if sess.fetch is not None:  # a newer fetch replaces a parked one (client resent)
             old_route, old_rid, _, _ = sess.fetch
-            self._reply_empty(old_route, old_rid)
+            self._reply_empty(sess, old_route, old_rid)
             sess.fetch = None
         if sess.outbox or wait_s <= 0:
             self._send_results(sess, route, rid, limit)
@@ -98,8 +101,51 @@ class Sessions:
                 self._send_results(sess, route, rid, limit)
         self._new_results.clear()
 
-    def _reply_empty(self, route: bytes, rid) -> None:
-        self.out.clients.append((route, Message(Command.RESULTS, {"rid": rid, "results": [], **self.incarnation})))
+    def hold_accepted(self, sid: str, route: bytes, header: dict, due: float, task_ids: list) -> None:
+        """Keep an ACCEPTED (``header``) for the RESULTS that next answers this session's FETCH on
+        ``route``; it goes alone at ``due`` if none comes by then, or at the next ``release_held``
+        if one of ``task_ids`` is not running by then (its result is not about to come)."""
+        sess = self.get(sid)
+        if sess.held is not None:
+            self._send_held(sess)  # one held at a time: the older goes now
+        self._fetch_seq += 1
+        sess.held = (route, header, self._fetch_seq)
+        heapq.heappush(self._held_due, (due, self._fetch_seq, sid))
+        self._held_new.append((sess, self._fetch_seq, task_ids))
+
+    def release_held(self, now: float, running=None) -> None:
+        """Send the held ACCEPTEDs whose time is up, and those held since the last call whose tasks
+        do not all run (``running(task_id)``: the dispatch that followed the SUBMIT started them)."""
+        for sess, seq, task_ids in self._held_new:
+            if sess.held is not None and sess.held[2] == seq and not (running and all(map(running, task_ids))):
+                self._send_held(sess)
+        self._held_new.clear()
+        due = self._held_due
+        while due and due[0][0] <= now:
+            _, seq, sid = heapq.heappop(due)
+            sess = self.sessions.get(sid)
+            if sess is not None and sess.held is not None and sess.held[2] == seq:
+                self._send_held(sess)
+
+    def next_held_due(self) -> float | None:
+        """When ``release_held`` has something to send, at the earliest (None: nothing held)."""
+        return self._held_due[0][0] if self._held_due else None
+
+    def _send_held(self, sess: Session) -> None:
+        route, header, _ = sess.held
+        sess.held = None
+        self.out.clients.append((route, Message(Command.ACCEPTED, header)))
+
+    def _results_header(self, sess: Session | None, route: bytes, rid, records: list) -> dict:
+        """A RESULTS header, carrying the session's held ACCEPTED where it waits for this route."""
+        header = {"rid": rid, "results": records, **self.incarnation}
+        if sess is not None and sess.held is not None and sess.held[0] == route:
+            header[ACCEPTED_IN_RESULTS] = sess.held[1]
+            sess.held = None
+        return header
+
+    def _reply_empty(self, sess: Session | None, route: bytes, rid) -> None:
+        self.out.clients.append((route, Message(Command.RESULTS, self._results_header(sess, route, rid, []))))
 
     def _send_results(self, sess: Session, route: bytes, rid, limit: int) -> None:
         records, frames = [], []
@@ -112,7 +158,7 @@ class Sessions:
             frames.extend(vframes)
             if len(records) >= limit:
                 break
-        self.out.clients.append((route, Message(Command.RESULTS, {"rid": rid, "results": records, **self.incarnation},
+        self.out.clients.append((route, Message(Command.RESULTS, self._results_header(sess, route, rid, records),
                                                 frames)))
 
     def _take_acks(self, sess: Session, acks: list, now: float) -> None:
@@ -164,7 +210,7 @@ class Sessions:
             if sess is not None and sess.fetch is not None and sess.fetch[1] is rid:  # its own FETCH (a NaN rid != itself)
                 route, _, _, _ = sess.fetch
                 sess.fetch = None
-                self._reply_empty(route, rid)
+                self._reply_empty(sess, route, rid)
         expiry = self.expiry
         while expiry and next(iter(expiry.values())) <= now:
             task_id, _ = expiry.popitem(last=False)
@@ -194,6 +240,7 @@ class Sessions:
             self._fetch_expiry = [f for f in self._fetch_expiry if (sess := self.sessions.get(f[2])) is not None
                                   and sess.fetch is not None and sess.fetch[1] is f[3]]
             heapq.heapify(self._fetch_expiry)
-        idle = [sid for sid, sess in self.sessions.items() if not sess.outbox and sess.fetch is None]
+        idle = [sid for sid, sess in self.sessions.items()
+                if not sess.outbox and sess.fetch is None and sess.held is None]
         for sid in idle:
             del self.sessions[sid]

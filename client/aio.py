@@ -70,7 +70,10 @@ class AsyncFuture(asyncio.Future):
     @property
     def accepted(self) -> asyncio.Future:
         """Resolves (None) once the broker accepted the task (journaled where it keeps a journal);
-        raises the error the task gets where it was refused (or the broker could not be reached)."""
+        raises the error the task gets where it was refused (or the broker could not be reached).
+        A lone task's acceptance may be told with its result, or up to 20 ms late (docs/PROTOCOL.md,
+        "A lone task's ACCEPTED"); a caller that must know at once uses a client whose
+        ``DEFER_ACCEPTED_MS`` is 0, as the gateway does."""
         if self._accepted is None:
             self._accepted = self.get_loop().create_future()
             if self._accept is not PENDING:

@@ -74,12 +74,15 @@ class BaseClient:
     SUBMIT_BATCH = SUBMIT_BATCH
     #: the shell uses the engine's acceptances (AsyncFuture.accepted); Client's futures have none
     REPORT_ACCEPTED = False
+    #: a lone task's ACCEPTED may wait this long (ms) at the broker to come with its result: one reply
+    #: per lone round trip instead of two (0 where acceptance itself is awaited, as the gateway's POST does)
+    DEFER_ACCEPTED_MS = 20
 
     def __init__(self, address: str = DEFAULT_FRONTEND, *, timeout: float = 2.5, retries: int = 3,
                  broker_key: str | None = None, secret: str | None = None, cancel_on_close: bool = True) -> None:
         self._engine = Engine(timeout_s=float(timeout), retries=int(retries), address=address,
                               fetch_max=self.FETCH_MAX, submit_batch=self.SUBMIT_BATCH,
-                              report_accepted=self.REPORT_ACCEPTED)
+                              report_accepted=self.REPORT_ACCEPTED, defer_accepted_ms=self.DEFER_ACCEPTED_MS)
         self.address = address
         self.timeout = float(timeout)
         self.retries = int(retries)

@@ -25,7 +25,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from broker.logs import get_logger
-from broker.protocol import CLIENT_TAG, FETCH_IN_SUBMIT, Command, ErrorType, Message, ProtocolError, decode, records
+from broker.protocol import (ACCEPTED_IN_RESULTS, CLIENT_TAG, DEFER_ACCEPTED, FETCH_IN_SUBMIT, Command, ErrorType, Message,
+                             ProtocolError, decode, records)
 from client.errors import BrokerUnavailable, GridqError, KeyConflict, TaskError, TaskLost
 from client.outcomes import CANCELLED, FAILED, result_outcome
 from client.submission import SubmitRecord, task_record
@@ -110,7 +111,8 @@ class Engine:
     """One client session's protocol state; see the module docstring."""
 
     def __init__(self, *, timeout_s: float, retries: int, address: str = "", session: str | None = None,
-                 fetch_max: int | None = None, submit_batch: int = SUBMIT_BATCH, report_accepted: bool = True) -> None:
+                 fetch_max: int | None = None, submit_batch: int = SUBMIT_BATCH, report_accepted: bool = True,
+                 defer_accepted_ms: int = 0) -> None:
         if not timeout_s > 0 or retries < 0:
             raise ValueError("timeout must be > 0 and retries >= 0")
         #: most results one FETCH reply may carry (None: the broker's limit); smaller replies are shorter to handle
@@ -119,6 +121,9 @@ class Engine:
         self.submit_batch = submit_batch
         #: ``take().accepted`` lists every accepted task (a shell that has no use for it saves the work)
         self.report_accepted = report_accepted
+        #: a lone task's SUBMIT lets the broker hold its ACCEPTED this long (ms) and send it with the
+        #: task's RESULTS, one reply instead of two (0: never; a caller waiting on acceptance says 0)
+        self.defer_accepted_ms = defer_accepted_ms
         self.session = session or os.urandom(8).hex()
         self._ids = itertools.count()
         self._id_prefix = os.urandom(6).hex() + "-"
@@ -258,7 +263,10 @@ class Engine:
         last = messages[-1] if messages else None
         if last is not None and last.command is Command.SUBMIT and FETCH_IN_SUBMIT not in last.header:
             # a copy: the SUBMIT's own request resends its header without this FETCH
-            messages[-1] = Message(Command.SUBMIT, {**last.header, FETCH_IN_SUBMIT: fetch.header}, last.frames)
+            header = {**last.header, FETCH_IN_SUBMIT: fetch.header}
+            if self.defer_accepted_ms and len(header["tasks"]) == 1 and self._submits_out() == 1:
+                header[DEFER_ACCEPTED] = self.defer_accepted_ms  # a lone task: its ACCEPTED may come with its result
+            messages[-1] = Message(Command.SUBMIT, header, last.frames)
         else:
             messages.append(self._message(fetch))
 
@@ -341,6 +349,13 @@ class Engine:
         if msg.command is Command.ACCEPTED:
             self._on_accepted(req, msg.header)
         elif msg.command is Command.RESULTS:
+            held = msg.header.get(ACCEPTED_IN_RESULTS)
+            if held is not None:  # the ACCEPTED of a lone SUBMIT, held back by the broker for this reply
+                submit = self.requests.pop(held.get("rid"), None) if isinstance(held, dict) else None
+                if submit is not None and submit.command is Command.SUBMIT:
+                    self._on_accepted(submit, held)
+                    if submit.waiter is not None:
+                        self._out.replies.append((submit.waiter, held))
             self._on_results(msg)
         elif msg.command is Command.CANCELLED:
             for task_id in msg.header.get("cancelled") or ():

@@ -171,6 +171,7 @@ class GatewayClient(AsyncClient):
     ``submit_batch`` submits a POST's tasks at once: each packed once, all or none queued."""
 
     SUBMIT_BATCH = 2000
+    DEFER_ACCEPTED_MS = 0  #: a POST answers once its tasks are accepted: never later
 
     def submit_batch(self, tasks: list[TaskSpec]) -> tuple[list[BatchFuture], asyncio.Future]:
         """Queue ``tasks`` (all sent with the next flush); returns their futures and one future that
