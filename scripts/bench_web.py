@@ -220,16 +220,27 @@ def page_figures(base: str, frontend: str, seconds: float) -> dict:
         live_s = time.perf_counter() - started
         paint = page.evaluate("(performance.getEntriesByName('first-contentful-paint')[0] || {}).startTime || null")
         heap = lambda: page.evaluate("performance.memory.usedJSHeapSize") / (1 << 20)  # noqa: E731
-        heap_start = heap()
+        cdp = page.context.new_cdp_session(page)
+
+        def retained() -> float:
+            """The heap after a full collection: what the page keeps, without the collector's sawtooth."""
+            cdp.send("HeapProfiler.collectGarbage")
+            return round(heap(), 1)
+
+        heap_start, retained_start = heap(), retained()
         samples = []
         with Client(frontend) as c:
             end = time.monotonic() + seconds
             while time.monotonic() < end:
                 c.map("noop", range(5000))  # a busy cluster: the page takes every event
                 samples.append(round(heap(), 1))
+            retained_end = retained()
+            still_live = page.locator("[data-testid=connection]").inner_text() == "live"
         browser.close()
     return {"first_contentful_paint_ms": paint, "live_s": live_s, "js_heap_mib_start": round(heap_start, 1),
-            "js_heap_mib_samples": samples[:: max(1, len(samples) // 10)], "js_heap_mib_end": samples[-1] if samples else None}
+            "js_heap_mib_samples": samples[:: max(1, len(samples) // 10)], "js_heap_mib_end": samples[-1] if samples else None,
+            "js_heap_mib_min_max": [min(samples), max(samples)] if samples else None,
+            "js_heap_mib_after_gc": [retained_start, retained_end], "live_at_end": still_live}
 
 
 def main() -> int:
@@ -342,7 +353,10 @@ def report(r: dict, stream_s: float) -> None:
         _report_streams(r, stream_s)
     if "page" in r:
         print(f"page: first paint {r['page']['first_contentful_paint_ms']:.0f} ms, live in {r['page']['live_s']:.2f} s, "
-              f"JS heap {r['page']['js_heap_mib_start']} -> {r['page']['js_heap_mib_end']} MiB")
+              f"JS heap {r['page']['js_heap_mib_start']} -> {r['page']['js_heap_mib_end']} MiB "
+              f"(samples {r['page']['js_heap_mib_min_max']}; after a full collection "
+              f"{r['page']['js_heap_mib_after_gc'][0]} -> {r['page']['js_heap_mib_after_gc'][1]} MiB); "
+              f"live at the end: {r['page']['live_at_end']}")
 
 
 def _report_post(r: dict) -> None:
