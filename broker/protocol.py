@@ -361,11 +361,12 @@ def _parse_records(message: Message) -> list:
 def _padded(command: Command, kind, item) -> tuple:
     """A record that left off trailing fields, with their defaults; ProtocolError where ``item``
     is no record of ``kind`` at all."""
-    width, defaults = len(kind._fields), tuple(kind._field_defaults.values())
-    if not isinstance(item, (list, tuple)) or not width - len(defaults) <= len(item) <= width:
-        raise ProtocolError(f"each {command.name} record is a list of {width} fields {kind._fields}"
-                            + (f" (the last {len(defaults)} may be left off)" if defaults else ""))
-    return (*item, *defaults[len(item) - width:]) if len(item) < width else item
+    pad = _PADS[kind].get(len(item)) if isinstance(item, (list, tuple)) else None
+    if pad is None:
+        optional = len(kind._field_defaults)
+        raise ProtocolError(f"each {command.name} record is a list of {len(kind._fields)} fields {kind._fields}"
+                            + (f" (the last {optional} may be left off)" if optional else ""))
+    return (*item, *pad) if pad else item
 
 
 def split_frames(frames: list, counts: Sequence[int]) -> list[list]:
