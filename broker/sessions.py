@@ -181,9 +181,8 @@ class Sessions:
             self.recent.add_all(sid, plain, now)
 
     def _acked(self, task, sid: str) -> None:
-        """A session confirmed it holds the result. Once nobody waits for it any more, the task
-        leaves memory: a plain one leaves a compact record of its id (a late resend of its SUBMIT
-        can only come within the client's retries); a keyed one stays findable by its key, in the
+        """A session confirmed it holds a keyed task's result (plain ones are settled in
+        ``_take_acks``). Once no session waits for it any more, it stays findable by its key: in the
         journal (read back on demand) or, without one, in memory for its TTL (bounded)."""
         task_id = task.task_id
         if any(task_id in sess.outbox for s in (task.session, *task.watchers)
