@@ -345,7 +345,7 @@ class Core:
         if self.moves.dirty:
             self.moves.dispatch(now)
         self.results.flush()
-        if self.results.next_held_due() is not None:
+        if self.results.has_held:
             self.results.release_held(now, self._running)
         out = self._out.take(send_events)
         if send_events:

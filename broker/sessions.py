@@ -46,6 +46,7 @@ class Sessions:
         self._fetch_seq = 0
         self._held_due: list = []  #: (due, seq, sid) of held ACCEPTEDs (answered early ones linger, harmless)
         self._held_new: list = []  #: (session, seq, task ids) held since the last release_held
+        self.holding = 0  #: ACCEPTEDs held now
         #: finished tasks not fetched yet -> when they are forgotten (after the result TTL);
         #: insertion order is expiry order (the delay is a constant)
         self.expiry: OrderedDict = OrderedDict()
@@ -110,6 +111,7 @@ class Sessions:
             self._send_held(sess)  # one held at a time: the older goes now
         self._fetch_seq += 1
         sess.held = (route, header, self._fetch_seq)
+        self.holding += 1
         heapq.heappush(self._held_due, (due, self._fetch_seq, sid))
         self._held_new.append((sess, self._fetch_seq, task_ids))
 
@@ -127,13 +129,22 @@ class Sessions:
             if sess is not None and sess.held is not None and sess.held[2] == seq:
                 self._send_held(sess)
 
+    @property
+    def has_held(self) -> bool:
+        """ACCEPTEDs are held, or were held since the last ``release_held``."""
+        return bool(self.holding or self._held_new)
+
     def next_held_due(self) -> float | None:
         """When ``release_held`` has something to send, at the earliest (None: nothing held)."""
-        return self._held_due[0][0] if self._held_due else None
+        if not self.holding:
+            self._held_due.clear()  # what is left is of ACCEPTEDs that went with their RESULTS
+            return None
+        return self._held_due[0][0]
 
     def _send_held(self, sess: Session) -> None:
         route, header, _ = sess.held
         sess.held = None
+        self.holding -= 1
         self.out.clients.append((route, Message(Command.ACCEPTED, header)))
 
     def _results_header(self, sess: Session | None, route: bytes, rid, records: list) -> dict:
@@ -142,6 +153,7 @@ class Sessions:
         if sess is not None and sess.held is not None and sess.held[0] == route:
             header[ACCEPTED_IN_RESULTS] = sess.held[1]
             sess.held = None
+            self.holding -= 1
         return header
 
     def _reply_empty(self, sess: Session | None, route: bytes, rid) -> None:

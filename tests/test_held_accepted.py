@@ -47,6 +47,7 @@ def test_the_broker_sends_a_lone_tasks_accepted_inside_its_results():
     [(command, header)] = replies(h)
     assert command is Command.RESULTS and header["rid"] == 2 and [r[0] for r in header["results"]] == ["t1"]
     assert header[ACCEPTED_IN_RESULTS]["rid"] == 1 and header[ACCEPTED_IN_RESULTS]["rejected"] == []
+    assert h.core.results.holding == 0 and h.core.results.next_held_due() is None  # the loop need not wake for it
     h.tick(1.0)
     assert replies(h) == []  # nothing left held
 
