@@ -147,14 +147,15 @@ class LocalCluster(BrokerPeers):
         thread.start()
         return thread
 
-    def start_worker(self, slots: int = 1, name: str | None = None, resources: dict | None = None):
+    def start_worker(self, slots: int = 1, name: str | None = None, resources: dict | None = None, **options):
+        """A worker on a thread; ``options``: more WorkerConfig fields (``pool="process"``, ...)."""
         import worker.builtins  # noqa: F401  (registers the built-in tasks, as python -m worker does)
         from worker.registry import REGISTRY
         from worker.worker import Worker, WorkerConfig
 
         config = WorkerConfig(broker=self.backend, slots=slots, resources=resources or {},
                               name=name or f"local-{len(self.workers)}", heartbeat_s=self.heartbeat_s,
-                              liveness=self.liveness)
+                              liveness=self.liveness, **options)
         worker = Worker(config, REGISTRY)
         self.workers.append(worker)
         self._threads.append(self._thread(worker.run, config.name))

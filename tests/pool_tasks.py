@@ -45,6 +45,15 @@ def exit_now(code: int = 3):
     os._exit(code)
 
 
+@task(name="pool.exit_once")
+def exit_once(path: str):
+    """Ends its process the first time (creating ``path``), returns its pid the next."""
+    if not os.path.exists(path):
+        Path(path).touch()
+        os._exit(3)
+    return os.getpid()
+
+
 @task(name="pool.hog")
 def hog(mib: int):
     """Keeps ``mib`` MiB resident in its process (a leak); returns its pid."""

@@ -12,16 +12,25 @@ A process slot takes the task and the short tasks sent ahead right behind it
 (same needs) as one batch for its child, so no-op traffic crosses the process
 boundary in few messages; each result still comes back as soon as it exists,
 which is also when the next task of the batch starts.
+
+Where the socket thread hands a small batch to an idle child itself, it also
+reads that batch's results itself (the child's channel in its zmq.Poller) and
+sends them as DONE in the same loop turn; the slot thread sleeps on. Anything
+else (the batch runs past RELEASE_AFTER_S, a kill, the child's end or its
+limit) hands the collection to the slot thread where it stands: one thread
+reads a channel at a time.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 from broker.logs import get_logger
 from broker.protocol import DispatchRecord, DoneRecord, hold
 from broker.shared import Waker
+from worker.pool import RELEASE_AFTER_S, Handed
 from worker.registry import TaskSpec
 from worker.run import failure, run_task
 
@@ -31,6 +40,8 @@ log = get_logger(__name__)
 OUTPUT_BATCH = 32
 #: results of tasks that ran at least this long are reported at once, never gathered
 BATCH_BELOW_S = 0.0002
+#: most tasks of a batch handed to an idle child whose results the socket thread reads itself
+WATCH_MAX = 4
 
 
 class Runner:
@@ -41,7 +52,7 @@ class Runner:
     """
 
     def __init__(self, registry: dict[str, TaskSpec], slots: int, resources: dict | None = None, gpu=None,
-                 pool=None) -> None:
+                 pool=None, watch: bool = False) -> None:
         self.registry = registry
         self.gpu = gpu  #: a worker.gpu.GpuPool when serving real GPUs, else None
         self.waker = Waker()  #: its fd is polled by the socket thread
@@ -49,7 +60,11 @@ class Runner:
         self._cond = threading.Condition(lock)  #: guards what follows; the socket thread waits on nothing
         self._waits = [threading.Condition(lock) for _ in range(slots)]  #: where each slot thread waits
         self._waiting: list[int] = []  #: slot threads waiting and not notified yet
-        self._handed: dict[int, tuple] = {}  #: slot -> (batch, needs) its child got from the socket thread
+        self._handed: dict[int, Handed] = {}  #: slot -> batch its child got from the socket thread
+        #: ``watch``: the caller's loop polls ``watched`` and calls ``collect_watched`` (the worker does)
+        self._watch = watch
+        self._watched: dict[int, Handed] = {}  #: slot -> batch whose results the socket thread reads
+        self.watched: dict[int, int] = {}  #: channel fd -> slot, for the socket thread's poller
         self._pending: deque = deque()  #: (record, frames) received, not started, in arrival order
         self._resources = dict(resources or {"cpu": slots})
         self._free = dict(self._resources)
@@ -101,7 +116,10 @@ class Runner:
                                              0.0, ""))
                     self._results += 1
                 elif task_id in self._where:
-                    self._where[task_id].request_kill(task_id, reason)
+                    child = self._where[task_id]
+                    child.request_kill(task_id, reason)
+                    if child.index in self._watched:
+                        self._unwatch(child.index, over=False)  # its slot thread kills it
         self.waker.wake()
 
     def take_unstarted(self) -> list[str]:
@@ -144,10 +162,30 @@ class Runner:
                 frames.extend(entry[1])
         return out, frames
 
+    def watch_deadline(self) -> float | None:
+        """When the oldest watched batch goes to its slot thread if no result came (time.monotonic)."""
+        watched = self._watched
+        return min(h.since for h in watched.values()) + RELEASE_AFTER_S if watched else None
+
+    def collect_watched(self, ready, now: float) -> None:
+        """The socket thread's part: the results of watched batches whose channel fd is in ``ready``
+        into the log (no wake-up: the caller sends them now), those over or running long done with."""
+        for fd, index in list(self.watched.items()):
+            handed = self._watched[index]
+            if fd in ready:
+                over = self.children[index].read_handed(handed, self._emit_here, self._give_back)
+                if over is not False:
+                    self._unwatch(index, over)
+                    continue
+            if now >= handed.since + RELEASE_AFTER_S:
+                self._unwatch(index, over=False)
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
             self._notify_all()
+            for index in self._watched:
+                self._waits[index].notify()  # (not waiting for work: it sees the close and ends)
         for child in self.children:
             child.close()
         self.waker.close()
@@ -185,20 +223,52 @@ class Runner:
         """Send the first batch to an idle slot's child from this thread (under the lock); True if sent."""
         if not self.children or not self._waiting or self._closing:
             return False
-        child = self.children[self._waiting[-1]]
+        index = self._waiting[-1]
+        child = self.children[index]
         needs = self._startable()
         if needs is None or not self._in_child(self._pending[0][0].name):
             return False
         batch = [self._pending.popleft()]
-        self._extend(batch, needs, child, self._idle - 1)  # (that slot's thread counts as idle still)
+        self._extend(batch, needs, child, self._idle_slots() - 1)  # (that slot counts as idle still)
         if not child.send_now(batch):
             self._pending.extendleft(reversed(batch))
             return False
         self._take(batch, needs, child)
-        self._handed[child.index] = (batch, needs)
-        self._waiting.remove(child.index)
-        self._waits[child.index].notify()
+        self._waiting.pop()
+        handed = Handed(batch, needs, time.monotonic())
+        if self._watch and len(batch) <= WATCH_MAX:
+            self._watched[index] = handed  # its slot thread sleeps on
+            self.watched[child.fileno()] = index
+        else:
+            self._handed[index] = handed
+            self._waits[index].notify()
         return True
+
+    def _unwatch(self, index: int, over: bool | None) -> None:
+        """The socket thread is done with a watched batch: ``over`` (True), its slot free again and
+        the next batch handed; else its slot thread takes over the collection where it stands."""
+        with self._cond:
+            handed = self._watched.pop(index)
+            del self.watched[next(fd for fd, i in self.watched.items() if i == index)]
+            if not over:
+                self._handed[index] = handed
+                self._waits[index].notify()
+                return
+            self._release(handed.needs)
+            self._waiting.append(index)  # (its thread never stopped waiting)
+            if self._pending and not self._hand_to_idle_child():
+                self._notify_one()
+
+    def _idle_slots(self) -> int:
+        """Slot threads waiting for work (a watched slot's thread sleeps, yet its child is busy)."""
+        return self._idle - len(self._watched)
+
+    def _release(self, needs: dict) -> None:
+        """A batch is over: what it held is free again."""
+        if self._running:
+            hold(self._free, needs, +1)
+        else:
+            self._free = dict(self._resources)  # idle: exactly what it offers
 
     def _take(self, batch: list, needs: dict, child) -> None:
         """``batch`` leaves the queue for a slot: its resources held, its tasks running."""
@@ -218,8 +288,7 @@ class Runner:
                 log.exception("process_slot_start_failed", slot=child.index)
         while True:
             with self._cond:
-                handed = self._handed.pop(index, None)
-                needs = None if handed else self._startable()
+                handed, needs = self._next_work(index)
                 while handed is None and needs is None and not self._closing:
                     self._idle += 1
                     self._waiting.append(index)
@@ -227,10 +296,9 @@ class Runner:
                     self._idle -= 1
                     if index in self._waiting:
                         self._waiting.remove(index)
-                    handed = self._handed.pop(index, None)
-                    needs = None if handed else self._startable()
+                    handed, needs = self._next_work(index)
                 if handed is not None:
-                    batch, needs = handed
+                    batch, needs = handed.batch, handed.needs
                     in_child = True
                 elif self._closing:
                     return
@@ -238,14 +306,14 @@ class Runner:
                     batch = [self._pending.popleft()]
                     in_child = child is not None and self._in_child(batch[0][0].name)
                     if in_child:
-                        self._extend(batch, needs, child, self._idle)
+                        self._extend(batch, needs, child, self._idle_slots())
                     self._take(batch, needs, child if in_child else None)
                 if self._pending:
                     self._notify_one()  # the next one may fit too
             if in_child:
                 try:
                     if handed is not None:
-                        child.collect(batch, self._emit, self._give_back)
+                        child.collect(handed, self._emit, self._give_back)
                     else:
                         child.run(batch, self._emit, self._give_back)
                 except Exception as exc:  # a bug here must cost these tasks, never the slot
@@ -257,11 +325,16 @@ class Runner:
                 record, frames = batch[0]
                 self._emit([(*run_task(self.registry, record.task_id, record.name, record.args, frames, self.gpu), None)])
             with self._cond:
-                if self._running:
-                    hold(self._free, needs, +1)
-                else:
-                    self._free = dict(self._resources)  # idle: exactly what it offers
+                self._release(needs)
                 self._notify_one()
+
+    def _next_work(self, index: int) -> tuple:
+        """(a batch handed to this slot, None) or (None, the needs of the task first in line, if
+        it may start); a slot whose child the socket thread watches takes nothing."""
+        handed = self._handed.pop(index, None)
+        if handed is not None:
+            return handed, None
+        return None, None if index in self._watched else self._startable()
 
     def _extend(self, batch: list, needs: dict, child, idle: int) -> None:
         """Add the short tasks sent ahead right behind the first, leaving ``idle`` other slots their share."""
@@ -284,7 +357,11 @@ class Runner:
             self._pending.extendleft(reversed(tasks))
             self._notify_all()
 
-    def _emit(self, outcomes: list) -> None:
+    def _emit_here(self, outcomes: list) -> None:
+        """``_emit`` on the socket thread, which sends the log next: nothing to wake."""
+        self._emit(outcomes, False)
+
+    def _emit(self, outcomes: list, wake: bool = True) -> None:
         """Tasks' outcomes into the log, in order: ``(entry, frames, started)`` each, ``started`` the
         next task of its batch, starting now (or None). One lock for all of a child's message."""
         slow = False  #: a task that ran long enough to be reported at once
@@ -300,7 +377,8 @@ class Runner:
             self._results += len(outcomes)
             # tiny tasks with more waiting here: let results gather into one DONE (the socket
             # thread also sends what is there every 2 ms); otherwise report at once
-            wake = not self._woken and (not (self._pending or started) or self._results >= OUTPUT_BATCH or slow)
+            wake = wake and not self._woken and (not (self._pending or started) or self._results >= OUTPUT_BATCH
+                                                 or slow)
             self._woken = self._woken or wake
         if wake:
             self.waker.wake()

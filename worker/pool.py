@@ -48,6 +48,17 @@ class Killed(RuntimeError):
     """The broker had the task killed (it ran past its timeout, or was cancelled with terminate)."""
 
 
+@dataclass(slots=True)
+class Handed:
+    """A batch sent to a slot's child from the worker's socket thread, and how far its results came."""
+
+    batch: list  #: [(record, frames)] in the order the child runs them
+    needs: dict  #: what the batch holds of the worker's resources
+    since: float  #: sent, or its last result read (time.monotonic): its release is due RELEASE_AFTER_S later
+    k: int = 0  #: results read so far
+    bye: str | None = None  #: why the child exits after its last result (a limit): the slot thread replaces it
+
+
 @dataclass(frozen=True)
 class PoolOptions:
     modules: tuple = ()  #: --tasks modules each child imports
@@ -147,7 +158,8 @@ class ProcessSlot:
             self._replace("died before it got its tasks")
             give_back(batch)
             return
-        self.collect(batch, emit, give_back)
+        self._collect(list(batch), emit, give_back)
+        self._forget_kills(batch)
 
     def send_now(self, batch: list) -> bool:
         """Send ``batch`` to an idle child from the caller's thread (the worker's socket thread, while
@@ -166,9 +178,38 @@ class ProcessSlot:
             return False  # the child is gone: run() on the slot thread replaces it and sends again
         return True
 
-    def collect(self, batch: list, emit, give_back) -> None:
-        """Report the outcomes of ``batch``, sent to the child last."""
-        self._collect(list(batch), emit, give_back)
+    def collect(self, handed: Handed, emit, give_back) -> None:
+        """Report the outcomes of ``handed``, sent to the child last, from where another thread left it."""
+        if handed.bye:
+            give_back(handed.batch[handed.k:])
+            self._replace(handed.bye)
+        else:
+            self._collect(list(handed.batch), emit, give_back, handed.k, handed.since)
+        self._forget_kills(handed.batch)
+
+    def fileno(self) -> int:
+        return self._channel.fileno()
+
+    def read_handed(self, handed: Handed, emit, give_back) -> bool | None:
+        """Read what the child wrote of ``handed`` without waiting (the socket thread watches its
+        channel while this slot's thread sleeps): True once the batch is over, False while it runs,
+        None where the slot thread must take over (the child went, or exits after its limit)."""
+        try:
+            messages = self._channel.read_nowait()
+        except (ChannelClosed, OSError):
+            return None  # the slot thread reads the end again and does what a death needs
+        k, bye = self._take(messages, handed.batch, handed.k, emit, give_back)
+        if k > handed.k:
+            handed.k, handed.since = k, time.monotonic()
+        if bye:
+            handed.bye = bye
+            return None
+        if k < len(handed.batch):
+            return False
+        self._forget_kills(handed.batch)
+        return True
+
+    def _forget_kills(self, batch: list) -> None:
         with self._lock:
             for record, _ in batch:
                 self._kills.pop(record.task_id, None)
@@ -197,14 +238,14 @@ class ProcessSlot:
             tasks.append([record.task_id, record.name, record.args, refs])
         return tasks, inline
 
-    def _collect(self, batch: list, emit, give_back) -> None:
-        """Wait for the batch's outcomes, a kill request, or the child's death; ``batch`` shrinks to
-        what the child will run when it hands the rest back."""
+    def _collect(self, batch: list, emit, give_back, k: int = 0, progress_at: float | None = None) -> None:
+        """Wait for the batch's outcomes from the ``k``-th on, a kill request, or the child's death;
+        ``batch`` shrinks to what the child will run when it hands the rest back."""
         poller = select.poll()
         poller.register(self._channel.fileno(), select.POLLIN)
         poller.register(self._waker.fd, select.POLLIN)
-        k = 0
-        progress_at = time.monotonic()
+        if progress_at is None:
+            progress_at = time.monotonic()
         release_sent = False
         while k < len(batch):
             wait_ms = None

@@ -1,7 +1,9 @@
 """The worker's DEALER loop: announce, heartbeat, reconnect, hand tasks to slots, send results.
 
 One thread owns the socket. Tasks run on the Runner's slot threads; the loop
-wakes on the broker socket, on the Runner's pipe, and on heartbeat deadlines.
+wakes on the broker socket, on the Runner's pipe, on the channels of process
+slots whose small batches it reads the results of itself (``Runner.watched``),
+and on heartbeat deadlines.
 A broker silent for heartbeat x liveness means a fresh socket, exponential
 backoff, and a new READY that claims the tasks still running here. When to do
 which is decided by ``worker.liveness.Liveness`` (pure, tested with a fake clock).
@@ -58,9 +60,10 @@ class Worker:
         self.ctx = context or zmq.Context.instance()
         self.security = security
         self.runner = Runner(self.registry, config.slots, self.resources, gpu,
-                             pool=config.pool_options if config.pool == "process" else None)
+                             pool=config.pool_options if config.pool == "process" else None, watch=True)
         self.log = log.bind(worker=self.name)
         self.sock: zmq.Socket | None = None
+        self._polled: set = set()  #: the Runner's watched channel fds that the poller watches
         self._stopping = False
         self._stop_now = False  #: hand back what it holds at once, without waiting for the drain
         self.refused: str | None = None  #: why the broker refused this worker for good, if it did
@@ -119,7 +122,7 @@ class Worker:
                     return  # it holds nothing, and the peer is not a broker that would take a goodbye
                 if self._stopping and self._drain_step(now):
                     return
-                events = dict(self._poller.poll(live.wait_s(now, self.runner.has_output()) * 1000))
+                events = dict(self._poller.poll(self._wait_s(now) * 1000))
                 now = time.monotonic()
                 if self.sock in events:
                     live.heard(now)
@@ -128,6 +131,10 @@ class Worker:
                             self._unconfirmed.popleft()
                 if self.runner.waker.fd in events:
                     self.runner.waker.clear()
+                if self.runner.watched:
+                    self.runner.collect_watched(events, now)
+                if self.runner.watched.keys() != self._polled:
+                    self._poll_watched()
                 if self.runner.has_output():
                     self._send_done()
                     live.sent(now)
@@ -145,6 +152,21 @@ class Worker:
         finally:
             self._close()
             self.runner.close()
+
+    def _wait_s(self, now: float) -> float:
+        """How long to poll: what Liveness allows, and no longer than a watched batch's deadline."""
+        wait_s = self.liveness.wait_s(now, self.runner.has_output())
+        deadline = self.runner.watch_deadline()
+        return wait_s if deadline is None else min(wait_s, max(0.0, deadline - now))
+
+    def _poll_watched(self) -> None:
+        """Have the poller watch exactly the channels whose results this thread reads."""
+        fds = set(self.runner.watched)
+        for fd in self._polled - fds:
+            self._poller.unregister(fd)
+        for fd in fds - self._polled:
+            self._poller.register(fd, zmq.POLLIN)
+        self._polled = fds
 
     def _drain_step(self, now: float) -> bool:
         """One look at a stopping worker: hand back what has not started (once), say goodbye when
@@ -183,6 +205,8 @@ class Worker:
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self.runner.waker.fd, zmq.POLLIN)
+        self._polled = set()
+        self._poll_watched()
         self._announce()
         self.log.info("worker_announced", broker=self.config.broker, resources=self.resources, slots=self.config.slots)
 
