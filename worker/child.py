@@ -140,6 +140,8 @@ class _Child:
                 self.channel.send_all(self._take_held())
 
     def flush(self) -> None:
+        if not self._held:
+            return  # (only this thread holds results: nothing can come meanwhile)
         with self._send_lock:
             self.channel.send_all(self._take_held())
 

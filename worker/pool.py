@@ -165,13 +165,12 @@ class ProcessSlot:
         """Send ``batch`` to an idle child from the caller's thread (the worker's socket thread, while
         this slot's thread waits), so the child starts without waiting for that thread; ``collect``
         on the slot thread follows. False (nothing sent) where the slot thread must see to it: no
-        child, the child said something or died while idle, or an argument goes through the arena."""
+        child, the child died while idle, or an argument goes through the arena. (Its hello, or a
+        late "released", is read with the batch's results: ``_take`` reads every kind of message.)"""
         if self._closed or self._proc is None:
             return False
         if any(_nbytes(f) >= SHM_MIN_BYTES for _, frames in batch for f in frames):
             return False
-        if select.select([self._channel.fileno()], [], [], 0)[0]:
-            return False  # its hello, or its end: read on the slot thread
         try:
             self._send_batch(batch)
         except OSError:
@@ -210,6 +209,8 @@ class ProcessSlot:
         return True
 
     def _forget_kills(self, batch: list) -> None:
+        if not self._kills:
+            return
         with self._lock:
             for record, _ in batch:
                 self._kills.pop(record.task_id, None)
