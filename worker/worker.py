@@ -133,11 +133,11 @@ class Worker:
                     self.runner.waker.clear()
                 if self.runner.watched:
                     self.runner.collect_watched(events, now)
-                if self.runner.watched.keys() != self._polled:
-                    self._poll_watched()
                 if self.runner.has_output():
                     self._send_done()
                     live.sent(now)
+                if self.runner.watched.keys() != self._polled:
+                    self._poll_watched()
                 if live.heartbeat_due(now):
                     self._send(Message(Command.HEARTBEAT, {}))
                     live.sent(now)
