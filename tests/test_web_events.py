@@ -258,3 +258,25 @@ def test_gzip_is_taken_where_accept_encoding_allows_it():
     assert accepts_gzip("gzip, deflate, br, zstd") and accepts_gzip("br;q=1.0, gzip;q=0.5") and accepts_gzip("*")
     assert not accepts_gzip(None) and not accepts_gzip("identity") and not accepts_gzip("gzip;q=0")
     assert not accepts_gzip("deflate, br") and not accepts_gzip("gzip;q=bad")
+
+
+def test_a_run_of_events_is_the_same_sse_text_as_its_events_one_by_one_even_with_percent_signs():
+    from client.web.sse import sse_run
+
+    events = [{"seq": 7, "task_id": "a%d", "name": "50%"}, {"seq": 8, "error": "100%s done %%"},
+              {"seq": 9, "args": ["%(x)s", "\n%"]}]
+    for topic in ("task.failed", "odd%topic"):
+        assert sse_run(topic, events) == b"".join(sse(e["seq"], topic, e) for e in events)
+    assert sse_run("task.started", []) == b""
+
+
+def test_run_times_of_a_tick_are_counted_as_one_observation_each():
+    from client.web.metrics import RunHistogram, RUN_BUCKETS
+
+    runs = [[{"run_s": v} for v in (0.0, 0.0005, 0.0007, 1.0, 4000.0)], [{"run_s": 2}]]
+    fast, slow = RunHistogram("a", "b", RUN_BUCKETS), RunHistogram("a", "b", RUN_BUCKETS)
+    fast.observe_runs(runs)
+    slow.observe_all([e["run_s"] for run in runs for e in run])
+    assert fast.counts == slow.counts and sum(fast.counts) == 6 and abs(fast.sum - slow.sum) < 1e-9
+    fast.observe_runs([[{"run_s": None}, {}, {"run_s": "x"}, {"run_s": float("nan")}, {"run_s": 0.1}]])
+    assert sum(fast.counts) == 7, "what is not a run time is left out, the rest counted"

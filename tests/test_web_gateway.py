@@ -106,3 +106,44 @@ def test_a_batch_with_one_unusual_task_is_judged_whole_by_pydantic():
     assert all(isinstance(t, TaskSpec) for t in tasks) and tasks[0].args == [1]
     with pytest.raises(BodyError, match=r"body\[2\]\.priority"):
         parse_tasks([{"task": "noop"}] * 2 + [{"task": "noop", "priority": "7"}])
+
+
+def test_the_window_shows_each_task_where_its_latest_event_puts_it_and_forgets_tasks_it_does_not_hold():
+    window = TaskWindow(size=4)
+    seq = iter(range(1, 1000))
+    for i in range(3):
+        window.events("task.submitted", [{"task_id": f"t{i}", "name": "n", "ts": 10.0 + i, "seq": next(seq)}])
+    window.events("task.started", [{"task_id": f"t{i}", "name": "n", "worker": "w", "seq": next(seq)} for i in range(3)])
+    window.events("task.retried", [{"task_id": "t0", "name": "n", "reason": "lost", "seq": next(seq)}])
+    window.events("task.failed", [{"task_id": "t1", "name": "n", "worker": "w", "error": "E: no", "error_type": "E",
+                                   "seq": next(seq)}])
+    window.events("task.succeeded", [{"task_id": "t2", "name": "n", "worker": "w", "run_s": 0.5, "seq": next(seq)}])
+    assert [window.get(f"t{i}").state for i in range(3)] == ["queued", "failed", "succeeded"]
+    assert window.get("t1").full()["error"]["message"] == "E: no" and window.get("t2").full()["info"]["run_s"] == 0.5
+    window.events("task.started", [{"task_id": "t0", "name": "n", "worker": "w2", "seq": next(seq)}])
+    assert window.get("t0").state == "running" and window.get("t0").worker == "w2" and window.get("t0").submitted_at == 10.0
+    # events of tasks submitted before the window saw them: not shown, and not kept for long
+    for start in range(0, 100, 10):
+        window.events("task.succeeded", [{"task_id": f"x{i}", "name": "n", "seq": next(seq)} for i in range(start, start + 10)])
+    assert window.get("x5") is None and max(len(d) for d in window._after.values()) <= 3 + window._slack + 10
+    # a malformed event is skipped, the others in its run are taken
+    window.events("task.submitted", [{"name": "no id"}, {"task_id": ["unhashable"]}, {"task_id": "t3", "seq": next(seq)}])
+    assert window.get("t3").state == "queued" and len(window) == 4
+
+
+def test_a_request_waiting_on_a_task_seen_only_on_the_stream_wakes_when_it_finishes():
+    import asyncio
+
+    async def main():
+        window = TaskWindow(size=10)
+        window.events("task.submitted", [{"task_id": "t", "name": "n", "seq": 1}])
+        waiting = asyncio.ensure_future(window.wait("t", 30))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        window.events("task.succeeded", [{"task_id": "t", "name": "n", "worker": "w", "run_s": 0.1, "seq": 2}])
+        record = await asyncio.wait_for(waiting, 5)
+        assert record.state == "succeeded" and not window._waiters
+        assert (await window.wait("missing", 1)) is None
+        assert (await window.wait("t", 30)).state == "succeeded"  # finished: at once
+
+    asyncio.run(main())

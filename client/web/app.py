@@ -99,10 +99,9 @@ def create_app(config: Config) -> FastAPI:
              summary="One task; ?wait= holds the answer until it finishes (at most 60 s)",
              responses={**AUTH_ERRORS, **QUERY_ERRORS, 404: _err("no such task in the gateway's window")})
     async def get_task(task_id: str, wait: float = Query(0.0, ge=0, description="seconds; more than 60 is 60")):
-        record = gateway.window.get(task_id)
+        record = await gateway.window.wait(task_id, min(wait, MAX_WAIT_S))
         if record is None:
             raise ApiError(404, "NotFound", f"task {task_id!r} is not in the gateway's window of recent tasks")
-        await gateway.window.wait(record, min(wait, MAX_WAIT_S))
         return JSONResponse(record.full())
 
     @app.delete("/api/tasks/{task_id}", response_model=Cancelled, dependencies=[submit], tags=["tasks"],

@@ -16,7 +16,6 @@ import asyncio
 import time
 from collections import deque
 from itertools import islice, repeat
-from operator import methodcaller
 from typing import AsyncIterator, Awaitable, Callable
 
 import zmq
@@ -54,7 +53,6 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no", "content-
 #: with gzip (client/web/sse.py)
 GZIP_HEADERS = {**SSE_HEADERS, "content-encoding": "gzip"}
 
-_run_s = methodcaller("get", "run_s")
 
 
 class EventHub:
@@ -81,7 +79,8 @@ class EventHub:
         self._pending: list = []  #: runs for the streams' next batch
         self._pending_events = 0
         self._counts: dict = {}
-        self._run_times: list = []
+        self._succeeded: list = []  #: runs of task.succeeded events since the last flush (the run-time histogram)
+        self._succeeded_n = 0
         self._flush_handle: asyncio.Handle | None = None
         self._task: asyncio.Task | None = None
         self._watchdog: asyncio.Task | None = None
@@ -207,7 +206,8 @@ class EventHub:
             self.head = events[-1]["seq"]
             self._counts[topic] = self._counts.get(topic, 0) + len(events)
             if topic == "task.succeeded":
-                self._run_times += [run_s for run_s in map(_run_s, events) if isinstance(run_s, (int, float))]
+                self._succeeded.append(events)
+                self._succeeded_n += len(events)
             elif topic == "broker.stats" and self.metrics is not None:
                 for ev in events:
                     self.metrics.state(ev)
@@ -216,7 +216,7 @@ class EventHub:
             if self.streams:
                 self._pending.append((topic, events))
                 self._pending_events += len(events)
-        if self._pending_events >= BATCH_EVENTS or len(self._run_times) >= BATCH_EVENTS:
+        if self._pending_events >= BATCH_EVENTS or self._succeeded_n >= BATCH_EVENTS:
             self._flush()
         elif self._flush_handle is None and (self._pending or self._counts):
             loop = asyncio.get_running_loop()
@@ -227,9 +227,9 @@ class EventHub:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self.metrics is not None and (self._counts or self._run_times):
-            self.metrics.events(self._counts, self._run_times)
-        self._counts, self._run_times = {}, []
+        if self.metrics is not None and (self._counts or self._succeeded):
+            self.metrics.events(self._counts, self._succeeded)
+        self._counts, self._succeeded, self._succeeded_n = {}, [], 0
         if self._pending:
             batch, self._pending, self._pending_events = Batch.of(self._pending), [], 0
             self._broadcast(batch)

@@ -7,9 +7,11 @@ import base64
 import contextvars
 import math
 import time
-from collections import OrderedDict
+from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
+from itertools import islice, repeat
+from operator import itemgetter
 
 import numpy as np
 
@@ -29,9 +31,11 @@ _EVENT_STATE = {"task.submitted": "queued", "task.started": "running", "task.suc
 
 @dataclass(eq=False, slots=True)
 class TaskRecord:
+    """A task as the API shows it: kept for one submitted through the gateway (its result comes by
+    its future), made when read for one seen only on the event stream."""
+
     task_id: str
     name: str
-    order: int  #: position in submission order: the list cursor
     via: str  #: "http" (submitted here, result kept) or "events" (seen on the stream)
     state: str = "queued"
     submitted_at: float | None = None
@@ -40,8 +44,8 @@ class TaskRecord:
     result: object = None
     error: dict | None = None
     info: dict | None = None
-    finished_at: float | None = None  #: local monotonic time it reached a final state
-    done: asyncio.Event | None = None  #: made when someone waits on it
+    finished_at: float | None = None  #: local monotonic time it reached a final state (its future: "http")
+    done: asyncio.Event | None = None  #: made when someone waits on it ("http")
 
     def summary(self) -> dict:
         out = {"task_id": self.task_id, "name": self.name, "state": self.state, "submitted_at": self.submitted_at,
@@ -62,33 +66,81 @@ class TaskRecord:
         return out
 
 
+_task_id = itemgetter("task_id")
+
+
+def _seq_of(event: dict) -> int:
+    seq = event.get("seq")
+    return seq if type(seq) is int else 0
+
+
 class TaskWindow:
-    """The most recent ``size`` tasks by submission; memory is bounded by ``size``."""
+    """The most recent ``size`` tasks by submission; memory is bounded by ``size``.
+
+    The event stream brings a few events a task, thousands a second, and most tasks are never
+    read: a run of events costs a dict ``update`` (a loop in C), not a step per event. The window
+    keeps, per task, its ``task.submitted`` event (the window's order: a dict's) and its latest
+    other event; a task's record is made from those two when it is read. Tasks submitted through
+    the gateway also keep a TaskRecord, which their future settles (result, error, info)."""
 
     def __init__(self, size: int = DEFAULT_WINDOW, result_ttl_s: float = RESULT_TTL_S) -> None:
         self.size = size
         self.result_ttl_s = result_ttl_s
-        self._tasks: OrderedDict[str, TaskRecord] = OrderedDict()
-        self._order = 0
+        #: task id -> its task.submitted event (or a stand-in for one submitted here), oldest first
+        self._submitted: dict = {}
+        #: per topic after the submission: task id -> its latest event of that topic (the one of the
+        #: highest seq among them is where the task is; no tuple made per event)
+        self._after: dict[str, dict] = {topic: {} for topic in _EVENT_STATE if topic != "task.submitted"}
+        self._http: dict[str, TaskRecord] = {}  #: tasks submitted through the gateway
+        self._waiters: dict[str, asyncio.Event] = {}  #: tasks seen on the stream that a request waits on
+        self._forgotten = 0  #: tasks dropped off the old end: with a position, a task's place in the order
+        #: tasks held beyond ``size`` before the oldest go (read answers trim to ``size`` first)
+        self._slack = max(size // 8, 1)
 
     def __len__(self) -> int:
-        return len(self._tasks)
+        self._trim(self.size)
+        return len(self._submitted)
 
     def get(self, task_id: str) -> TaskRecord | None:
-        record = self._tasks.get(task_id)
-        if record is not None and record.via == "http" and record.finished_at is not None \
-                and time.monotonic() - record.finished_at > self.result_ttl_s:
-            record.result = None  # kept for its state; the result itself has had its hour
-        return record
+        self._trim(self.size)
+        event = self._submitted.get(task_id)
+        if event is None:
+            return None
+        return self._record(task_id, event)
 
-    def _add(self, task_id: str, name: str, via: str) -> TaskRecord:
-        self._order += 1
-        tasks = self._tasks
-        record = tasks[task_id] = TaskRecord(task_id, name, self._order, via)
-        while len(tasks) > self.size:
-            _, old = tasks.popitem(last=False)
-            if old.done is not None:
-                old.done.set()  # a waiter on a forgotten task answers with what it has
+    def _latest(self, task_id: str) -> tuple[str | None, dict | None]:
+        """The task's latest event after its submission, and its topic."""
+        topic, ev, seq = None, None, -1
+        for name, events in self._after.items():
+            found = events.get(task_id)
+            if found is not None and _seq_of(found) >= seq:  # (no seq: the later in the lifecycle)
+                topic, ev, seq = name, found, _seq_of(found)
+        return topic, ev
+
+    def _record(self, task_id: str, submitted: dict) -> TaskRecord:
+        topic, ev = self._latest(task_id)
+        record = self._http.get(task_id)
+        if record is None:  # seen on the stream only: made from its events
+            record = TaskRecord(task_id, str(submitted.get("name", "")), "events", submitted_at=submitted.get("ts"))
+            if ev is not None:
+                record.state = _EVENT_STATE[topic]
+                record.worker = ev.get("worker")
+                if topic == "task.succeeded":
+                    record.run_s = ev.get("run_s")
+                elif topic == "task.failed":
+                    record.error = {"type": str(ev.get("error_type", "Error")), "message": str(ev.get("error", "")),
+                                    "traceback": ""}
+            return record
+        record.submitted_at = submitted.get("ts") or record.submitted_at
+        if record.finished_at is not None:
+            if record.result is not None and time.monotonic() - record.finished_at > self.result_ttl_s:
+                record.result = None  # kept for its state; the result itself has had its hour
+            return record
+        if ev is not None:  # its future has not settled: its events say where it is
+            record.state = _EVENT_STATE[topic]
+            record.worker = ev.get("worker", record.worker)
+            if topic == "task.succeeded":
+                record.run_s = ev.get("run_s")
         return record
 
     # ------------------------------------------------------------ feeding
@@ -97,14 +149,17 @@ class TaskWindow:
         """Tasks submitted through the gateway (their futures, and what was submitted: ``.task`` is the
         name): each future brings its task's result."""
         now, context, settle = time.time(), contextvars.copy_context(), self._settled  # one context for all
+        known, http = self._submitted, self._http
         for future, t in zip(futures, tasks):
-            record = self._tasks.get(future.task_id) or self._add(future.task_id, t.task, "http")
-            record.via = "http"
-            record.submitted_at = record.submitted_at or now
+            task_id = future.task_id
+            if task_id not in known:  # its event has not come yet: a stand-in keeps its place in the order
+                known[task_id] = {"task_id": task_id, "name": t.task, "ts": now}
+            http[task_id] = TaskRecord(task_id, t.task, "http", submitted_at=now)
             future.add_done_callback(settle, context=context)
+        self._trim(self.size + self._slack)
 
     def _settled(self, future) -> None:
-        record = self._tasks.get(future.task_id)
+        record = self._http.get(future.task_id)
         if record is not None:  # else forgotten already (the window moved on)
             self._settle(record, future)
 
@@ -129,9 +184,9 @@ class TaskWindow:
             record.worker = record.worker or record.info.get("worker")
             record.run_s = record.run_s if record.run_s is not None else record.info.get("run_s")
 
-    def _finish(self, record: TaskRecord, state: str, now: float | None = None) -> None:
+    def _finish(self, record: TaskRecord, state: str) -> None:
         record.state = state
-        record.finished_at = time.monotonic() if now is None else now
+        record.finished_at = time.monotonic()
         if record.done is not None:
             record.done.set()
 
@@ -140,70 +195,100 @@ class TaskWindow:
         self.events(topic, [ev])
 
     def events(self, topic: str, evs: list) -> None:
-        """A run of one topic's task events off the stream, in order (called for every run: a few
-        lookups per event)."""
-        state = _EVENT_STATE.get(topic)
-        if state is None:
+        """A run of one topic's events off the stream, in order (called for every run): one dict
+        update. A task's later events replace its earlier ones; those of a task the window does not
+        hold (submitted before it saw it, or forgotten) are dropped now and then."""
+        if topic == "task.submitted":
+            events = self._submitted
+        else:
+            events = self._after.get(topic)
+            if events is None:
+                return
+        try:
+            events.update(zip(map(_task_id, evs), evs))
+        except (KeyError, TypeError):  # an event without a task id, not a map, an unhashable id: one at a time
+            for ev in evs:
+                if isinstance(ev, dict) and type(ev.get("task_id")) is str:
+                    self.events(topic, [ev])
             return
-        tasks, final, now = self._tasks, state in FINAL, None
-        submitted, succeeded = topic == "task.submitted", topic == "task.succeeded"
-        for ev in evs:
-            task_id = ev.get("task_id")
-            if type(task_id) is not str:
-                continue
-            record = tasks.get(task_id)
-            if record is None:
-                if submitted:  # else submitted before the window saw it (or already forgotten)
-                    record = self._add(task_id, str(ev.get("name", "")), "events")
-                    record.submitted_at = ev.get("ts")
-                    record.worker = ev.get("worker")
-                continue
-            if submitted:
-                record.submitted_at = ev.get("ts") or record.submitted_at
-            if record.state in FINAL:
-                continue  # the future said so first; events do not move a finished task back
-            if "worker" in ev:
-                record.worker = ev["worker"]
-            if not final:
-                record.state = state
-                continue
-            if succeeded:
-                record.run_s = ev.get("run_s")
-            if record.via == "http":
-                record.state = state  # shown at once; the future brings result and info
-                continue
-            if topic == "task.failed":
-                record.error = {"type": str(ev.get("error_type", "Error")), "message": str(ev.get("error", "")),
-                                "traceback": ""}
-            # info ({"worker", "run_s"}) is made when the task is read: most never are
-            self._finish(record, state, now := now or time.monotonic())
+        if events is self._submitted:
+            if len(events) > self.size + self._slack:
+                self._trim(self.size)
+        elif len(events) > len(self._submitted) + self._slack:  # tasks the window does not hold
+            _consume(map(events.__delitem__, events.keys() - self._submitted.keys()))
+        if self._waiters and topic in _FINAL_TOPICS:
+            for task_id in self._waiters.keys() & set(map(_task_id, evs)):
+                self._waiters.pop(task_id).set()
+
+    def _trim(self, size: int) -> None:
+        """Forget the oldest tasks beyond ``size``."""
+        submitted = self._submitted
+        excess = len(submitted) - size
+        if excess <= 0:
+            return
+        old = list(islice(submitted, excess))
+        _consume(map(submitted.__delitem__, old))
+        for events in self._after.values():
+            _consume(map(events.pop, old, repeat(None)))
+        self._forgotten += excess
+        if self._http:
+            for record in filter(None, map(self._http.pop, old, repeat(None))):
+                if record.done is not None:
+                    record.done.set()  # a waiter on a forgotten task answers with what it has
+        if self._waiters:
+            for task_id in self._waiters.keys() & set(old):
+                self._waiters.pop(task_id).set()
 
     # ------------------------------------------------------------ reading
 
-    async def wait(self, record: TaskRecord, timeout_s: float) -> None:
-        """Until ``record`` finishes or ``timeout_s`` pass."""
-        if record.finished_at is not None or timeout_s <= 0:
-            return
-        if record.done is None:
-            record.done = asyncio.Event()
-        try:
-            await asyncio.wait_for(record.done.wait(), timeout_s)
+    async def wait(self, task_id: str, timeout_s: float) -> TaskRecord | None:
+        """The task's record once it finishes or ``timeout_s`` pass (None: not in the window)."""
+        record = self.get(task_id)
+        if record is None or record.state in FINAL and (record.via == "events" or record.finished_at is not None) \
+                or timeout_s <= 0:
+            return record
+        if record.via == "http":
+            if record.done is None:
+                record.done = asyncio.Event()
+            done = record.done
+        else:
+            done = self._waiters.get(task_id) or self._waiters.setdefault(task_id, asyncio.Event())
+        try:  # (a waiter's event goes when its task finishes or is forgotten: bounded by the window)
+            await asyncio.wait_for(done.wait(), timeout_s)
         except asyncio.TimeoutError:
             pass
+        return self.get(task_id) or record
 
     def list(self, *, state: str | None = None, name: str | None = None, limit: int = 100,
              cursor: int | None = None) -> tuple[list[dict], int | None]:
-        """Newest first; ``cursor`` is the ``order`` below which to continue."""
+        """Newest first; ``cursor`` is the place in submission order below which to continue."""
+        self._trim(self.size)
         out, last = [], None
-        for record in reversed(self._tasks.values()):
-            if cursor is not None and record.order >= cursor:
+        submitted = self._submitted
+        order = self._forgotten + len(submitted) + 1  #: the first task ever seen is 1
+        for task_id in reversed(submitted):
+            order -= 1
+            if cursor is not None and order >= cursor:
                 continue
+            event = submitted[task_id]
+            if name is not None and str(event.get("name", "")) != name and task_id not in self._http:
+                continue
+            record = self._record(task_id, event)
             if (state is None or record.state == state) and (name is None or record.name == name):
                 if len(out) == limit:
                     return out, last
                 out.append(record.summary())
-                last = record.order
+                last = order
         return out, None
+
+
+#: topics after which a task's state does not change
+_FINAL_TOPICS = frozenset(topic for topic, state in _EVENT_STATE.items() if state in FINAL)
+
+
+def _consume(iterator) -> None:
+    """Run ``iterator`` to its end in C."""
+    deque(iterator, maxlen=0)
 
 
 _PLAIN = (str, int, bool)
