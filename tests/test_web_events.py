@@ -280,3 +280,37 @@ def test_run_times_of_a_tick_are_counted_as_one_observation_each():
     assert fast.counts == slow.counts and sum(fast.counts) == 6 and abs(fast.sum - slow.sum) < 1e-9
     fast.observe_runs([[{"run_s": None}, {}, {"run_s": "x"}, {"run_s": float("nan")}, {"run_s": 0.1}]])
     assert sum(fast.counts) == 7, "what is not a run time is left out, the rest counted"
+
+
+def test_the_window_takes_the_streams_tasks_from_the_ring_only_when_read():
+    async def main():
+        feed = Feed()
+        window = TaskWindow(size=100)
+        hub = await hub_with(feed, on_events=window.notice, on_clear=window.ring_cleared, ring_events=12)
+        window.follow(hub.ring)
+        seq = 0
+
+        async def task(n: int, *topics: str) -> None:
+            nonlocal seq
+            for topic in topics:
+                seq += 1
+                await feed.queue.put(ev(seq, topic, task_id=f"x{n}", worker="w", attempt=1, run_s=0.01))
+            await settle()
+
+        await task(0, "task.submitted", "task.started")
+        await task(1, "task.submitted", "task.started", "task.succeeded")
+        assert not window._submitted, "nothing done per event"
+        assert window.get("x0").state == "running" and window.get("x1").state == "succeeded" and len(window) == 2
+        waiting = asyncio.ensure_future(window.wait("x0", 30))
+        await task(0, "task.succeeded")
+        assert (await asyncio.wait_for(waiting, 5)).state == "succeeded"
+        # more than the ring holds goes by unread: the window starts again from the ring, no state left stale
+        await task(2, "task.submitted", "task.started")
+        for n in range(3, 8):
+            await task(n, "task.submitted", "task.started", "task.succeeded")
+        assert window.get("x0") is None and window.get("x2") is None  # their submissions left the ring
+        assert [t["task_id"] for t in window.list()[0]] == ["x7", "x6", "x5", "x4"]
+        assert all(t["state"] == "succeeded" for t in window.list()[0])
+        await hub.close()
+
+    run(main())

@@ -59,14 +59,16 @@ class EventHub:
     """The gateway's one subscription: feeds the ring, the streams, the task window and the metrics."""
 
     def __init__(self, source: Callable[[], AsyncIterator[list]], status: Callable[[], Awaitable[dict]], *,
-                 on_events: Callable[[str, list], None] | None = None, metrics=None, ring_events: int = RING_EVENTS,
+                 on_events: Callable[[str, list], None] | None = None, on_clear: Callable[[], None] | None = None,
+                 metrics=None, ring_events: int = RING_EVENTS,
                  stream_buffer_bytes: int = STREAM_BUFFER_BYTES, tick_s: float = TICK_S) -> None:
         #: batches of runs ``(topic, [fields])``, snapshots as ``("snapshot", [{"seq", "snapshot", "missed"}])``
         #: (``client.follow.follow_batches``)
         self._source = source
         self.tick_s = tick_s
         self._status = status
-        self._on_events = on_events  #: each run of task events (the task window)
+        self._on_events = on_events  #: each run of events (the task window's waiters)
+        self._on_clear = on_clear  #: before the ring is emptied (the task window takes it in first)
         self.metrics = metrics
         self.ring: deque = deque(maxlen=ring_events)  #: (topic, event), consecutive seqs
         self.head: int | None = None  #: seq of the newest event (or snapshot) handed to the streams
@@ -183,6 +185,8 @@ class EventHub:
             missed = item.get("missed") or {}  # outcomes the snapshot holds that no event brought: counted too
             self.metrics.events({f"task.{k}": n for k, n in missed.items() if n}, [])
         if self.head is not None and seq != self.head:  # events were missed, or another broker took over
+            if self._on_clear is not None:
+                self._on_clear()
             self.ring.clear()
             self.head = seq
             self._broadcast(Batch(sse(seq, "snapshot", snap), seq, seq, kind="snapshot"))

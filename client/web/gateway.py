@@ -68,7 +68,8 @@ class Gateway:
         self.client = GatewayClient(c.broker, timeout=max(c.broker_wait_s / 2, 0.5), retries=1, broker_key=c.broker_key,
                                   secret=c.curve_secret, cancel_on_close=False)
         self.hub = EventHub(lambda: follow_batches(self.client, c.events), self.client.status,
-                            on_events=self.window.events, metrics=self.metrics)
+                            on_events=self.window.notice, on_clear=self.window.ring_cleared, metrics=self.metrics)
+        self.window.follow(self.hub.ring)  # the window takes the stream's tasks from the ring when read
         self.hub.start()
         log.info("gateway_started", broker=c.broker, events=c.events)
 

@@ -10,8 +10,8 @@ import time
 from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from itertools import islice, repeat
-from operator import itemgetter
+from itertools import groupby, islice, repeat
+from operator import itemgetter, methodcaller
 
 import numpy as np
 
@@ -67,6 +67,8 @@ class TaskRecord:
 
 
 _task_id = itemgetter("task_id")
+_maybe_task_id = methodcaller("get", "task_id")
+_topic_of, _event_of = itemgetter(0), itemgetter(1)
 
 
 def _seq_of(event: dict) -> int:
@@ -96,13 +98,15 @@ class TaskWindow:
         self._forgotten = 0  #: tasks dropped off the old end: with a position, a task's place in the order
         #: tasks held beyond ``size`` before the oldest go (read answers trim to ``size`` first)
         self._slack = max(size // 8, 1)
+        self._ring = None  #: the event hub's ring of (topic, event), consecutive seqs, when followed
+        self._seen: int | None = None  #: seq of the last ring event taken in (None: take the whole ring)
 
     def __len__(self) -> int:
-        self._trim(self.size)
+        self._current()
         return len(self._submitted)
 
     def get(self, task_id: str) -> TaskRecord | None:
-        self._trim(self.size)
+        self._current()
         event = self._submitted.get(task_id)
         if event is None:
             return None
@@ -148,6 +152,7 @@ class TaskWindow:
     def submitted(self, futures: list, tasks: list) -> None:
         """Tasks submitted through the gateway (their futures, and what was submitted: ``.task`` is the
         name): each future brings its task's result."""
+        self._catch_up()  # the stream's tasks submitted before these take their places first
         now, context, settle = time.time(), contextvars.copy_context(), self._settled  # one context for all
         known, http = self._submitted, self._http
         for future, t in zip(futures, tasks):
@@ -190,6 +195,63 @@ class TaskWindow:
         if record.done is not None:
             record.done.set()
 
+    # ------------------------------------------------------------ the event stream, lazily
+
+    def follow(self, ring: deque) -> None:
+        """Take the stream's task events from ``ring`` (the event hub's), when the window is read
+        (or a task submitted), not as they come: a flood that nobody looks at costs the window
+        nothing. Where the ring has moved past what the window took, the window starts again from
+        the ring (tasks submitted through the gateway stay): no task shows a state that an event it
+        missed has changed since."""
+        self._ring, self._seen = ring, None
+
+    def notice(self, topic: str, evs: list) -> None:
+        """A run of events as it comes (the event hub calls it for every run): wakes the requests
+        waiting on a task it finishes, and nothing else."""
+        if self._waiters and topic in _FINAL_TOPICS:
+            try:
+                ids = set(map(_maybe_task_id, evs))
+            except TypeError:  # an unhashable id
+                ids = {ev.get("task_id") for ev in evs if type(ev.get("task_id")) is str}
+            for task_id in self._waiters.keys() & ids:
+                self._waiters.pop(task_id).set()
+
+    def ring_cleared(self) -> None:
+        """The hub is about to empty its ring (a snapshot after a gap or a restart): take it in first."""
+        self._catch_up()
+        self._seen = None  # what comes next starts the ring again
+
+    def _current(self) -> None:
+        self._catch_up()
+        self._trim(self.size)
+
+    def _catch_up(self) -> None:
+        ring = self._ring
+        if not ring:
+            return
+        first, last = _seq_of(ring[0][1]), _seq_of(ring[-1][1])
+        if self._seen is not None and self._seen >= last:
+            return
+        if self._seen is None:
+            start = 0
+        elif self._seen < first - 1:  # events the window never took are gone: start again from the ring
+            self._restart()
+            start = 0
+        else:
+            start = self._seen + 1 - first
+        for topic, group in groupby(islice(ring, start, None), _topic_of):
+            self.events(topic, list(map(_event_of, group)))
+        self._seen = last
+
+    def _restart(self) -> None:
+        """Forget what the stream said (not the tasks submitted here): the ring says it again."""
+        http = self._http
+        self._forgotten += len(self._submitted)
+        self._submitted = {task_id: ev for task_id, ev in self._submitted.items() if task_id in http}
+        self._forgotten -= len(self._submitted)
+        for events in self._after.values():
+            events.clear()
+
     def event(self, topic: str, ev: dict) -> None:
         """One task event off the stream."""
         self.events(topic, [ev])
@@ -216,9 +278,7 @@ class TaskWindow:
                 self._trim(self.size)
         elif len(events) > len(self._submitted) + self._slack:  # tasks the window does not hold
             _consume(map(events.__delitem__, events.keys() - self._submitted.keys()))
-        if self._waiters and topic in _FINAL_TOPICS:
-            for task_id in self._waiters.keys() & set(map(_task_id, evs)):
-                self._waiters.pop(task_id).set()
+        self.notice(topic, evs)
 
     def _trim(self, size: int) -> None:
         """Forget the oldest tasks beyond ``size``."""
@@ -262,7 +322,7 @@ class TaskWindow:
     def list(self, *, state: str | None = None, name: str | None = None, limit: int = 100,
              cursor: int | None = None) -> tuple[list[dict], int | None]:
         """Newest first; ``cursor`` is the place in submission order below which to continue."""
-        self._trim(self.size)
+        self._current()
         out, last = [], None
         submitted = self._submitted
         order = self._forgotten + len(submitted) + 1  #: the first task ever seen is 1
