@@ -80,10 +80,12 @@ class TaskWindow:
     """The most recent ``size`` tasks by submission; memory is bounded by ``size``.
 
     The event stream brings a few events a task, thousands a second, and most tasks are never
-    read: a run of events costs a dict ``update`` (a loop in C), not a step per event. The window
-    keeps, per task, its ``task.submitted`` event (the window's order: a dict's) and its latest
-    other event; a task's record is made from those two when it is read. Tasks submitted through
-    the gateway also keep a TaskRecord, which their future settles (result, error, info)."""
+    read: a run of events costs a dict ``update`` (a loop in C), not a step per event, and where
+    the window ``follow``s the event hub's ring it takes the runs from there only when it is read.
+    The window keeps, per task, its ``task.submitted`` event (the window's order: a dict's) and
+    its latest event of each later topic; a task's record is made from those when it is read.
+    Tasks submitted through the gateway also keep a TaskRecord, which their future settles
+    (result, error, info)."""
 
     def __init__(self, size: int = DEFAULT_WINDOW, result_ttl_s: float = RESULT_TTL_S) -> None:
         self.size = size
