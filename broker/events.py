@@ -199,7 +199,7 @@ def _sorted_into(ordered: list, stretch: list) -> bool:
     the 16 starts behind them: 2 messages, not 32). One pass; False, ``ordered`` untouched, where
     ``stretch`` holds a topic ``RUN_RANK`` does not know."""
     buckets: tuple = ([], [], [], [])
-    last, moved, plain = 0, False, None  # plain: the last start's resources found not scarce
+    last, moved, plain, scarce = 0, False, None, False  # plain: the last start's resources found not scarce
     for event in stretch:
         rank = _RANK_OF(event[0])
         if rank is None:
@@ -208,14 +208,17 @@ def _sorted_into(ordered: list, stretch: list) -> bool:
             moved = True
         else:
             last = rank
-        if rank == 1:
+        if rank == 1 and not scarce:
             resources = event[1]["resources"]
             if resources is not plain:  # the same dict for every task of one name
                 if _scarce(resources):
-                    _sorted_per_worker(ordered, stretch)
-                    return True
-                plain = resources
+                    scarce = True  # the per-worker order, once every topic is known to be one of RUN_RANK's
+                else:
+                    plain = resources
         buckets[rank].append(event)
+    if scarce:
+        _sorted_per_worker(ordered, stretch)
+        return True
     if not moved:
         ordered.extend(stretch)
         return True
