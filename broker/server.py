@@ -120,10 +120,8 @@ class Broker:
         try:
             while self._running:
                 now = time.monotonic()
-                wake = next_tick
                 held = core.results.next_held_due()
-                if held is not None and held < wake:
-                    wake = held
+                wake = next_tick if held is None else min(next_tick, held)
                 ready = dict(poller.poll(math.ceil((wake - now) * 1000) if wake > now else 0))
                 now = time.monotonic()
                 core.wall = time.time()

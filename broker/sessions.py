@@ -147,16 +147,16 @@ class Sessions:
         self.holding -= 1
         self.out.clients.append((route, Message(Command.ACCEPTED, header)))
 
-    def _results_header(self, sess: Session | None, route: bytes, rid, records: list) -> dict:
+    def _results_header(self, sess: Session, route: bytes, rid, records: list) -> dict:
         """A RESULTS header, carrying the session's held ACCEPTED where it waits for this route."""
         header = {"rid": rid, "results": records, **self.incarnation}
-        if sess is not None and sess.held is not None and sess.held[0] == route:
+        if sess.held is not None and sess.held[0] == route:
             header[ACCEPTED_IN_RESULTS] = sess.held[1]
             sess.held = None
             self.holding -= 1
         return header
 
-    def _reply_empty(self, sess: Session | None, route: bytes, rid) -> None:
+    def _reply_empty(self, sess: Session, route: bytes, rid) -> None:
         self.out.clients.append((route, Message(Command.RESULTS, self._results_header(sess, route, rid, []))))
 
     def _send_results(self, sess: Session, route: bytes, rid, limit: int) -> None:

@@ -350,12 +350,11 @@ class Engine:
             self._on_accepted(req, msg.header)
         elif msg.command is Command.RESULTS:
             held = msg.header.get(ACCEPTED_IN_RESULTS)
-            if held is not None:  # the ACCEPTED of a lone SUBMIT, held back by the broker for this reply
-                submit = self.requests.pop(held.get("rid"), None) if isinstance(held, dict) else None
-                if submit is not None and submit.command is Command.SUBMIT:
-                    self._on_accepted(submit, held)
-                    if submit.waiter is not None:
-                        self._out.replies.append((submit.waiter, held))
+            rid = held.get("rid") if isinstance(held, dict) else None
+            submit = self.requests.get(rid) if type(rid) is int else None
+            if submit is not None and submit.command is Command.SUBMIT:  # its ACCEPTED, held back for this reply
+                del self.requests[rid]
+                self._on_reply(submit, Message(Command.ACCEPTED, held))
             self._on_results(msg)
         elif msg.command is Command.CANCELLED:
             for task_id in msg.header.get("cancelled") or ():
