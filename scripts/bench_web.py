@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import mean
 
 import httpx
 import psutil
@@ -99,6 +100,19 @@ def map_rate(frontend: str, n: int) -> float:
         started = time.perf_counter()
         c.map("noop", range(n))
         return n / (time.perf_counter() - started)
+
+
+def map_rates(frontend: str, n: int, seconds: float, pids: dict, after_each=None) -> tuple[list, dict]:
+    """``map_rate(n)`` again and again for ``seconds``: each map's rate, and the CPU microseconds each
+    process in ``pids`` spent per task meanwhile. The same maps with and without the gateway: a
+    rate is compared only with rates of maps of the same size."""
+    rates, before = [], cpu_s(pids)
+    end = time.monotonic() + seconds
+    while not rates or time.monotonic() < end:
+        rates.append(map_rate(frontend, n))
+        if after_each is not None:
+            after_each()
+    return rates, per_task(before, cpu_s(pids), len(rates) * (n + 200))
 
 
 def done_count(frontend: str) -> int:
@@ -273,9 +287,9 @@ def main() -> int:
                 wait_for(lambda: len(c.status()["workers"]) == 2, 30, "workers")
 
             # 1. broker throughput with no gateway, and what each process spends per task meanwhile
-            cpu_before = cpu_s(pids)
-            results["map_per_s_no_gateway"] = map_rate(frontend, n_map)
-            results["cpu_us_per_task_no_gateway"] = per_task(cpu_before, cpu_s(pids), n_map + 200)
+            # (measured again once the gateway is gone: the 50 streams' rate is compared with both)
+            no_gateway, results["cpu_us_per_task_no_gateway"] = map_rates(frontend, n_map // 4, stream_s / 2, pids)
+            results["map_per_s_no_gateway"] = mean(no_gateway)
             # 2. the gateway: batch POST and submit rate, same run
             web, base = start_web(procs, frontend, events)
             results["gateway_rss_mib_start"] = round(rss_mib(web), 1)
@@ -285,7 +299,13 @@ def main() -> int:
             # 3. 50 SSE streams reading while the cluster runs no-ops flat out
             if "streams" in only:
                 results.update(streams_figures(procs, pids, web, base, frontend, n_map, stream_s, args.stream_encoding))
+                procs.stop(web)
+                after, results["cpu_us_per_task_no_gateway_after"] = map_rates(frontend, n_map // 4, stream_s / 2, pids)
+                results["map_per_s_no_gateway_before_after"] = [round(mean(no_gateway)), round(mean(after))]
+                results["map_per_s_no_gateway"] = mean(no_gateway + after)
                 results["ratio_50_streams_vs_no_gateway"] = results["map_per_s_50_streams"] / results["map_per_s_no_gateway"]
+                if "page" in only:
+                    web, base = start_web(procs, frontend, events, "web2")
             # 4. the page
             if "page" in only and os.path.exists(CHROMIUM):
                 results["page"] = page_figures(base, frontend, page_s)
@@ -315,15 +335,13 @@ def streams_figures(procs: Procs, pids: dict, web, base: str, frontend: str, n_m
         # a gateway that falls behind skips work (its SUB socket drops events; it takes a snapshot):
         # its figures then flatter it, so whether it kept up is reported with them
         fell_behind = [metric(base, "gridq_web_snapshots_total"), metric(base, "gridq_web_event_streams_dropped_total")]
-        cpu_before, seq_before, all_before = gateway_cpu_s(web), status_seq(frontend), cpu_s(everyone)
-        rates, rss_samples = [], []
+        cpu_before, seq_before = gateway_cpu_s(web), status_seq(frontend)
+        rss_samples: list = []
         began = time.monotonic()
-        end = began + stream_s
-        while time.monotonic() < end:
-            rates.append(map_rate(frontend, n_map // 4))
-            rss_samples.append((round(time.monotonic() - began), round(rss_mib(web), 1)))
-        results["cpu_us_per_task_50_streams"] = per_task(all_before, cpu_s(everyone), len(rates) * (n_map // 4 + 200))
-        results["map_per_s_50_streams"] = sum(rates) / len(rates)
+        rates, results["cpu_us_per_task_50_streams"] = map_rates(
+            frontend, n_map // 4, stream_s, everyone,
+            lambda: rss_samples.append((round(time.monotonic() - began), round(rss_mib(web), 1))))
+        results["map_per_s_50_streams"] = mean(rates)
         # the gateway's CPU per event the broker published meanwhile: less noisy than a rate on a shared box
         results["gateway_cpu_us_per_event_50_streams"] = round(
             (gateway_cpu_s(web) - cpu_before) * 1e6 / max(status_seq(frontend) - seq_before, 1), 1)
@@ -369,7 +387,8 @@ def _report_post(r: dict) -> None:
 
 def _report_streams(r: dict, stream_s: float) -> None:
     print(f"broker with 50 SSE streams ({r['stream_encoding']}): {r['map_per_s_50_streams']:,.0f} tasks/s vs {r['map_per_s_no_gateway']:,.0f} "
-          f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x); the gateway's CPU meanwhile: "
+          f"with no gateway (before and after: {r['map_per_s_no_gateway_before_after']}; the same maps) "
+          f"({r['ratio_50_streams_vs_no_gateway']:.2f}x); the gateway's CPU meanwhile: "
           f"{r['gateway_cpu_us_per_event_50_streams']} us per event; the streams read {r['streams']['bytes'] / 1e6:,.0f} MB")
     print(f"CPU us per task with 50 streams: {r['cpu_us_per_task_50_streams']}; the gateway kept up: "
           f"{'yes' if r['gateway_resyncs_and_streams_dropped'] == [0, 0] else 'NO'} "
