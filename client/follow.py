@@ -7,6 +7,7 @@ feeds it: the socket, and the snapshot requests, during which the socket is stil
 from __future__ import annotations
 
 import asyncio
+from operator import itemgetter
 from typing import AsyncIterator
 
 import zmq
@@ -15,6 +16,9 @@ import zmq.asyncio
 from broker.protocol import Command
 from client.errors import GridqError
 from client.state import ClusterState, subscriber
+
+#: events in one read from which the stream counts as a flood (a trickle is read as it comes)
+FLOOD_EVENTS = 64
 
 
 async def follow(client, prefix: str, address: str) -> AsyncIterator[dict]:
@@ -27,14 +31,18 @@ async def follow(client, prefix: str, address: str) -> AsyncIterator[dict]:
                     yield {"topic": topic, **fields}
 
 
-async def follow_batches(client, address: str) -> AsyncIterator[list[tuple[str, list[dict]]]]:
+async def follow_batches(client, address: str, flood_wait_s: float = 0.0,
+                         decode=None) -> AsyncIterator[list[tuple[str, list[dict]]]]:
     """The broker's events as they come, per read a list of runs of one topic, ``(topic,
     [fields])`` (a message's events as the broker sent them, no copy, no per-event step of the
     caller's): snapshot items as ``("snapshot", [{"seq", "snapshot", "missed"}])``. The socket is
     read while a snapshot is fetched: what comes meanwhile is held and follows it. Only the
     stream is followed (no model): a snapshot is asked for at the start, after a gap or a
-    restart, and when the broker falls silent."""
-    state = ClusterState(client, address, model=False)
+    restart, and when the broker falls silent. ``flood_wait_s``: after a read of ``FLOOD_EVENTS`` or
+    more, the socket is left to gather for that long before it is polled again: in a flood, a read
+    a tick instead of a loop turn per broker message; a trickle still comes at once. ``decode``:
+    what a message's events are made from its topic and body (``StreamState.decode``)."""
+    state = ClusterState(client, address, model=False, decode=decode)
     sock = subscriber(zmq.asyncio.Context.shadow(client._ctx.underlying), address, client._security)
     sync_sock = zmq.Socket.shadow(sock.underlying)  # never waits: the asyncio socket is for poll()
     asking: asyncio.Future | None = None  #: the snapshot request in flight
@@ -56,6 +64,8 @@ async def follow_batches(client, address: str) -> AsyncIterator[list[tuple[str, 
                 batch = state.read(sync_sock)
                 if batch:
                     yield batch
+                    if flood_wait_s and sum(map(len, map(itemgetter(1), batch))) >= FLOOD_EVENTS:
+                        await asyncio.sleep(flood_wait_s)
             state.check_silence()
     finally:
         if asking is not None:
@@ -93,4 +103,4 @@ async def _readable(sock, wait_s: float, asking: asyncio.Future | None) -> bool:
     return bool(polling.result())
 
 
-__all__ = ["follow", "follow_batches"]
+__all__ = ["follow", "follow_batches", "FLOOD_EVENTS"]

@@ -102,14 +102,21 @@ class Link(str, enum.Enum):
     UNREACHABLE = "unreachable"  #: the broker did not answer the last snapshot request
 
 
+def _read_maps(topic: bytes, body) -> list[dict]:
+    return read_events(body)
+
+
 class StreamState(ClusterModel):
     """The Clone pattern's bookkeeping, without sockets: which events readers get, when a snapshot is
     due, what is held meanwhile, and the model (``ClusterModel``) kept in step. ``ClusterState``
     adds the broker: the snapshot requests, the SUB socket, a thread."""
 
     def __init__(self, *, silent_after_s: float = SILENT_AFTER_S, clock: Callable[[], float] = time.monotonic,
-                 model: bool = True) -> None:
+                 model: bool = True, decode: Callable[[bytes, bytes], list] | None = None) -> None:
         super().__init__(clock)
+        #: a message's events from its topic and body (maps; the gateway's ``read_records`` also
+        #: gives records that read like maps); ProtocolError for a bad body
+        self.decode = decode or _read_maps
         #: keep the model (snapshot(), view()); without, only the stream is followed (what readers
         #: get, breaks, the outcome counts ``missed`` needs): a fraction of the cost per event
         self.modelled = model
@@ -309,7 +316,7 @@ class StreamState(ClusterModel):
             except zmq.Again:
                 break
             try:
-                events = read_events(body)
+                events = self.decode(topic, body)
             except ProtocolError:  # a bad body, or a message not of two parts: the next starts afresh
                 skip_rest(sock)
                 continue
@@ -336,8 +343,8 @@ class ClusterState(StreamState):
 
     def __init__(self, client, events: str = DEFAULT_EVENTS, *, context: zmq.Context | None = None,
                  silent_after_s: float = SILENT_AFTER_S, clock: Callable[[], float] = time.monotonic,
-                 model: bool = True) -> None:
-        super().__init__(silent_after_s=silent_after_s, clock=clock, model=model)
+                 model: bool = True, decode: Callable[[bytes, bytes], list] | None = None) -> None:
+        super().__init__(silent_after_s=silent_after_s, clock=clock, model=model, decode=decode)
         self.client = client
         self.events_address = events
         self._ctx = context or zmq.Context.instance()

@@ -36,6 +36,9 @@ BATCH_EVENTS = 10_000
 #: seconds events wait to be sent, at most: a burst goes to each stream as one write per tick (the
 #: page redraws four times a second: a shorter tick would wake every stream more for nothing seen)
 TICK_S = 0.25
+#: how long the subscription lets the SUB socket gather between reads while a flood lasts (a trickle
+#: is read at once): a loop turn per tenth of a second instead of per broker message; within a tick
+FLOOD_WAIT_S = 0.1
 #: longest the hub leaves events waiting while an HTTP submission awaits the broker's acceptance
 HOLD_MAX_S = 1.0
 #: events handled before the hub lets other work on the loop run (a few milliseconds' work)

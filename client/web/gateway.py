@@ -12,7 +12,8 @@ from broker.protocol import DEFAULT_EVENTS, DEFAULT_FRONTEND, EncodeError
 from client.errors import BrokerUnavailable, GridqError, TaskError
 from client.state import SILENT_AFTER_S
 from client.web.auth import Tokens
-from client.web.events import EventHub
+from client.web.events import FLOOD_WAIT_S, EventHub
+from client.web.records import read_records
 from client.web.metrics import Metrics
 from client.web.models import TaskSpec
 from client.web.tasks import DEFAULT_WINDOW, TaskWindow
@@ -67,7 +68,7 @@ class Gateway:
         # the broker gives up on a request after timeout * (retries + 1): keep that near our own deadline
         self.client = GatewayClient(c.broker, timeout=max(c.broker_wait_s / 2, 0.5), retries=1, broker_key=c.broker_key,
                                   secret=c.curve_secret, cancel_on_close=False)
-        self.hub = EventHub(lambda: follow_batches(self.client, c.events), self.client.status,
+        self.hub = EventHub(lambda: follow_batches(self.client, c.events, FLOOD_WAIT_S, read_records), self.client.status,
                             on_events=self.window.notice, on_clear=self.window.ring_cleared, metrics=self.metrics)
         self.window.follow(self.hub.ring)  # the window takes the stream's tasks from the ring when read
         self.hub.start()

@@ -7,13 +7,15 @@ import time
 from bisect import bisect_left
 from collections import deque
 from itertools import chain
-from operator import itemgetter, methodcaller
+from operator import methodcaller
 
 import numpy as np
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from client.web.records import getter
 
 #: task events counted in gridq_tasks_total{event=...}
 TASK_EVENTS = ("submitted", "started", "succeeded", "failed", "retried", "cancelled")
@@ -22,7 +24,6 @@ RUN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-_run_s = itemgetter("run_s")
 _maybe_run_s = methodcaller("get", "run_s")
 
 
@@ -96,8 +97,9 @@ class RunHistogram:
         if not total:
             return
         try:
-            values = np.fromiter(map(_run_s, chain.from_iterable(runs)), dtype=float, count=total)
-        except (KeyError, TypeError, ValueError):  # one without a run time, or not a number: one at a time
+            values = np.fromiter(chain.from_iterable([map(getter(run, "run_s"), run) for run in runs if run]),
+                                 dtype=float, count=total)
+        except (KeyError, AttributeError, TypeError, ValueError):  # one without a run time, or not a number: one at a time
             values = None
         if values is None or not np.isfinite(values).all():
             self.observe_all([v for v in map(_maybe_run_s, chain.from_iterable(runs)) if _number(v)])
