@@ -8,6 +8,7 @@ import zlib
 from client.web.events import HOLD_MAX_S, EventHub
 from client.web.sse import GZIP_HEADER, Batch, Stream, accepts_gzip, sse
 from client.web.metrics import Metrics
+from client.web.ring import EventRing
 from client.web.tasks import TaskWindow
 
 
@@ -314,3 +315,19 @@ def test_the_window_takes_the_streams_tasks_from_the_ring_only_when_read():
         await hub.close()
 
     run(main())
+
+
+def test_the_ring_keeps_whole_runs_of_at_least_its_size_in_events_and_cuts_the_first_one_it_hands_back():
+    ring = EventRing(10)
+    assert not ring and ring.first is None and ring.after(0) == []
+    seq = 0
+    for n in (4, 4, 4, 4):  # four runs of four events
+        ring.add("task.started", [{"seq": s} for s in range(seq + 1, seq + n + 1)])
+        seq += n
+    assert len(ring) == 12 and (ring.first, ring.last) == (5, 16), "the oldest run left whole; ten or more stay"
+    assert [[e["seq"] for e in events] for _, events in ring.after(6)] == [[7, 8], [9, 10, 11, 12], [13, 14, 15, 16]]
+    assert ring.after(16) == [] and sum(len(e) for _, e in ring.after(0)) == 12
+    ring.add("task.succeeded", [{"seq": s} for s in range(17, 17 + 300)])  # a run longer than the size stays whole
+    assert len(ring) == 300 and ring.first == 17
+    ring.clear()
+    assert not ring and ring.last is None

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
-from itertools import islice, repeat
 from typing import AsyncIterator, Awaitable, Callable
 
 import zmq
@@ -24,7 +22,8 @@ from starlette.responses import Response
 from broker.logs import get_logger
 from client.errors import BrokerUnavailable, GridqError
 from client.state import SILENT_AFTER_S
-from client.web.sse import GZIP_HEADER, STREAM_BUFFER_BYTES, Batch, Stream, sse, sse_entries
+from client.web.ring import EventRing
+from client.web.sse import GZIP_HEADER, STREAM_BUFFER_BYTES, Batch, Stream, sse, sse_runs
 from client.web.tasks import to_json
 
 log = get_logger(__name__)
@@ -73,7 +72,7 @@ class EventHub:
         self._on_events = on_events  #: each run of events (the task window's waiters)
         self._on_clear = on_clear  #: before the ring is emptied (the task window takes it in first)
         self.metrics = metrics
-        self.ring: deque = deque(maxlen=ring_events)  #: (topic, event), consecutive seqs
+        self.ring = EventRing(ring_events)  #: runs of recent events, consecutive seqs
         self.head: int | None = None  #: seq of the newest event (or snapshot) handed to the streams
         self.streams: set[Stream] = set()
         self.stream_buffer_bytes = stream_buffer_bytes
@@ -209,7 +208,7 @@ class EventHub:
                 continue
             if self.link != "live":
                 self._set_link("live")  # may flush: new counts and a new batch for the streams
-            self.ring.extend(zip(repeat(topic), events))  # encoded only if a stream needs it: no browser open costs no JSON
+            self.ring.add(topic, events)  # encoded only if a stream needs it: no browser open costs no JSON
             self.head = events[-1]["seq"]
             self._counts[topic] = self._counts.get(topic, 0) + len(events)
             if topic == "task.succeeded":
@@ -259,7 +258,7 @@ class EventHub:
     def resumable(self, last_id: int) -> bool:
         if self.head is None:
             return False
-        return last_id == self.head or bool(self.ring) and self.ring[0][1]["seq"] - 1 <= last_id <= self.head
+        return last_id == self.head or bool(self.ring) and self.ring.first - 1 <= last_id <= self.head
 
     def resume(self, last_id: int, gzip: bool = False) -> tuple[Stream, bytes]:
         """A stream continuing after ``last_id`` from the ring, none missing, none repeated (and
@@ -267,7 +266,7 @@ class EventHub:
         self._flush()
         text = b""
         if last_id < self.head:
-            text = sse_entries(islice(self.ring, last_id + 1 - self.ring[0][1]["seq"], None))
+            text = sse_runs(self.ring.after(last_id))
         return self._register(self.head, gzip), text
 
     async def fresh(self, timeout_s: float, gzip: bool = False) -> tuple[Stream, bytes]:
@@ -291,8 +290,8 @@ class EventHub:
         text = sse(seq, "snapshot", to_json(snap))
         # events up to seq are in the snapshot; the ones after it that already went by are in the ring
         backlog = b""
-        if self.head is not None and seq < self.head and self.ring:
-            backlog = sse_entries(islice(self.ring, max(seq + 1 - self.ring[0][1]["seq"], 0), None))
+        if self.head is not None and seq < self.head:
+            backlog = sse_runs(self.ring.after(seq))
         return self._register(max(seq, self.head or seq), gzip), text + backlog
 
     def _register(self, after: int | None, gzip: bool = False) -> Stream:

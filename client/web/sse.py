@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from itertools import groupby
 from operator import itemgetter
 
 import msgspec
@@ -67,14 +66,14 @@ def sse_run(topic: str, events: list) -> bytes:
         lines = lines.replace(b"%", b"%%")
     try:
         seqs = tuple(map(getter(events, "seq"), events))
-    except AttributeError:  # records and maps in one run (a stretch of the ring): both read as maps
+    except AttributeError:  # records and maps in one run (not made here: a caller's): both read as maps
         seqs = tuple(map(_seq, events))
     return (head + lines[:-1].replace(b"\n", b"\n\n" + head) + b"\n\n") % seqs
 
 
-def sse_entries(entries) -> bytes:
-    """Ring entries ``(topic, event)`` as SSE bytes, a run of one topic at a time."""
-    return b"".join([sse_run(topic, [ev for _, ev in run]) for topic, run in groupby(entries, key=itemgetter(0))])
+def sse_runs(runs) -> bytes:
+    """Runs ``(topic, [event])`` as SSE bytes, a run per encoder call."""
+    return b"".join([sse_run(topic, events) for topic, events in runs])
 
 
 def deflated(data: bytes) -> bytes:
@@ -120,8 +119,7 @@ class Batch:
     @classmethod
     def of(cls, runs: list) -> "Batch":
         """Runs ``(topic, [event])`` of consecutive seqs, encoded (a run per encoder call) and joined."""
-        return cls(b"".join([sse_run(topic, events) for topic, events in runs]), runs[0][1][0]["seq"],
-                   runs[-1][1][-1]["seq"], runs)
+        return cls(sse_runs(runs), runs[0][1][0]["seq"], runs[-1][1][-1]["seq"], runs)
 
     def gzipped(self) -> bytes:
         """``data`` as a deflate segment, made for the first gzip stream that takes it."""
@@ -193,5 +191,5 @@ class Stream:
                 pass
 
 
-__all__ = ["Batch", "Stream", "sse", "sse_run", "sse_entries", "deflated", "accepts_gzip", "GZIP_HEADER",
+__all__ = ["Batch", "Stream", "sse", "sse_run", "sse_runs", "deflated", "accepts_gzip", "GZIP_HEADER",
            "STREAM_BUFFER_BYTES"]

@@ -10,7 +10,7 @@ import time
 from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from itertools import groupby, islice, repeat
+from itertools import islice, repeat
 from operator import itemgetter, methodcaller
 
 import numpy as np
@@ -68,7 +68,6 @@ class TaskRecord:
 
 _task_id = itemgetter("task_id")
 _maybe_task_id = methodcaller("get", "task_id")
-_topic_of, _event_of = itemgetter(0), itemgetter(1)
 
 
 def _seq_of(event: dict) -> int:
@@ -100,7 +99,7 @@ class TaskWindow:
         self._forgotten = 0  #: tasks dropped off the old end: with a position, a task's place in the order
         #: tasks held beyond ``size`` before the oldest go (read answers trim to ``size`` first)
         self._slack = max(size // 8, 1)
-        self._ring = None  #: the event hub's ring of (topic, event), consecutive seqs, when followed
+        self._ring = None  #: the event hub's ring (client/web/ring.py), when followed
         self._seen: int | None = None  #: seq of the last ring event taken in (None: take the whole ring)
 
     def __len__(self) -> int:
@@ -199,7 +198,7 @@ class TaskWindow:
 
     # ------------------------------------------------------------ the event stream, lazily
 
-    def follow(self, ring: deque) -> None:
+    def follow(self, ring) -> None:
         """Take the stream's task events from ``ring`` (the event hub's), when the window is read
         (or a task submitted), not as they come: a flood that nobody looks at costs the window
         nothing. Where the ring has moved past what the window took, the window starts again from
@@ -231,18 +230,16 @@ class TaskWindow:
         ring = self._ring
         if not ring:
             return
-        first, last = _seq_of(ring[0][1]), _seq_of(ring[-1][1])
+        first, last = ring.first, ring.last
         if self._seen is not None and self._seen >= last:
             return
-        if self._seen is None:
-            start = 0
-        elif self._seen < first - 1:  # events the window never took are gone: start again from the ring
-            self._restart()
-            start = 0
-        else:
-            start = self._seen + 1 - first
-        for topic, group in groupby(islice(ring, start, None), _topic_of):
-            self.events(topic, list(map(_event_of, group)))
+        seen = self._seen
+        if seen is None or seen < first - 1:  # events the window never took are gone: start again from the ring
+            if seen is not None:
+                self._restart()
+            seen = first - 1
+        for topic, events in ring.after(seen):
+            self.events(topic, events)
         self._seen = last
 
     def _restart(self) -> None:
