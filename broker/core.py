@@ -67,7 +67,7 @@ class Core:
         self.tasks = self.table.tasks
         self.keys = self.table.keys
         self.counts = self.table.counts
-        self.events = Events(self._out)
+        self.events = Events()
         self.sched = Scheduler()
         self.results = Sessions(self.table, self._out, result_ttl_s, self._incarnation)
         self.sessions = self.results.sessions
@@ -347,9 +347,9 @@ class Core:
         self.results.flush()
         if self.results.has_held:
             self.results.release_held(now, self._running)
-        out = self._out.take(send_events)
+        out = self._out.take()
         if send_events:
-            out.events = self.events.in_runs(out.events)
+            out.events = self.events.take()
         return out
 
     def _running(self, task_id: str) -> bool:
@@ -359,7 +359,7 @@ class Core:
     @property
     def events_held(self) -> int:
         """Events held for a later flush."""
-        return len(self._out.events)
+        return self.events.held
 
     def shutdown(self) -> None:
         """Tell every worker the broker is going away; send the ACCEPTEDs held back."""

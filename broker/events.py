@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import chain
+from operator import attrgetter
+from typing import ClassVar
+
+import msgspec
 
 from broker.protocol import Topic
 from broker.states import TaskState
@@ -34,8 +39,64 @@ EVENTS_SNDHWM = 5_000
 #: with one keeps each worker's events in step (``_sorted_per_worker``), so nobody counting a scarce
 #: resource from the stream ever sees it over-allocated.
 RUN_RANK = {Topic.TASK_SUBMITTED: 0, Topic.TASK_STARTED: 1, Topic.TASK_SUCCEEDED: 2, Topic.TASK_FAILED: 3}
-_SUBMITTED, _STARTED, _SUCCEEDED = Topic.TASK_SUBMITTED, Topic.TASK_STARTED, Topic.TASK_SUCCEEDED
-_RANK_OF = RUN_RANK.get
+_SEQ = attrgetter("seq")
+
+
+# The events of every task, one msgspec Struct per topic: built, numbered and packed at a fraction of
+# a dict's cost, never tracked by the cyclic garbage collector (gc=False: they hold strings, numbers
+# and the shared resources dict, never themselves). msgspec encodes each as the map SPEC fixes, its
+# fields in the order given here: the bytes are those of the dicts they replace.
+
+class _TaskEvent(msgspec.Struct, gc=False):
+    topic: ClassVar[str]  #: its topic (a class attribute: not encoded)
+    rank: ClassVar[int]  #: its topic's place in RUN_RANK
+
+
+class Submitted(_TaskEvent, gc=False):
+    topic = Topic.TASK_SUBMITTED
+    rank = RUN_RANK[topic]
+    task_id: str
+    name: str
+    resources: dict
+    priority: int
+    seq: int
+    ts: float
+
+
+class Started(_TaskEvent, gc=False):
+    topic = Topic.TASK_STARTED
+    rank = RUN_RANK[topic]
+    task_id: str
+    name: str
+    worker: str
+    attempt: int
+    resources: dict  # beyond SPEC's fields: lets a subscriber count each worker's resources
+    seq: int
+    ts: float
+
+
+class Succeeded(_TaskEvent, gc=False):
+    topic = Topic.TASK_SUCCEEDED
+    rank = RUN_RANK[topic]
+    task_id: str
+    name: str
+    worker: str
+    run_s: float
+    seq: int
+    ts: float
+
+
+class Failed(_TaskEvent, gc=False):
+    topic = Topic.TASK_FAILED
+    rank = RUN_RANK[topic]
+    task_id: str
+    name: str
+    worker: str | None
+    error: str
+    error_type: str  # these two beyond SPEC's fields: keep a subscriber's per-resource counts exact
+    resources: dict
+    seq: int
+    ts: float
 
 
 @dataclass(slots=True)
@@ -44,83 +105,132 @@ class Outgoing:
 
     clients: list = field(default_factory=list)  #: (route, Message)
     workers: list = field(default_factory=list)  #: (wid, Message)
-    events: list = field(default_factory=list)  #: (topic, dict)
+    events: list = field(default_factory=list)  #: (topic, [event, ...]): one message each, in seq order
 
-    def take(self, events: bool = True) -> Outgoing:
-        """Everything gathered so far; this one starts empty again (its parts keep a reference).
-        With ``events`` False the events stay, to go out with a later flush's."""
-        taken = Outgoing(self.clients, self.workers, self.events if events else [])
+    def take(self) -> Outgoing:
+        """Everything gathered so far; this one starts empty again (its parts keep a reference)."""
+        taken = Outgoing(self.clients, self.workers)
         self.clients, self.workers = [], []
-        if events:
-            self.events = []
         return taken
 
 
 class Events:
-    """Numbers events in order; builds them only while somebody subscribes."""
+    """Numbers events in order and puts them in runs of one topic; builds them only while somebody
+    subscribes.
 
-    def __init__(self, out: Outgoing) -> None:
-        self.out = out
+    A task event goes straight into its topic's list of the open *stretch*; an event of any other
+    topic, or a snapshot, closes the stretch (its events keep their seqs on either side of it).
+    Closing renumbers the stretch's events in topic order (``RUN_RANK``), so a flush's runs are
+    those lists as they stand: no event is visited again to sort or group it."""
+
+    def __init__(self) -> None:
         self.seq = 0  #: last event sequence number used
-        self.publish = True  #: build event maps (off while nobody subscribes)
+        self.publish = True  #: build events (off while nobody subscribes)
         self.wall = 0.0  #: unix time of the latest call, for event timestamps
-        self._cuts: list = []  #: positions in out.events no event may move across (a snapshot's seq)
+        self._runs: list = []  #: (topic, [event, ...]) closed and numbered, not yet taken
+        # the open stretch: its task events by topic (RUN_RANK order), each in the order emitted
+        self._submitted: list = []
+        self._started: list = []
+        self._succeeded: list = []
+        self._failed: list = []
+        self._scarce = False  #: a start in the open stretch takes more than CPU slots
+        self._plain: dict | None = None  #: the resources of a start in the open stretch, found not scarce
+
+    @property
+    def held(self) -> int:
+        """Events built and not yet taken."""
+        return (len(self._submitted) + len(self._started) + len(self._succeeded) + len(self._failed)
+                + sum(len(run) for _, run in self._runs))
+
+    def take(self) -> list:
+        """Every event built so far, as ``(topic, [event, ...])`` runs of at most ``MAX_RUN``
+        events, seqs consecutive across them: one message each."""
+        self._close()
+        runs, self._runs = self._runs, []
+        return runs
+
+    def cut(self) -> None:
+        """A snapshot was taken now: the events before it keep their seqs (it includes them)."""
+        self._close()
 
     def emit(self, topic: str, **fields) -> None:
+        """An event of a topic that does not move (the stretch before it closes)."""
         self.seq += 1  # counted even unpublished: a snapshot's seq must match what subscribers see
         if self.publish:
+            self._close()
             fields["seq"] = self.seq
             fields["ts"] = self.wall
-            self.out.events.append((topic, fields))
+            self._add(topic, [fields])
 
-    # The three events of every task, built as one map literal each (no keyword dict to fill in
-    # afterwards): with a subscriber they are most of what the broker does per task beside the task.
+    # The four events of a task's lifecycle: with a subscriber they are most of what the broker does
+    # per task beside the task, so each is one Struct built and appended, nothing more.
 
     def submitted(self, task_id: str, name: str, resources: dict, priority: int) -> None:
         self.seq = seq = self.seq + 1
         if self.publish:
-            self.out.events.append((_SUBMITTED, {"task_id": task_id, "name": name, "resources": resources,
-                                                 "priority": priority, "seq": seq, "ts": self.wall}))
+            self._submitted.append(Submitted(task_id, name, resources, priority, seq, self.wall))
 
     def started(self, task_id: str, name: str, worker: str, attempt: int, resources: dict) -> None:
         self.seq = seq = self.seq + 1
         if self.publish:
-            self.out.events.append((_STARTED, {"task_id": task_id, "name": name, "worker": worker, "attempt": attempt,
-                                               "resources": resources, "seq": seq, "ts": self.wall}))
+            if resources is not self._plain and not self._scarce:  # the same dict for every task of one name
+                if _scarce(resources):
+                    self._scarce = True
+                else:
+                    self._plain = resources
+            self._started.append(Started(task_id, name, worker, attempt, resources, seq, self.wall))
 
     def succeeded(self, task_id: str, name: str, worker: str, run_s: float) -> None:
         self.seq = seq = self.seq + 1
         if self.publish:
-            self.out.events.append((_SUCCEEDED, {"task_id": task_id, "name": name, "worker": worker, "run_s": run_s,
-                                                 "seq": seq, "ts": self.wall}))
-
-    def cut(self) -> None:
-        """A snapshot was taken now: the events before it keep their seqs (it includes them)."""
-        self._cuts.append(len(self.out.events))
-
-    def in_runs(self, events: list) -> list:
-        """``events`` (one flush's) reordered into longer runs of one topic where ``RUN_RANK``
-        allows, seqs renumbered in the new order (each stretch keeps its own seqs)."""
-        cuts, self._cuts = self._cuts, []
-        if len(events) < 2:
-            return events
-        ordered: list = []
-        if not cuts and _sorted_into(ordered, events):
-            return ordered  # the usual flush: task events only, no snapshot among them
-        cuts = set(cuts)
-        ordered, stretch = [], []
-        for i, event in enumerate(events):
-            if i in cuts or event[0] not in RUN_RANK:
-                _sorted_into(ordered, stretch)
-                stretch = []
-            (stretch if event[0] in RUN_RANK else ordered).append(event)
-        _sorted_into(ordered, stretch)
-        return ordered
+            self._succeeded.append(Succeeded(task_id, name, worker, run_s, seq, self.wall))
 
     def failed(self, task, worker: str | None, error: dict, resources: dict) -> None:
         # error_type and resources let a subscriber keep per-resource queues and slots exact
-        self.emit(Topic.TASK_FAILED, task_id=task.task_id, name=task.name, worker=worker, error=error_text(error),
-                  error_type=error.get("type", "Error"), resources=resources)
+        self.seq = seq = self.seq + 1
+        if self.publish:
+            self._failed.append(Failed(task.task_id, task.name, worker, error_text(error),
+                                       error.get("type", "Error"), resources, seq, self.wall))
+
+    def _close(self) -> None:
+        """Renumber the open stretch in ``RUN_RANK`` order and add its runs; a new stretch opens."""
+        buckets = [b for b in (self._submitted, self._started, self._succeeded, self._failed) if b]
+        if not buckets:
+            return
+        self._submitted, self._started, self._succeeded, self._failed = [], [], [], []
+        scarce, self._scarce, self._plain = self._scarce, False, None
+        if len(buckets) == 1:  # one topic: nothing moves, the seqs stand
+            self._add(buckets[0][0].topic, buckets[0])
+            return
+        count = sum(map(len, buckets))
+        first, last = min(b[0].seq for b in buckets), max(b[-1].seq for b in buckets)
+        if scarce or last - first != count - 1:  # (a gap: publishing was off for a while)
+            emitted = sorted(chain.from_iterable(buckets), key=_SEQ)  # the order they came in
+            seqs = [event.seq for event in emitted]
+            if scarce:
+                buckets = _sorted_per_worker(emitted)
+        else:
+            seqs = range(first, last + 1)
+        for event, seq in zip(chain.from_iterable(buckets), seqs):
+            event.seq = seq
+        for bucket in buckets:
+            self._add(bucket[0].topic, bucket)
+
+    def _add(self, topic: str, events: list) -> None:
+        """``events`` (this object's to keep) of one ``topic`` after the runs so far: joined to the
+        last run where it is of that topic and has room, then in runs of at most ``MAX_RUN``."""
+        runs = self._runs
+        if runs and runs[-1][0] == topic and len(runs[-1][1]) < MAX_RUN:
+            last = runs[-1][1]
+            room = MAX_RUN - len(last)
+            last.extend(events[:room])
+            events = events[room:]
+        if len(events) <= MAX_RUN:
+            if events:
+                runs.append((topic, events))
+            return
+        for i in range(0, len(events), MAX_RUN):
+            runs.append((topic, events[i:i + MAX_RUN]))
 
 
 class Stats:
@@ -192,101 +302,32 @@ class Stats:
         return queues
 
 
-def _sorted_into(ordered: list, stretch: list) -> bool:
-    """Append ``stretch`` to ``ordered`` in ``RUN_RANK`` order (one bucket per topic, each event
-    keeping its place within its topic), its seqs renumbered in the new order: a flush's events go
-    out as one message per topic instead of one per alternation (a worker's DONE with 16 results and
-    the 16 starts behind them: 2 messages, not 32). One pass; False, ``ordered`` untouched, where
-    ``stretch`` holds a topic ``RUN_RANK`` does not know."""
-    buckets: tuple = ([], [], [], [])
-    last, moved, plain, scarce = 0, False, None, False  # plain: the last start's resources found not scarce
-    for event in stretch:
-        rank = _RANK_OF(event[0])
-        if rank is None:
-            return False
-        if rank < last:
-            moved = True
-        else:
-            last = rank
-        if rank == 1 and not scarce:
-            resources = event[1]["resources"]
-            if resources is not plain:  # the same dict for every task of one name
-                if _scarce(resources):
-                    scarce = True  # the per-worker order, once every topic is known to be one of RUN_RANK's
-                else:
-                    plain = resources
-        buckets[rank].append(event)
-    if scarce:
-        _sorted_per_worker(ordered, stretch)
-        return True
-    if not moved:
-        ordered.extend(stretch)
-        return True
-    seqs = _seqs(stretch)
-    start = len(ordered)
-    for bucket in buckets:
-        ordered.extend(bucket)
-    _renumber(ordered, start, seqs)
-    return True
-
-
 def _scarce(resources: dict) -> bool:
     """Whether a start takes more than CPU slots."""
     return len(resources) > 1 or (len(resources) == 1 and "cpu" not in resources)
 
 
-def _sorted_per_worker(ordered: list, stretch: list) -> None:
-    """``stretch`` in ``RUN_RANK`` order where each worker's events keep their order: submissions
-    first, then by depth on their worker (its first event, its second, ...) and within one depth by
-    rank. Runs are only as long as the workers in the stretch: for stretches with scarce starts."""
-    seqs = _seqs(stretch)
-    start = len(ordered)
+def _sorted_per_worker(emitted: list) -> list:
+    """``emitted`` (a stretch, in the order it came) in ``RUN_RANK`` order where each worker's
+    events keep their order: submissions first, then by depth on their worker (its first event, its
+    second, ...) and within one depth by rank. Lists of one topic each, in the order they go out: runs
+    are only as long as the workers in the stretch (for stretches with scarce starts)."""
+    submitted: list = []
     levels: list = []  #: per depth, one list per rank 1..3
     depth: dict = {}  #: worker -> its events seen so far in this stretch
-    for event in stretch:
-        rank = RUN_RANK[event[0]]
+    for event in emitted:
+        rank = event.rank
         if rank == 0:
-            ordered.append(event)
+            submitted.append(event)
             continue
-        worker = event[1].get("worker")
+        worker = event.worker
         k = 0 if worker is None else depth.get(worker, -1) + 1
         if worker is not None:
             depth[worker] = k
         if k == len(levels):
             levels.append(([], [], []))
         levels[k][rank - 1].append(event)
-    for level in levels:
-        for bucket in level:
-            ordered.extend(bucket)
-    _renumber(ordered, start, seqs)
-
-
-def _seqs(stretch: list):
-    """The seqs ``stretch`` holds, in order: a range where they are consecutive (as usual)."""
-    first, last = stretch[0][1]["seq"], stretch[-1][1]["seq"]
-    if last - first == len(stretch) - 1:
-        return range(first, last + 1)
-    return [fields["seq"] for _, fields in stretch]
-
-
-def _renumber(ordered: list, start: int, seqs) -> None:
-    for (_, fields), seq in zip(ordered[start:], seqs):
-        fields["seq"] = seq
-
-
-def runs(events: list) -> list:
-    """``(topic, [fields, ...])`` per run of consecutive events of one topic, at most ``MAX_RUN``
-    events each: one message each."""
-    out: list = []
-    last, run = None, None
-    for topic, fields in events:
-        if topic == last and len(run) < MAX_RUN:
-            run.append(fields)
-        else:
-            run = [fields]
-            out.append((topic, run))
-            last = topic
-    return out
+    return [bucket for bucket in (submitted, *chain.from_iterable(levels)) if bucket]
 
 
 def error_text(error: dict) -> str:

@@ -53,7 +53,7 @@ class Lifecycle:
         self.sched = sched
         self.events = events
         self.stats = stats
-        self.out = events.out
+        self.out = sessions.out  # the one Outgoing every part of the core adds to
         self.workers = workers  #: wid -> Worker, the live ones
         self.no_worker_timeout_s = no_worker_timeout_s
         self.ready: dict = {}  #: wid -> Worker that may have a free slot

@@ -170,8 +170,14 @@ def decode(frames: Sequence, tag: bytes) -> Message:
     return Message(command, header, list(frames[3:]))
 
 
-def event_body(events: list, pack=msgpack.packb) -> bytes:
-    """The second frame of an event message: one event's map, or an array of several of one topic."""
+#: packs event bodies: msgspec's encoder, reused (an event map in ~0.6 us against msgpack's ~1.6; the
+#: broker's event Structs, broker/events.py, as the same map in ~0.25 us)
+_pack_event = msgspec.msgpack.Encoder().encode
+
+
+def event_body(events: list, pack=_pack_event) -> bytes:
+    """The second frame of an event message: one event's map, or an array of several of one topic
+    (maps, or the broker's event Structs, which encode as the same maps)."""
     return pack(events[0] if len(events) == 1 else events)
 
 

@@ -7,7 +7,7 @@ import threading
 import time
 
 from broker.core import Core
-from broker.protocol import Command, Message, pack_value
+from broker.protocol import Command, Message, event_body, pack_value, read_events
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
@@ -20,6 +20,12 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01, what: s
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def published(runs: list) -> list:
+    """``(topic, event map)`` for every event of a flush's runs, as a subscriber reads them: each
+    run packed as the broker sends it and read back as ``read_events`` reads it."""
+    return [(topic, fields) for topic, events in runs for fields in read_events(event_body(events))]
 
 
 class BrokerPeers:
@@ -71,7 +77,7 @@ class Harness:
         for wid, msg in out.workers:
             self.to_workers.setdefault(wid, []).append(msg)
         self.to_clients.extend(out.clients)
-        self.events.extend(out.events)
+        self.events.extend(published(out.events))
         return out
 
     def join(self, wid: bytes, slots: int = 1, tasks=None, resources=None, name=None, running=()):

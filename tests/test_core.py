@@ -8,7 +8,7 @@ import pytest
 from broker.protocol import Command, Message, pack_value, unpack_value
 from broker.states import IllegalTransition, TaskState, WorkerState, check_task_move, check_worker_move
 from broker.core import Core
-from tests.harness import ALL_TASKS, Harness
+from tests.harness import ALL_TASKS, Harness, published
 
 @pytest.fixture
 def h():
@@ -565,8 +565,6 @@ def test_journal_keeps_arguments_until_the_task_finishes_then_keeps_the_result(t
 
 
 def test_a_flush_publishes_runs_of_one_topic_with_seqs_in_order_and_each_task_in_order(h):
-    from broker.events import runs
-
     workers = [b"w1", b"w2", b"w3", b"w4"]
     h.join(workers[0])
     _run_once(h, workers[0])  # noop is known to be short: the next ones are sent ahead
@@ -584,13 +582,13 @@ def test_a_flush_publishes_runs_of_one_topic_with_seqs_in_order_and_each_task_in
         log = [[first[wid], True, blob, 0, 0.0001]] + ([ahead[wid]] if wid in ahead else [])
         h.core.on_worker(wid, Message(Command.DONE, {"log": log}), h.now)
     out = h.flush()
-    seqs = [f["seq"] for _, f in out.events]
+    seqs = [f["seq"] for _, f in published(out.events)]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
     snapshot_seq = [m for _, m in h.to_clients if m.command is Command.SNAPSHOT][-1].header["snapshot"]["seq"]
     assert seqs[0] == snapshot_seq + 1
     # four DONEs, eight events, two messages: every start, then every result
-    assert [(topic, len(events)) for topic, events in runs(out.events)] == [("task.started", len(ahead)),
-                                                                            ("task.succeeded", 4)]
+    assert [(topic, len(events)) for topic, events in out.events] == [("task.started", len(ahead)),
+                                                                      ("task.succeeded", 4)]
 
 
 def _one_slot_log(sent: list, blob: bytes) -> list:
@@ -605,8 +603,6 @@ def _one_slot_log(sent: list, blob: bytes) -> list:
 
 
 def test_one_workers_alternating_results_and_starts_go_out_as_two_messages_each_task_in_order(h):
-    from broker.events import runs
-
     h.join(b"w1")
     _run_once(h, b"w1")
     ids = [h.submit() for _ in range(6)]
@@ -616,12 +612,12 @@ def test_one_workers_alternating_results_and_starts_go_out_as_two_messages_each_
     blob, _ = pack_value(None)
     h.core.on_worker(b"w1", Message(Command.DONE, {"log": _one_slot_log(sent, blob)}), h.now)
     out = h.flush()
-    grouped = runs(out.events)
-    assert [topic for topic, _ in grouped][:2] == ["task.started", "task.succeeded"]
-    assert [f["task_id"] for f in grouped[1][1]] == sent  # results in the order the worker gave them
-    seqs = [f["seq"] for _, f in out.events]
+    assert [topic for topic, _ in out.events][:2] == ["task.started", "task.succeeded"]
+    assert [f.task_id for f in out.events[1][1]] == sent  # results in the order the worker gave them
+    events = published(out.events)
+    seqs = [f["seq"] for _, f in events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-    position = {(topic, f["task_id"]): f["seq"] for topic, f in out.events}
+    position = {(topic, f["task_id"]): f["seq"] for topic, f in events}
     for t in sent[1:]:  # each task: started before succeeded
         assert position[("task.started", t)] < position[("task.succeeded", t)]
 
@@ -638,33 +634,31 @@ def test_starts_that_take_a_gpu_stay_after_the_result_that_freed_it(h):
     assert sent == ids[: len(sent)] and len(sent) >= 2
     h.events.clear()
     h.core.on_worker(b"g1", Message(Command.DONE, {"log": _one_slot_log(sent, blob)}), h.now)
-    out = h.flush()
+    events = published(h.flush().events)
     running = peak = 1  # the GPU as a subscriber counts it, event by event: sent[0] holds it
-    for topic, _ in out.events:
+    for topic, _ in events:
         running += {"task.started": 1, "task.succeeded": -1}[topic]
         peak = max(peak, running)
-    assert peak == 1 and [f["task_id"] for t, f in out.events if t == "task.succeeded"] == sent
+    assert peak == 1 and [f["task_id"] for t, f in events if t == "task.succeeded"] == sent
 
 
 def test_a_long_run_goes_out_in_messages_of_at_most_max_run_events_seqs_continuing(h):
-    from broker.events import MAX_RUN, runs
+    from broker.events import MAX_RUN
 
     blob, _ = pack_value([[], {}])
     count = 2 * MAX_RUN + 88
     tasks = [[f"b{i}", "noop", blob, 0, None, 0, None, None, None] for i in range(count)]
     h.events.clear()
     h.core.on_client(b"c1", Message(Command.SUBMIT, {"rid": 1, "session": "s1", "tasks": tasks}), h.now)
-    grouped = runs(h.flush().events)
+    grouped = h.flush().events
     assert [(topic, len(events)) for topic, events in grouped] == [("task.submitted", MAX_RUN),
                                                                    ("task.submitted", MAX_RUN),
                                                                    ("task.submitted", 88)]
-    seqs = [f["seq"] for _, events in grouped for f in events]
+    seqs = [f["seq"] for _, f in published(grouped)]
     assert seqs == list(range(seqs[0], seqs[0] + count))
 
 
 def test_events_held_across_flushes_go_out_together_by_topic_never_across_a_snapshot(h):
-    from broker.events import runs
-
     h.join(b"w1", slots=4)
     blob, _ = pack_value(None)
     h.events.clear()
@@ -681,12 +675,13 @@ def test_events_held_across_flushes_go_out_together_by_topic_never_across_a_snap
     out = h.flush()
     assert h.core.events_held == 0
     snap = [m for _, m in out.clients if m.command is Command.SNAPSHOT][0].header["snapshot"]
-    seqs = [f["seq"] for _, f in out.events]
+    events = published(out.events)
+    seqs = [f["seq"] for _, f in events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))) and seqs[-1] > snap["seq"]
-    before = [(t, f["task_id"]) for t, f in out.events if f["seq"] <= snap["seq"]]
+    before = [(t, f["task_id"]) for t, f in events if f["seq"] <= snap["seq"]]
     assert ("task.submitted", "c") not in before and ("task.submitted", "b") in before
-    assert [t for t, _ in runs(out.events)][:3] == ["task.submitted", "task.started", "task.succeeded"]
-    position = {(t, f["task_id"]): f["seq"] for t, f in out.events}
+    assert [t for t, _ in out.events][:3] == ["task.submitted", "task.started", "task.succeeded"]
+    position = {(t, f["task_id"]): f["seq"] for t, f in events}
     assert position[("task.submitted", "a")] < position[("task.started", "a")] < position[("task.succeeded", "a")]
 
 
@@ -702,5 +697,5 @@ def test_events_never_move_across_a_snapshot_taken_within_the_flush(h):
     out = h.flush()
     snap = [m for _, m in out.clients if m.command is Command.SNAPSHOT][0].header["snapshot"]
     # task.submitted would sort before task.succeeded, but the snapshot already counts x done, not b
-    assert [(t, f["task_id"]) for t, f in out.events if f["seq"] <= snap["seq"]] == [("task.succeeded", x)]
+    assert [(t, f["task_id"]) for t, f in published(out.events) if f["seq"] <= snap["seq"]] == [("task.succeeded", x)]
     assert snap["done"] == 1 and snap["queued"] == 0

@@ -25,7 +25,7 @@ from broker.core import Core
 from broker.journal import Journal
 from broker.protocol import Command, Message, pack_value, unpack_value
 from broker.states import TERMINAL, TaskState
-from tests.harness import ALL_TASKS, Harness
+from tests.harness import ALL_TASKS, Harness, published
 
 HEARTBEAT_S = 1.0
 LIVENESS = 3
@@ -147,7 +147,7 @@ class CoreMachine(RuleBasedStateMachine):
                     w.must_announce = True
             for _route, msg in out.clients:
                 self.client_reply(msg)
-            for topic, fields in out.events:
+            for topic, fields in published(out.events):
                 self.event(topic, fields)
             # a worker told it is unknown announces again at once, as worker/worker.py does
             again = [w for w in self.workers if w.alive and not w.silent and w.must_announce]

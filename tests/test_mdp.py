@@ -18,6 +18,7 @@ from broker.core import Core
 from broker.mdp import MdpBridge
 from broker.protocol import DISPATCH_FIELDS, DONE_FIELDS, Command, Message, pack_value, unpack_value
 from tests.conftest import TEST_HEARTBEAT_S, wait_until
+from tests.harness import published
 
 # RFC 7 constants, spelled out here on purpose: the tests check the broker against the RFC, not against itself
 MDPC01 = b"MDPC01"
@@ -57,7 +58,7 @@ class Loop:
     def pump(self):
         """(frontend frames, backend frames) the server would send now; gridq output kept aside."""
         out, wire = self.bridge.route(self.core.flush(self.now), self.now)
-        self.events.extend(out.events)
+        self.events.extend(published(out.events))
         self.gridq = out
         return ([[bytes(f) for f in m] for m in wire.frontend], [[bytes(f) for f in m] for m in wire.backend])
 
