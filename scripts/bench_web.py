@@ -5,6 +5,7 @@ JS heap. Starts its own broker, workers and gateway on free loopback ports and s
     .venv/bin/python scripts/bench_web.py            # about 2 minutes
     .venv/bin/python scripts/bench_web.py --quick    # about 40 s, smaller counts
     .venv/bin/python scripts/bench_web.py --only streams --stream-encoding identity   # one figure
+    .venv/bin/python scripts/bench_web.py --only streams --rounds 1 --stream-seconds 90   # the gateway's RSS over time
 """
 
 from __future__ import annotations
@@ -263,6 +264,9 @@ def main() -> int:
     ap.add_argument("--page-seconds", type=float, default=None, help="how long the page watches a busy cluster")
     ap.add_argument("--stream-seconds", type=float, default=None,
                     help="how long the 50 streams read while the cluster runs no-ops (gateway RSS sampled throughout)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="streams phases, each followed by a phase with no gateway (the streams' time is split "
+                         "among them; 1 with a long --stream-seconds for the gateway's RSS over time)")
     ap.add_argument("--stream-encoding", choices=("gzip", "identity"), default="gzip",
                     help="what the 50 readers ask for (gzip: as a browser's EventSource does)")
     ap.add_argument("--only", choices=("post", "streams", "page"), action="append",
@@ -287,8 +291,9 @@ def main() -> int:
                 wait_for(lambda: len(c.status()["workers"]) == 2, 30, "workers")
 
             # 1. broker throughput with no gateway, and what each process spends per task meanwhile
-            # (measured again once the gateway is gone: the 50 streams' rate is compared with both)
-            no_gateway, results["cpu_us_per_task_no_gateway"] = map_rates(frontend, n_map // 4, stream_s / 2, pids)
+            # (measured again after each round of streams, the gateway stopped: see alternated())
+            rounds = max(args.rounds, 1)
+            no_gateway, results["cpu_us_per_task_no_gateway"] = map_rates(frontend, n_map // 4, stream_s / rounds, pids)
             results["map_per_s_no_gateway"] = mean(no_gateway)
             # 2. the gateway: batch POST and submit rate, same run
             web, base = start_web(procs, frontend, events)
@@ -298,12 +303,8 @@ def main() -> int:
                 results.update(gateway_rate(base, frontend, n_web, web))
             # 3. 50 SSE streams reading while the cluster runs no-ops flat out
             if "streams" in only:
-                results.update(streams_figures(procs, pids, web, base, frontend, n_map, stream_s, args.stream_encoding))
-                procs.stop(web)
-                after, results["cpu_us_per_task_no_gateway_after"] = map_rates(frontend, n_map // 4, stream_s / 2, pids)
-                results["map_per_s_no_gateway_before_after"] = [round(mean(no_gateway)), round(mean(after))]
-                results["map_per_s_no_gateway"] = mean(no_gateway + after)
-                results["ratio_50_streams_vs_no_gateway"] = results["map_per_s_50_streams"] / results["map_per_s_no_gateway"]
+                results.update(alternated(procs, pids, (web, base), (frontend, events), n_map, stream_s / rounds, rounds,
+                                          args.stream_encoding, no_gateway))
                 if "page" in only:
                     web, base = start_web(procs, frontend, events, "web2")
             # 4. the page
@@ -315,6 +316,35 @@ def main() -> int:
     print(json.dumps(results, indent=2))
     report(results, stream_s)
     return 0
+
+
+def alternated(procs: Procs, pids: dict, gateway: tuple, addresses: tuple, n_map: int, phase_s: float, rounds: int,
+               encoding: str, before: list) -> dict:
+    """``rounds`` times: 50 streams read for ``phase_s`` (a fresh gateway from the second round on),
+    then the gateway is stopped and the same maps run ``phase_s`` with none. Each round's rate is
+    compared with the no-gateway phases on either side of it (``before``: the first one): a cluster's
+    rate drifts, and single maps move by 10 %, so one no-gateway sample is no baseline. The last
+    round's CPU, RSS and reads are reported in full; whether the gateway kept up, for every round."""
+    (web, base), (frontend, events) = gateway, addresses
+    no_gateway, with_streams, ratios, kept_up, gateway_us = [mean(before)], [], [], [], []
+    for r in range(rounds):
+        if r:
+            web, base = start_web(procs, frontend, events, f"web-round{r}")
+        results = streams_figures(procs, pids, web, base, frontend, n_map, phase_s, encoding)
+        procs.stop(web)
+        after, results["cpu_us_per_task_no_gateway_after"] = map_rates(frontend, n_map // 4, phase_s, pids)
+        no_gateway.append(mean(after))
+        with_streams.append(results["map_per_s_50_streams"])
+        ratios.append(round(with_streams[-1] / mean(no_gateway[-2:]), 3))
+        kept_up.append(results["gateway_resyncs_and_streams_dropped"] == [0, 0])
+        gateway_us.append(results["cpu_us_per_task_50_streams"]["gateway"])
+    results.update({
+        "rounds": rounds, "map_per_s_50_streams_rounds": [round(x) for x in with_streams],
+        "map_per_s_no_gateway_phases": [round(x) for x in no_gateway], "ratio_rounds": ratios,
+        "gateway_cpu_us_per_task_rounds": gateway_us, "kept_up_rounds": kept_up,
+        "map_per_s_50_streams": mean(with_streams), "map_per_s_no_gateway": mean(no_gateway)})
+    results["ratio_50_streams_vs_no_gateway"] = results["map_per_s_50_streams"] / results["map_per_s_no_gateway"]
+    return results
 
 
 def per_task(before: dict, after: dict, tasks: int) -> dict:
@@ -387,12 +417,14 @@ def _report_post(r: dict) -> None:
 
 def _report_streams(r: dict, stream_s: float) -> None:
     print(f"broker with 50 SSE streams ({r['stream_encoding']}): {r['map_per_s_50_streams']:,.0f} tasks/s vs {r['map_per_s_no_gateway']:,.0f} "
-          f"with no gateway (before and after: {r['map_per_s_no_gateway_before_after']}; the same maps) "
-          f"({r['ratio_50_streams_vs_no_gateway']:.2f}x); the gateway's CPU meanwhile: "
+          f"with no gateway ({r['ratio_50_streams_vs_no_gateway']:.2f}x; the same maps, {r['rounds']} round(s) "
+          f"{r['map_per_s_50_streams_rounds']} between no-gateway phases {r['map_per_s_no_gateway_phases']}: "
+          f"{r['ratio_rounds']}); the gateway's CPU meanwhile (last round): "
           f"{r['gateway_cpu_us_per_event_50_streams']} us per event; the streams read {r['streams']['bytes'] / 1e6:,.0f} MB")
-    print(f"CPU us per task with 50 streams: {r['cpu_us_per_task_50_streams']}; the gateway kept up: "
-          f"{'yes' if r['gateway_resyncs_and_streams_dropped'] == [0, 0] else 'NO'} "
-          f"(snapshots taken, streams dropped meanwhile: {r['gateway_resyncs_and_streams_dropped']})")
+    print(f"CPU us per task with 50 streams (last round): {r['cpu_us_per_task_50_streams']}; gateway per round "
+          f"{r['gateway_cpu_us_per_task_rounds']}; the gateway kept up: "
+          f"{'yes' if all(r['kept_up_rounds']) else 'NO'} in every round "
+          f"(last round: snapshots taken, streams dropped meanwhile: {r['gateway_resyncs_and_streams_dropped']})")
     print(f"gateway RSS while the 50 streams read {stream_s:.0f} s: {r['gateway_rss_mib_50_streams'][0]} -> "
           f"{r['gateway_rss_mib_50_streams'][1]} MiB; growth after the first third: "
           f"{r['gateway_rss_growth_after_warm_mib']} MiB; samples (s, MiB): {r['gateway_rss_mib_samples']}")
