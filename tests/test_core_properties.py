@@ -504,7 +504,7 @@ class CoreMachine(RuleBasedStateMachine):
         assert self.core.counts["running"] == states[TaskState.RUNNING]
 
 
-CoreMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=60, deadline=None,
+CoreMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None,
                                          suppress_health_check=[HealthCheck.too_slow])
 test_core_state_machine = CoreMachine.TestCase
 

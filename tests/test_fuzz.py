@@ -113,7 +113,7 @@ def any_message(tag: bytes):
 # ------------------------------------------------------------------ decoder
 
 
-@settings(max_examples=600, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(st.one_of(any_message(CLIENT_TAG), any_message(WORKER_TAG)), st.sampled_from([CLIENT_TAG, WORKER_TAG]))
 def test_decode_raises_only_protocol_error(frames, tag):
     try:
@@ -148,7 +148,7 @@ def value_blobs(draw) -> bytes:
     return blob
 
 
-@settings(max_examples=600, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(value_blobs(), st.lists(st.binary(max_size=48), max_size=3))
 def test_unpack_value_raises_only_protocol_error(blob, frames):
     try:
@@ -249,7 +249,7 @@ def test_live_broker_survives_random_frames_and_keeps_serving(cluster):
     cluster.wait_workers(1)
     fuzzer = Fuzzer(cluster)
     try:
-        @settings(max_examples=150, deadline=None, database=None,
+        @settings(max_examples=100, deadline=None, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
         @given(st.lists(st.tuples(any_message(CLIENT_TAG), any_message(WORKER_TAG)), min_size=1, max_size=8),
                st.lists(st.one_of(st.lists(st.binary(max_size=24), max_size=4), mutated()), max_size=2))

@@ -84,7 +84,7 @@ _value = st.one_of(_json, st.sampled_from(["noop", "", "x" * 300, 0, 7, 7.0, -(2
                                            -1.0, 1e9, [], [1, "a"], {}, {"a": 1}, {"cpu": 1}, True, "7"]))
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.dictionaries(_field, _value, max_size=5))
 def test_the_quick_check_passes_only_what_pydantic_passes_with_the_same_values(item):
     """parse_tasks' cheap pass for the usual task never lets through what TaskIn would refuse, nor
