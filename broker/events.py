@@ -45,14 +45,23 @@ _SEQ = attrgetter("seq")
 # The events of every task, one msgspec Struct per topic: built, numbered and packed at a fraction of
 # a dict's cost, never tracked by the cyclic garbage collector (gc=False: they hold strings, numbers
 # and the shared resources dict, never themselves). msgspec encodes each as the map SPEC fixes, its
-# fields in the order given here: the bytes are those of the dicts they replace.
+# fields in the order given here: the bytes are those of the dicts they replace. A subscriber may
+# decode them back into the same Structs (the gateway does, client/web/records.py): one definition
+# of each shape for both ends; a message with a field more or fewer does not fit.
 
-class _TaskEvent(msgspec.Struct, gc=False):
+class TaskEvent(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """A task event, read like the map it encodes as: ``ev["seq"]`` (in C), ``ev.get("worker")``."""
+
     topic: ClassVar[str]  #: its topic (a class attribute: not encoded)
     rank: ClassVar[int]  #: its topic's place in RUN_RANK
 
+    __getitem__ = object.__getattribute__
 
-class Submitted(_TaskEvent, gc=False):
+    def get(self, key: str, default=None):
+        return getattr(self, key) if key in self.__struct_fields__ else default
+
+
+class Submitted(TaskEvent, gc=False):
     topic = Topic.TASK_SUBMITTED
     rank = RUN_RANK[topic]
     task_id: str
@@ -63,7 +72,7 @@ class Submitted(_TaskEvent, gc=False):
     ts: float
 
 
-class Started(_TaskEvent, gc=False):
+class Started(TaskEvent, gc=False):
     topic = Topic.TASK_STARTED
     rank = RUN_RANK[topic]
     task_id: str
@@ -75,7 +84,7 @@ class Started(_TaskEvent, gc=False):
     ts: float
 
 
-class Succeeded(_TaskEvent, gc=False):
+class Succeeded(TaskEvent, gc=False):
     topic = Topic.TASK_SUCCEEDED
     rank = RUN_RANK[topic]
     task_id: str
@@ -86,7 +95,7 @@ class Succeeded(_TaskEvent, gc=False):
     ts: float
 
 
-class Failed(_TaskEvent, gc=False):
+class Failed(TaskEvent, gc=False):
     topic = Topic.TASK_FAILED
     rank = RUN_RANK[topic]
     task_id: str
